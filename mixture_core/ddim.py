@@ -1,0 +1,171 @@
+"""Deterministic DDIM (eta = 0) sampling and its exact mirror, DDIM inversion.
+
+Works over any noise predictor ``eps_fn(x, t) -> eps`` (t an int index into the
+model's ``alphas_cumprod``, 0..999 for SD1.5) and never imports ComfyUI.
+
+Schedule (the one SD1.5 shipped with in diffusers): "leading" spacing with
+``steps_offset=1``, i.e. ``t_i = i * (T // steps) + 1`` for i = 0..steps-1, used in
+descending order (981, 961, ..., 1 for T=1000, 50 steps). The noise levels visited are
+
+    alpha[t_{N-1}] -> ... -> alpha[t_0] -> 1.0
+
+so sampling ends at alpha = 1 (clean data, ComfyUI's final sigma 0; diffusers'
+``set_alpha_to_one=True``, whereas SD1.5's config stopped at alpha[0], sigma 0.029, which
+would make inversion treat the clean photo latent as slightly noisy). Inversion walks the same chain upwards, starting from the clean
+latent at alpha = 1, and uses at every transition the same timestep as the sampling step
+that undoes it (the noisier end's t): so ``ddim_sample(ddim_invert(x))`` is the identity up
+to the one approximation of inversion, eps evaluated at the less noisy end of the step.
+``refine_iters`` removes that approximation with a fixed-point solve (see ``ddim_invert``).
+
+Precision: the noise-level coefficients are computed in Python floats (float64); the
+running state is kept in at least float32 (float64 stays float64) and the result is
+returned in the input dtype. ``eps_fn`` receives x in the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+
+EpsFn = Callable[[torch.Tensor, int], torch.Tensor]
+Callback = Callable[[int, int, torch.Tensor], None]
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def scaled_linear_alphas_cumprod(
+    num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
+) -> torch.Tensor:
+    """SD1.x's discrete schedule (float64): betas = linspace(sqrt(b0), sqrt(b1), T)**2."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """ComfyUI/k-diffusion sigmas: sigma^2 = (1 - a) / a (x_sigma = x0 + sigma * eps)."""
+    return ((1.0 - alphas_cumprod) / alphas_cumprod) ** 0.5
+
+
+def alphas_cumprod_from_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``sigmas_from_alphas_cumprod``: a = 1 / (1 + sigma^2); sigma 0 gives a = 1."""
+    return 1.0 / (1.0 + sigmas.double() ** 2)
+
+
+def timestep_from_sigma(sigma: float | torch.Tensor, sigmas: torch.Tensor) -> int | torch.Tensor:
+    """Index of the training timestep whose sigma is nearest to ``sigma`` in log space.
+
+    Same rule as ComfyUI's ``ModelSamplingDiscrete.timestep``. ``sigmas`` is the ascending
+    per-timestep table (e.g. ``model_sampling.sigmas``). A Python float gives an int; a tensor
+    gives a long tensor of its shape. sigma 0 (clean) maps to timestep 0.
+    """
+    log_table = sigmas.double().log()
+    query = torch.as_tensor(sigma, dtype=torch.float64).clamp_min(1e-30).log()  # log(0) -> nearest = t 0
+    index = (query.reshape(-1, 1) - log_table.to(query.device)).abs().argmin(dim=1).reshape(query.shape)
+    return int(index) if not isinstance(sigma, torch.Tensor) else index
+
+
+def ddim_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
+    """Sampling timesteps, descending: "leading" spacing, steps_offset=1 (SD1.5's diffusers config)."""
+    # steps == T would put the top timestep at T, past the table (diffusers fails there too).
+    if not 1 <= steps < num_train_timesteps:
+        raise ValueError(f"steps must be in 1..{num_train_timesteps - 1}, got {steps}")
+    stride = num_train_timesteps // steps
+    return [i * stride + 1 for i in reversed(range(steps))]
+
+
+def _levels(alphas_cumprod: torch.Tensor, timesteps: Sequence[int]) -> list[float]:
+    """alpha at each timestep (descending timesteps) followed by the final level 1.0."""
+    table = alphas_cumprod.detach().double().cpu()
+    return [float(table[t]) for t in timesteps] + [1.0]
+
+
+# ----------------------------------------------------------------------------- the update
+
+
+def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_t: float, alpha_prev: float) -> torch.Tensor:
+    """One eta = 0 DDIM update from noise level alpha_t to alpha_prev (either direction).
+
+        x0     = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)
+        x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps
+
+    written as x_prev = c_x * x_t + c_eps * eps with the coefficients in float64. With
+    alpha_prev > alpha_t this denoises; with alpha_prev < alpha_t it is the inversion step.
+    The tensors are combined in at least float32; the result has x_t's dtype.
+    """
+    alpha_t, alpha_prev = float(alpha_t), float(alpha_prev)
+    c_x = math.sqrt(alpha_prev / alpha_t)
+    c_eps = math.sqrt(1.0 - alpha_prev) - math.sqrt(alpha_prev * (1.0 - alpha_t) / alpha_t)
+    work = torch.promote_types(x_t.dtype, torch.float32)
+    out = x_t.to(work) * c_x + eps.to(device=x_t.device, dtype=work) * c_eps
+    return out.to(x_t.dtype)
+
+
+# ----------------------------------------------------------------------------- loops
+
+
+def _eps(eps_fn: EpsFn, x: torch.Tensor, t: int, in_dtype: torch.dtype) -> torch.Tensor:
+    return eps_fn(x.to(in_dtype), t).to(device=x.device, dtype=x.dtype)
+
+
+def ddim_sample(
+    x_T: torch.Tensor,
+    eps_fn: EpsFn,
+    alphas_cumprod: torch.Tensor,
+    steps: int,
+    callback: Optional[Callback] = None,
+    *,
+    timesteps: Optional[Sequence[int]] = None,
+) -> torch.Tensor:
+    """Denoise x_T (at alpha[timesteps[0]]) to clean x0 (alpha = 1) with ``len(timesteps)`` calls.
+
+    ``timesteps`` (descending) defaults to ``ddim_timesteps(len(alphas_cumprod), steps)``;
+    pass a tail of that list to start from a partially inverted latent. ``callback(i, n, x)``
+    runs after step i (0-based) with the new state (working dtype, do not modify it); an
+    exception from it propagates and stops the loop.
+    """
+    ts = list(timesteps) if timesteps is not None else ddim_timesteps(len(alphas_cumprod), steps)
+    levels = _levels(alphas_cumprod, ts)
+    x = x_T.to(torch.promote_types(x_T.dtype, torch.float32))
+    for i, t in enumerate(ts):
+        x = ddim_step(x, _eps(eps_fn, x, t, x_T.dtype), levels[i], levels[i + 1])
+        if callback is not None:
+            callback(i, len(ts), x)
+    return x.to(x_T.dtype)
+
+
+def ddim_invert(
+    x0: torch.Tensor,
+    eps_fn: EpsFn,
+    alphas_cumprod: torch.Tensor,
+    steps: int,
+    callback: Optional[Callback] = None,
+    *,
+    timesteps: Optional[Sequence[int]] = None,
+    refine_iters: int = 0,
+) -> torch.Tensor:
+    """Map clean x0 (alpha = 1) up to x_T at alpha[timesteps[0]]: the mirror of ``ddim_sample``.
+
+    The transition alpha[t_{i+1}] -> alpha[t_i] (or 1.0 -> alpha[t_last]) uses eps at t_i, the
+    timestep the sampling step coming back down uses. Sampling evaluates eps at the noisier
+    point, which inversion does not know yet: plain DDIM inversion (refine_iters=0) evaluates it
+    at the current, less noisy point. Each refine iteration re-evaluates eps at the new
+    estimate (one more eps_fn call per step), a fixed-point solve of the sampling step's
+    equation, so invert -> sample becomes exact as it converges. ``timesteps`` and
+    ``callback`` are as in ``ddim_sample`` (callback once per step, not per refine call).
+    """
+    ts = list(timesteps) if timesteps is not None else ddim_timesteps(len(alphas_cumprod), steps)
+    levels = _levels(alphas_cumprod, ts)
+    x = x0.to(torch.promote_types(x0.dtype, torch.float32))
+    n = len(ts)
+    for i in range(n):
+        k = n - 1 - i  # transition levels[k + 1] (less noisy) -> levels[k], timestep ts[k]
+        x_next = ddim_step(x, _eps(eps_fn, x, ts[k], x0.dtype), levels[k + 1], levels[k])
+        for _ in range(refine_iters):
+            x_next = ddim_step(x, _eps(eps_fn, x_next, ts[k], x0.dtype), levels[k + 1], levels[k])
+        x = x_next
+        if callback is not None:
+            callback(i, n, x)
+    return x.to(x0.dtype)

@@ -1,0 +1,12 @@
+"""The pack's ComfyUI extension: the node list ComfyUI registers."""
+
+from comfy_api.latest import ComfyExtension, io
+from typing_extensions import override
+
+from . import mole_nodes
+
+
+class MixtureExpertsExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [*mole_nodes.NODES]

@@ -1,0 +1,44 @@
+"""The pack's model folders (models/mole, models/moa), registered with ComfyUI's folder_paths."""
+
+from __future__ import annotations
+
+import os
+
+import folder_paths
+
+from ..mixture_core.safetensors_io import load_safetensors
+
+PACK_FOLDERS = ("mole", "moa")
+
+
+def register_model_folders() -> None:
+    """Add models/<name> as the default path of each pack folder. Paths an
+    extra_model_paths.yaml gave the same folder name before the pack loaded are kept."""
+    for name in PACK_FOLDERS:
+        folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name), is_default=True)
+        _, extensions = folder_paths.folder_names_and_paths[name]
+        extensions.add(".safetensors")
+
+
+# At import: node schemas list these folders as soon as ComfyUI loads the pack.
+register_model_folders()
+
+
+def files_in(folder: str) -> list[str]:
+    return folder_paths.get_filename_list(folder)
+
+
+def full_path(folder: str, filename: str) -> str:
+    """The path of a file picked in a node's list, or a clear error naming the folders searched."""
+    path = folder_paths.get_full_path(folder, filename)
+    if path is None:
+        searched = ", ".join(folder_paths.get_folder_paths(folder))
+        raise FileNotFoundError(f"{filename}: not found in the '{folder}' model folders ({searched})")
+    return path
+
+
+def load_from_folder(folder: str, filename: str):
+    """(path, tensors, metadata) of a safetensors file in a model folder."""
+    path = full_path(folder, filename)
+    tensors, metadata = load_safetensors(path)
+    return path, tensors, metadata

@@ -1,0 +1,135 @@
+"""Load MoLE Experts and Apply MoLE Gating."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from comfy_api.latest import io
+
+from ..mixture_core.errors import WeightFileError
+from ..mixture_core.lora_format import parse_lora_state_dict
+from ..mixture_core.mole import MODES, wrap_forward
+from ..mixture_core.mole_files import Expert, build_mole_layers, read_gate_file
+from .model_folders import files_in, load_from_folder
+from .patching import attach_weights, chain_forward
+from .unet_layers import layer_resolver, model_family, module_widths
+
+log = logging.getLogger(__name__)
+
+MoLEExperts = io.Custom("MOLE_EXPERTS")
+NONE = "None"
+
+
+@dataclass(frozen=True)
+class LoadedExperts:
+    """The value on a MOLE_EXPERTS wire: experts in the order they were loaded."""
+
+    experts: tuple[Expert, ...]
+
+
+def load_expert(filename: str, name: str, strength: float) -> Expert:
+    path, tensors, _ = load_from_folder("loras", filename)
+    layers = parse_lora_state_dict(tensors, path)
+    # MoLE experts act on the UNet only; text-encoder layers of the file are left out here.
+    unet_layers = {k: v for k, v in layers.items() if not k.startswith(("lora_te", "text_encoder", "te_"))}
+    if not unet_layers:
+        raise WeightFileError(path, "holds only text-encoder LoRA layers; a MoLE expert needs UNet layers")
+    if not name.strip():
+        raise ValueError(f"{filename}: give the expert a name (such as 'face' or 'hand') to match its gate")
+    return Expert(name=name.strip(), path=path, strength=float(strength), layers=unet_layers)
+
+
+def apply_mole(model, experts: LoadedExperts, gate_filename: str, mode: str = "both", strength: float = 1.0):
+    """A clone of `model` with MoLE on every layer the experts and gates cover. `model` itself is
+    never changed; every check runs before the clone is patched, so a failure applies nothing."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    if strength == 0.0:
+        return model.clone()
+    gate_path, tensors, metadata = load_from_folder("mole", gate_filename)
+    gate = read_gate_file(tensors, metadata, gate_path)
+    family = model_family(model)
+    if gate.base_family is not None and gate.base_family != family:
+        raise WeightFileError(gate_path, f"its gates are for a {gate.base_family} model, but this model is {family}")
+    dtype = model.model.manual_cast_dtype or model.model_dtype()
+    layers = build_mole_layers(
+        list(experts.experts),
+        gate,
+        layer_resolver(model),
+        mode=mode,
+        strength=strength,
+        dtype=dtype,
+        module_widths=module_widths(model),
+    )
+    patched = model.clone()
+    for module_path, layer in layers.items():
+        chain_forward(patched, module_path, lambda previous, layer=layer: wrap_forward(layer, previous))
+    attach_weights(patched, "mole", torch.nn.ModuleList(layers.values()))
+    log.info("MoLE: %d layers gated (%s, %s gates, mode %s)", len(layers), family, gate.variant, mode)
+    return patched
+
+
+class LoadMoLEExperts(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        loras = files_in("loras")
+        return io.Schema(
+            node_id="MoLE_LoadExperts",
+            display_name="Load MoLE Experts",
+            category="MoLE",
+            description="Loads the low-rank experts (LoRA files from models/loras) that MoLE gates: "
+            "by default a face expert and a hand expert. Chain another Load MoLE Experts into "
+            "'previous' for more experts.",
+            inputs=[
+                io.Combo.Input("expert_1", options=loras, tooltip="LoRA file of the first expert"),
+                io.String.Input("name_1", default="face", tooltip="Expert name, as the gate file names its experts"),
+                io.Float.Input("strength_1", default=1.0, min=-4.0, max=4.0, step=0.05),
+                io.Combo.Input("expert_2", options=[NONE] + loras, tooltip="LoRA file of the second expert"),
+                io.String.Input("name_2", default="hand"),
+                io.Float.Input("strength_2", default=1.0, min=-4.0, max=4.0, step=0.05),
+                MoLEExperts.Input("previous", optional=True, tooltip="Experts loaded by another node, placed first"),
+            ],
+            outputs=[MoLEExperts.Output(display_name="experts")],
+        )
+
+    @classmethod
+    def execute(cls, expert_1, name_1, strength_1, expert_2, name_2, strength_2, previous=None) -> io.NodeOutput:
+        loaded = [load_expert(expert_1, name_1, strength_1)]
+        if expert_2 != NONE:
+            loaded.append(load_expert(expert_2, name_2, strength_2))
+        earlier = previous.experts if previous is not None else ()
+        return io.NodeOutput(LoadedExperts(tuple(earlier) + tuple(loaded)))
+
+
+class ApplyMoLEGating(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MoLE_ApplyGating",
+            display_name="Apply MoLE Gating",
+            category="MoLE",
+            description="Applies the experts to every layer they cover through MoLE's soft gates "
+            "(gate file from models/mole): F(X) + sum_i g_i * s_i * E_i(X).",
+            inputs=[
+                io.Model.Input("model"),
+                MoLEExperts.Input("experts"),
+                io.Combo.Input("gates", options=files_in("mole"), tooltip="MoLE gate file (released MoLE format or this pack's)"),
+                io.Combo.Input(
+                    "mode",
+                    options=list(MODES),
+                    default="both",
+                    tooltip="both: local (per token) x global (per image) gates; local / global: one of them (the paper's ablation)",
+                ),
+                io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05, tooltip="0 leaves the model unchanged"),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, experts, gates, mode, strength) -> io.NodeOutput:
+        return io.NodeOutput(apply_mole(model, experts, gates, mode, strength))
+
+
+NODES = [LoadMoLEExperts, ApplyMoLEGating]

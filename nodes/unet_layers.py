@@ -1,0 +1,56 @@
+"""Naming and reaching UNet layers of a ComfyUI model, through ComfyUI's own LoRA key map."""
+
+from __future__ import annotations
+
+import comfy.lora
+
+_DIFFUSION_PREFIX = "diffusion_model."
+# Prefixes that peft / diffusers put before the diffusers module path of a UNet layer.
+_DIFFUSERS_PREFIXES = ("unet.base_model.model.", "base_model.model.", "unet.")
+
+
+def model_family(model_patcher) -> str:
+    """The base family as ComfyUI detected it, lower-cased: "sd15", "sdxl", ..."""
+    return type(model_patcher.model.model_config).__name__.lower()
+
+
+def layer_resolver(model_patcher):
+    """A function mapping a layer name as written in a LoRA or gate file to the UNet module
+    path ("input_blocks.1.1.proj_in"), or None when the model has no such layer.
+
+    Accepts kohya names (diffusers- or SAI-style "lora_unet_..."), peft/diffusers dotted names
+    ("unet.down_blocks.0.attentions.0.proj_in") and module paths themselves."""
+    key_map = comfy.lora.model_lora_keys_unet(model_patcher.model, {})
+
+    def weight_key_to_module(weight_key):
+        if isinstance(weight_key, str) and weight_key.startswith(_DIFFUSION_PREFIX) and weight_key.endswith(".weight"):
+            return weight_key[len(_DIFFUSION_PREFIX) : -len(".weight")]
+        return None
+
+    def resolve(name: str) -> str | None:
+        for candidate in (name, _DIFFUSION_PREFIX + name):
+            if candidate in key_map:
+                return weight_key_to_module(key_map[candidate])
+        for prefix in _DIFFUSERS_PREFIXES:
+            if name.startswith(prefix):
+                kohya = "lora_unet_" + name[len(prefix) :].replace(".", "_")
+                return weight_key_to_module(key_map.get(kohya))
+        return None
+
+    return resolve
+
+
+def module_widths(model_patcher):
+    """A function giving (d_in, d_out, is_conv) of the UNet module at a module path."""
+
+    def widths(path: str):
+        module = model_patcher.get_model_object(_DIFFUSION_PREFIX + path)
+        weight = module.weight
+        return weight.shape[1], weight.shape[0], weight.ndim == 4
+
+    return widths
+
+
+def forward_key(path: str) -> str:
+    """The object-patch key that replaces the forward of the UNet module at `path`."""
+    return f"{_DIFFUSION_PREFIX}{path}.forward"

@@ -1,0 +1,26 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ (hostenv, helpers)
+import hostenv  # noqa: E402
+
+# mixture_core and training are imported as top-level packages by the core tests; the repo goes
+# last on sys.path so that ComfyUI's own `nodes` module is never shadowed by this pack's `nodes/`.
+sys.path.append(str(hostenv.REPO))
+
+HOST, HOST_REASON = hostenv.find_host()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason=HOST_REASON)
+    for item in items:
+        if "/tests/host/" in str(item.fspath).replace("\\", "/"):
+            item.add_marker(pytest.mark.host)
+        if HOST is None and "host" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_report_header(config):
+    return f"ComfyUI host: {HOST}" if HOST else f"ComfyUI host: none ({HOST_REASON})"

@@ -1,0 +1,230 @@
+"""DDIM sampling / inversion, checked against Gaussian data, where everything is closed-form.
+
+Data x0 ~ N(mu, s^2) independently per dimension. The marginal at level a = alphas_cumprod[t]
+is N(sqrt(a) mu, v) with v = a s^2 + 1 - a, the optimal noise predictor is
+eps*(x, t) = sqrt(1 - a) (x - sqrt(a) mu) / v, and the probability-flow ODE keeps the
+standardized value (x - sqrt(a) mu) / sqrt(v) of every dimension constant.
+"""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixture_core.ddim import (
+    alphas_cumprod_from_sigmas,
+    ddim_invert,
+    ddim_sample,
+    ddim_step,
+    ddim_timesteps,
+    scaled_linear_alphas_cumprod,
+    sigmas_from_alphas_cumprod,
+    timestep_from_sigma,
+)
+
+ALPHAS = scaled_linear_alphas_cumprod()
+SHAPE = (2, 4, 8, 12)  # batch 2, non-square
+BOUND = 1e-3
+
+
+def gaussian_problem(seed=0, shape=SHAPE):
+    g = torch.Generator().manual_seed(seed)
+    mu = 0.5 * torch.randn(shape, generator=g, dtype=torch.float64)
+    s = 0.2 + torch.rand(shape, generator=g, dtype=torch.float64)  # per-dimension std in [0.2, 1.2]
+    x0 = mu + s * torch.randn(shape, generator=g, dtype=torch.float64)
+
+    def eps_star(x, t):
+        a = float(ALPHAS[t])
+        return math.sqrt(1 - a) * (x.double() - math.sqrt(a) * mu) / (a * s**2 + 1 - a)
+
+    def flow_to_level(x0_, a):  # the exact probability-flow map from clean data to level a
+        return math.sqrt(a) * mu + torch.sqrt(a * s**2 + 1 - a) * (x0_ - mu) / s
+
+    return x0, eps_star, flow_to_level
+
+
+def rel_err(x, ref):
+    return float((x.double() - ref.double()).norm() / ref.double().norm())
+
+
+# ----------------------------------------------------------------------------- 1. round trip
+
+
+def test_exact_inversion_round_trip_is_within_bound():
+    x0, eps_star, _ = gaussian_problem()
+    x_T = ddim_invert(x0, eps_star, ALPHAS, 50, refine_iters=10)
+    err = rel_err(ddim_sample(x_T, eps_star, ALPHAS, 50), x0)
+    assert err < BOUND, f"invert->sample relative error {err:.3e} at 50 steps"
+    assert err < 1e-7, f"fixed-point inversion should be exact in float64, got {err:.3e}"
+
+
+def test_refinement_converges_and_plain_inversion_is_first_order():
+    x0, eps_star, _ = gaussian_problem()
+    errs = [
+        rel_err(ddim_sample(ddim_invert(x0, eps_star, ALPHAS, 50, refine_iters=r), eps_star, ALPHAS, 50), x0)
+        for r in range(4)
+    ]
+    # Plain inversion (r=0) evaluates eps one step early: ~1.3/steps here, so it misses the bound.
+    assert 0.01 < errs[0] < 0.05, f"plain inversion error {errs[0]:.3e}"
+    assert all(b < a / 5 for a, b in zip(errs, errs[1:])), f"errors per refine iteration {errs}"
+    assert errs[2] < BOUND, f"2 refine iterations: {errs[2]:.3e}"
+
+
+def test_off_by_one_pairing_of_eps_timestep_is_detected():
+    """The classic bug: inversion evaluates eps at the transition's less noisy timestep."""
+    x0, eps_star, _ = gaussian_problem()
+    stride = 1000 // 50
+    exact = rel_err(ddim_sample(ddim_invert(x0, eps_star, ALPHAS, 50, refine_iters=10), eps_star, ALPHAS, 50), x0)
+    one_step_early = lambda x, t: eps_star(x, max(t - stride, 0))  # noqa: E731
+    x_T = ddim_invert(x0, one_step_early, ALPHAS, 50, refine_iters=10)
+    shifted = rel_err(ddim_sample(x_T, eps_star, ALPHAS, 50), x0)
+    assert shifted > 10 * BOUND, f"off-by-one error {shifted:.3e} would pass the {BOUND} bound"
+    assert shifted > 1e4 * exact, f"off-by-one {shifted:.3e} vs exact {exact:.3e}"
+
+
+@pytest.mark.parametrize("shift", [-1, 1])
+def test_schedule_shifted_by_one_train_timestep_is_detected(shift):
+    """Sampling on t+-1 (e.g. steps_offset 0 vs 1) after inverting on t: small but far above exact."""
+    x0, eps_star, _ = gaussian_problem()
+    ts = ddim_timesteps(1000, 50)
+    x_T = ddim_invert(x0, eps_star, ALPHAS, 50, refine_iters=10)
+    exact = rel_err(ddim_sample(x_T, eps_star, ALPHAS, 50, timesteps=ts), x0)
+    shifted = rel_err(ddim_sample(x_T, eps_star, ALPHAS, 50, timesteps=[t + shift for t in ts]), x0)
+    assert shifted > 1e-4 and shifted > 1e4 * exact, f"shift {shift}: {shifted:.3e} vs exact {exact:.3e}"
+
+
+# ----------------------------------------------------------------------------- 2. probability flow
+
+
+def test_ddim_converges_to_the_probability_flow_map():
+    x0, eps_star, flow_to_level = gaussian_problem()
+    sample_errs, invert_errs, round_trip = [], [], []
+    for steps in (50, 200):
+        a_T = float(ALPHAS[ddim_timesteps(1000, steps)[0]])
+        x_T_exact = flow_to_level(x0, a_T)  # x0's exact noise under the ODE
+        sample_errs.append(rel_err(ddim_sample(x_T_exact, eps_star, ALPHAS, steps), x0))
+        x_T = ddim_invert(x0, eps_star, ALPHAS, steps)
+        invert_errs.append(rel_err(x_T, x_T_exact))
+        round_trip.append(rel_err(ddim_sample(x_T, eps_star, ALPHAS, steps), x0))
+    msg = f"sample {sample_errs}, invert {invert_errs}, invert->sample {round_trip} at 50/200 steps"
+    assert sample_errs[0] < 0.05 and invert_errs[0] < 0.06 and round_trip[0] < 0.05, msg
+    # First order: 4x the steps cuts the error about 3-4x.
+    for e50, e200 in (sample_errs, invert_errs, round_trip):
+        assert e200 < e50 / 2.5, msg
+
+
+def test_single_point_data_is_recovered_in_one_step():
+    """With s -> 0 the predictor is the true noise and one DDIM step lands exactly on mu."""
+    mu = torch.randn(SHAPE, dtype=torch.float64)
+    eps = lambda x, t: (x - math.sqrt(float(ALPHAS[t])) * mu) / math.sqrt(1 - float(ALPHAS[t]))  # noqa: E731
+    x_T = torch.randn(SHAPE, dtype=torch.float64)
+    assert rel_err(ddim_sample(x_T, eps, ALPHAS, 1), mu) < 1e-12
+
+
+# ----------------------------------------------------------------------------- 3. the update
+
+
+def test_ddim_step_scalar_example():
+    # a_t = 0.25, a_prev = 0.64: x0 = (1 - sqrt(.75) * .5) / .5 = 2 - sqrt(3)/2,
+    # x_prev = 0.8 * x0 + 0.6 * 0.5 = 1.9 - 0.4 * sqrt(3).
+    x_prev = ddim_step(torch.tensor([1.0], dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64), 0.25, 0.64)
+    assert x_prev.item() == pytest.approx(1.9 - 0.4 * math.sqrt(3), abs=1e-14)
+    back = ddim_step(x_prev, torch.tensor([0.5], dtype=torch.float64), 0.64, 0.25)  # same eps: exact inverse
+    assert back.item() == pytest.approx(1.0, abs=1e-14)
+    clean = ddim_step(torch.tensor([1.0]), torch.tensor([0.5]), 0.25, 1.0)  # alpha 1: the x0 prediction
+    assert clean.item() == pytest.approx(2 - math.sqrt(3) / 2, abs=1e-6)
+
+
+def test_timesteps_leading_with_offset_one():
+    assert ddim_timesteps(1000, 50)[:3] == [981, 961, 941] and ddim_timesteps(1000, 50)[-1] == 1
+    assert ddim_timesteps(1000, 999)[0] == 999 and len(ddim_timesteps(1000, 999)) == 999
+    with pytest.raises(ValueError):
+        ddim_timesteps(1000, 1000)
+    with pytest.raises(ValueError):
+        ddim_timesteps(1000, 0)
+
+
+# ----------------------------------------------------------------------------- 4. callback
+
+
+@pytest.mark.parametrize("loop", [ddim_sample, ddim_invert])
+def test_callback_once_per_step_and_exception_stops(loop):
+    calls, seen = [], []
+    eps_fn = lambda x, t: calls.append(t) or torch.zeros_like(x)  # noqa: E731
+    loop(torch.zeros(1, 4, 8, 8), eps_fn, ALPHAS, 10, lambda i, n, x: seen.append((i, n, x.shape)))
+    assert seen == [(i, 10, (1, 4, 8, 8)) for i in range(10)] and len(calls) == 10
+    assert calls == sorted(calls, reverse=(loop is ddim_sample))  # sampling descends, inversion ascends
+
+    class Cancel(Exception):
+        pass
+
+    def cancel_at_3(i, n, x):
+        if i == 3:
+            raise Cancel
+
+    calls.clear()
+    with pytest.raises(Cancel):
+        loop(torch.zeros(1, 4, 8, 8), eps_fn, ALPHAS, 10, cancel_at_3)
+    assert len(calls) == 4  # steps 0..3 ran, nothing after the exception
+
+
+# ----------------------------------------------------------------------------- 5. dtypes, shapes
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_dtypes_and_shapes(dtype):
+    x0, eps_star, _ = gaussian_problem()
+    seen_dtypes = set()
+
+    def eps_fn(x, t):
+        seen_dtypes.add(x.dtype)
+        return eps_star(x, t).to(x.dtype)
+
+    x_T = ddim_invert(x0.to(dtype), eps_fn, ALPHAS, 20, refine_iters=3)
+    x_back = ddim_sample(x_T, eps_fn, ALPHAS, 20)
+    assert x_T.dtype == dtype and x_back.dtype == dtype and x_back.shape == SHAPE
+    assert seen_dtypes == {dtype}
+    assert torch.isfinite(x_back.float()).all()
+    assert rel_err(x_back, x0) < {torch.float16: 0.02, torch.bfloat16: 0.1, torch.float32: 2e-3}[dtype]
+    assert ddim_step(x0.to(dtype), x0.to(dtype), 0.3, 0.5).dtype == dtype
+
+
+# ----------------------------------------------------------------------------- sigmas
+
+
+def test_sigma_alpha_conversions_and_timestep_lookup():
+    sigmas = sigmas_from_alphas_cumprod(ALPHAS)
+    assert torch.all(sigmas[1:] > sigmas[:-1])  # ascending with t
+    assert sigmas[0].item() == pytest.approx(0.0292, abs=1e-4) and sigmas[-1].item() == pytest.approx(14.61, abs=0.01)
+    assert torch.allclose(alphas_cumprod_from_sigmas(sigmas), ALPHAS, rtol=0, atol=1e-15)
+    assert alphas_cumprod_from_sigmas(torch.tensor([0.0])).item() == 1.0
+    # ComfyUI keeps its sigma table in float32: lookups must still land on the right index.
+    table = sigmas.float()
+    for t in (0, 1, 500, 981, 999):
+        assert timestep_from_sigma(float(table[t]), table) == t
+    assert timestep_from_sigma(0.0, table) == 0
+    assert timestep_from_sigma(100.0, table) == 999
+    many = timestep_from_sigma(table[[3, 7, 900]].reshape(3, 1), table)
+    assert many.shape == (3, 1) and many.flatten().tolist() == [3, 7, 900]
+
+
+# ----------------------------------------------------------------------------- 6. purity
+
+
+BLOCK_HOST = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("comfy", "comfy_api", "folder_paths", "nodes"):
+            raise ImportError("host module imported: " + name)
+sys.meta_path.insert(0, Block())
+import mixture_core.ddim
+"""
+
+
+def test_imports_without_comfy():
+    repo = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", BLOCK_HOST], cwd=repo, check=True)
