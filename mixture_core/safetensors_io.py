@@ -21,15 +21,18 @@ def _sniff_problem(path: str) -> str | None:
     """Why a file cannot be a safetensors file, read from its first bytes; None if it may be one."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
-        head = f.read(8)
-        if head[:2] == b"PK" or head[:1] == b"\x80":
-            return _PICKLE_HINT
-        if len(head) < 8:
-            return f"is not a safetensors file (only {size} bytes)"
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len == 0 or 8 + header_len > size:
-            return "is not a complete safetensors file (its header is larger than the file: truncated or another format)"
-        header = f.read(min(header_len, 100_000_000))
+        head = f.read(9)
+        (header_len,) = struct.unpack("<Q", head[:8]) if len(head) >= 8 else (0,)
+        if len(head) < 9 or head[8:9] != b"{" or header_len == 0:
+            # Not a safetensors header; only now read the first bytes as another format's
+            # signature (a safetensors header length may itself start with 0x80).
+            if head[:2] == b"PK" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+                return _PICKLE_HINT
+            return f"is not a safetensors file (its {size} bytes do not start with a safetensors header)"
+        if 8 + header_len > size:
+            return "is truncated: its header is larger than the file"
+        f.seek(8)
+        header = f.read(header_len)
     try:
         entries = json.loads(header)
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -62,7 +65,10 @@ def load_safetensors(path: str | os.PathLike, check_finite: bool = True) -> tupl
     except Exception as e:  # safetensors raises its own error types for malformed files
         raise WeightFileError(path, f"could not be read as safetensors ({e})") from e
     if check_finite:
-        bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        # One summing pass per tensor (NaN and inf propagate into the sum); the exact
+        # per-element check runs only on tensors whose sum is not finite.
+        suspects = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t.sum(dtype=torch.float32))]
+        bad = [k for k in suspects if not bool(torch.isfinite(tensors[k]).all())]
         if bad:
             raise WeightFileError(path, f"{len(bad)} tensor(s) hold NaN or inf values", sorted(bad))
     return tensors, metadata

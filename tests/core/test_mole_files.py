@@ -158,6 +158,18 @@ def test_safe_loading_refuses_pickles_truncation_and_nan(tmp_path):
         load_safetensors(tmp_path / "nope.safetensors")
 
 
+def test_header_lengths_starting_with_0x80_are_not_taken_for_pickles(tmp_path):
+    """A safetensors header length whose low byte is 0x80 (128, 384, ...) is a valid file."""
+    for pad in range(40):
+        path = tmp_path / "f.safetensors"
+        save_file({"a": torch.zeros(2)}, str(path), {"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            tensors, _ = load_safetensors(path)
+            assert torch.equal(tensors["a"], torch.zeros(2))
+            return
+    pytest.fail("no padding gave a header length with low byte 0x80")
+
+
 def test_mixture_core_imports_without_comfy():
     """mixture_core must import where ComfyUI cannot be imported at all."""
     repo = Path(__file__).resolve().parents[2]
