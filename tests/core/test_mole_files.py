@@ -160,7 +160,7 @@ def test_safe_loading_refuses_pickles_truncation_and_nan(tmp_path):
 
 def test_header_lengths_starting_with_0x80_are_not_taken_for_pickles(tmp_path):
     """A safetensors header length whose low byte is 0x80 (128, 384, ...) is a valid file."""
-    for pad in range(40):
+    for pad in range(300):
         path = tmp_path / "f.safetensors"
         save_file({"a": torch.zeros(2)}, str(path), {"pad": "x" * pad})
         if path.read_bytes()[0] == 0x80:
