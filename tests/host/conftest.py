@@ -1,6 +1,7 @@
 import pytest
 
 import hostenv
+from helpers.fixtures import clip_vision_h14_path, clip_vision_l14_path, sd15, sd15_controlnet_path, sdxl  # noqa: F401
 
 
 @pytest.fixture(scope="session")

@@ -218,9 +218,52 @@ def test_bf16_model(nodes_mod, sd15, sd15_files):
     assert bf16.model_dtype() == torch.bfloat16
     patched = apply(nodes_mod, bf16, experts(nodes_mod))
     layer = patched.get_additional_models_with_key("mole")[0].model[0]
-    assert layer.down.dtype == torch.bfloat16
+    # Expert weights are kept in the dtype the UNet computes in (bf16 storage may compute in fp32).
+    assert layer.down.dtype == (bf16.model.manual_cast_dtype or torch.bfloat16)
     out = sample(sd15, patched, steps=1)
     assert torch.isfinite(out).all()
+
+
+def test_composes_with_controlnet(nodes_mod, sd15, sd15_files, sd15_controlnet_path):
+    import comfy.controlnet
+    import nodes
+
+    control = comfy.controlnet.load_controlnet(str(sd15_controlnet_path))
+    hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(3))
+    positive, negative = encode(sd15, "a waving hand"), encode(sd15, "")
+    positive, negative = nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control, hint, 1.0, 0.0, 1.0)[:2]
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+
+    def run(model):
+        return nodes.common_ksampler(model, 7, 1, 2.0, "euler", "normal", positive, negative, latent)[0]["samples"]
+
+    with_mole = run(apply(nodes_mod, sd15.model, experts(nodes_mod)))
+    assert torch.isfinite(with_mole).all()
+    assert not torch.allclose(with_mole, run(sd15.model), atol=1e-5)
+
+
+def test_sdxl_layout_with_sai_named_experts_and_released_gates(nodes_mod, pack, sdxl, tmp_path):
+    """The released MoLE weights are SDXL: SAI-named kohya experts and released-format gates."""
+    import folder_paths
+    import nodes
+
+    layers = mw.target_layers(sdxl.model)
+    assert len(layers) == 722
+    names = mw.kohya_names(sdxl.model, "sai")
+    assert names["input_blocks.4.1.transformer_blocks.1.attn2.to_k"] == "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k"
+    folder_paths.add_model_folder_path("loras", str(tmp_path))
+    folder_paths.add_model_folder_path("mole", str(tmp_path))
+    mw.write_lora(tmp_path / "xl_face.safetensors", layers, names, rank=4, seed=11)
+    mw.write_lora(tmp_path / "xl_hand.safetensors", layers, names, rank=4, seed=12)
+    mw.write_released_gates(tmp_path / "xl_gates.safetensors", layers, names, dtype=torch.bfloat16)
+    ex = experts(nodes_mod, "xl_face.safetensors", "xl_hand.safetensors")
+    patched = apply(nodes_mod, sdxl.model, ex, "xl_gates.safetensors")
+    assert len([k for k in patched.object_patches if k.endswith(".forward")]) == 722
+    latent = sdxl.latent(64, 64)
+    out = nodes.common_ksampler(patched, 3, 1, 1.0, "euler", "normal", sdxl.positive, sdxl.negative, latent)[0]["samples"]
+    assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
+    base = nodes.common_ksampler(sdxl.model, 3, 1, 1.0, "euler", "normal", sdxl.positive, sdxl.negative, latent)[0]["samples"]
+    assert not torch.allclose(out, base, atol=1e-5)
 
 
 # ---- bad input: a clear message naming the file, and nothing applied ----------------------

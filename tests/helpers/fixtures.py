@@ -1,0 +1,91 @@
+"""Session-scoped pytest fixtures over the random-weight models of helpers.random_models.
+
+Import them into a conftest.py (tests/host/conftest.py) with:
+
+    from helpers.fixtures import sd15, sd15_controlnet_path, clip_vision_l14_path, clip_vision_h14_path, sdxl  # noqa: F401
+
+sd15                  SD15Models(path, model, clip, vae): the random SD1.5 checkpoint loaded once per
+                      session with comfy.sd.load_checkpoint_guess_config (model: ModelPatcher,
+                      clip: comfy.sd.CLIP, vae: comfy.sd.VAE). Shared: clone() before patching.
+sd15_controlnet_path  Path of the random SD1.5 ControlNet (comfy.controlnet.load_controlnet).
+clip_vision_l14_path  Path of the random CLIP ViT-L/14 vision model (comfy.clip_vision.load).
+clip_vision_h14_path  Path of the random CLIP ViT-H/14 vision model (a wrong encoder for SD1.5).
+sdxl                  Function-scoped SDXLBundle (model, positive, negative, latent()) of an
+                      in-process SDXL-layout UNet (~5 GB); freed after the test. Mark users slow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gc
+from pathlib import Path
+
+import pytest
+
+from . import random_models
+
+
+@dataclasses.dataclass
+class SD15Models:
+    path: Path
+    model: object  # comfy.model_patcher.ModelPatcher
+    clip: object  # comfy.sd.CLIP
+    vae: object  # comfy.sd.VAE
+
+
+def free_host_memory() -> None:
+    """Drop ComfyUI's records of models nobody references any more and collect them."""
+    gc.collect()
+    import comfy.model_management as mm
+
+    mm.cleanup_models_gc()
+    mm.cleanup_models()
+    gc.collect()
+
+
+@functools.lru_cache(maxsize=None)
+def load_sd15() -> SD15Models:
+    """The random SD1.5 checkpoint loaded by the host, once per process (so the fixture may be
+    imported by several conftest/test modules without loading it twice)."""
+    random_models.import_host()
+    import comfy.sd
+
+    path = random_models.sd15_checkpoint()
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+        str(path), output_vae=True, output_clip=True, embedding_directory=None
+    )
+    return SD15Models(path=path, model=model, clip=clip, vae=vae)
+
+
+@pytest.fixture(scope="session")
+def sd15():
+    yield load_sd15()
+    # Free it while ComfyUI's modules are still alive (not at interpreter exit).
+    load_sd15.cache_clear()
+    free_host_memory()
+
+
+@pytest.fixture(scope="session")
+def sd15_controlnet_path() -> Path:
+    return random_models.sd15_controlnet()
+
+
+@pytest.fixture(scope="session")
+def clip_vision_l14_path() -> Path:
+    return random_models.clip_vision_vit_l14()
+
+
+@pytest.fixture(scope="session")
+def clip_vision_h14_path() -> Path:
+    return random_models.clip_vision_vit_h14()
+
+
+@pytest.fixture
+def sdxl():
+    bundle = random_models.sdxl_model()
+    yield bundle
+    # pytest keeps the yielded object until after teardown: drop what it holds instead.
+    bundle.model = bundle.positive = bundle.negative = None
+    del bundle
+    free_host_memory()
