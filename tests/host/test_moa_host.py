@@ -509,3 +509,35 @@ def test_input_model_is_unchanged(sd15, negative, base_latent, base_state):
     assert patch_counts(sd15.model) == base_state
     assert sd15.model.object_patches == {} and sd15.model.get_additional_models() == []
     assert torch.equal(sample(sd15.model, encode(sd15.clip, PROMPT), negative), base_latent)
+
+
+def test_ddim_swap_one_and_two_persons(moa_nodes, sd15, moa, clip_l14, negative):
+    """MoA DDIM Swap on a small photo: inversion with the prior, regeneration with MoA; the
+    progress bar advances once per step over both passes."""
+    import comfy.utils
+
+    ddim = importlib.import_module(f"{hostenv.PACK_MODULE}.nodes.ddim_nodes")
+    photo, steps = image(5), 2
+    seen = []
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, prompt_id=None, node_id=None: seen.append((value, total)))
+    try:
+        one_model, one_positive = inject(moa_nodes, sd15, moa, clip_l14, image(1), words="person", text="a person")
+        with torch.inference_mode():
+            swapped, latent = ddim.MoADDIMSwap.execute(sd15.model, one_model, one_positive, negative, sd15.vae, photo, steps, 1.0, 1.0).result
+        assert seen == [(i, 2 * steps) for i in range(1, 2 * steps + 1)]
+        assert swapped.shape == photo.shape and torch.isfinite(swapped).all()
+
+        prior_only, _ = inject(moa_nodes, sd15, moa, clip_l14, image(1), words="person", text="a person", strength=0.0)
+        with torch.inference_mode():
+            _, prior_latent = ddim.MoADDIMSwap.execute(sd15.model, prior_only, one_positive, negative, sd15.vae, photo, steps, 1.0, 1.0).result
+        assert not torch.allclose(latent["samples"], prior_latent["samples"], atol=1e-4)  # the subject went in
+
+        keep = image(6)  # stands for the crop of the person to keep
+        two_model, two_positive = inject(moa_nodes, sd15, moa, clip_l14, [keep, image(2)], words="person#1, person#2",
+                                         text="a person and a person", subject_weights="1.0, 1.0")
+        with torch.inference_mode():
+            swapped_two, _ = ddim.MoADDIMSwap.execute(sd15.model, two_model, two_positive, negative, sd15.vae, photo, steps, 1.0, 1.0).result
+        assert swapped_two.shape == photo.shape and torch.isfinite(swapped_two).all()
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
