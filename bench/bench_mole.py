@@ -124,12 +124,13 @@ def main():
 
     base = build_unet(device, dtype)
     mole, weight_bytes = mole_model(base, args.rank, 1.0)
-    mole_off, _ = mole_model(base, args.rank, 0.0)
+    node_off = base.clone()  # what Apply MoLE Gating returns at strength 0
+    gain_off, _ = mole_model(base, args.rank, 0.0)  # every layer patched, all gains 0
     print(f"device {device} ({torch.get_num_threads()} threads), dtype {dtype}, batch {args.batch}, "
           f"two rank-{args.rank} experts on 192 layers, expert+gate weights {weight_bytes / 2**20:.1f} MiB")
     for size in args.sizes:
         runs = {name: step_fn(p, size, args.batch, device, dtype) for name, p in
-                (("base", base), ("mole", mole), ("strength0", mole_off))}
+                (("base", base), ("mole", mole), ("strength0", node_off), ("gain0", gain_off))}
         counted = {name: flops(run) for name, run in runs.items()}
         times = {name: [] for name in runs}
         for name, run in runs.items():
@@ -140,10 +141,10 @@ def main():
         med = {name: statistics.median(v) for name, v in times.items()}
         predicted = counted["mole"] / counted["base"]
         measured = med["mole"] / med["base"]
-        print(f"{size}x{size}: base {med['base'] * 1e3:.1f} ms, MoLE {med['mole'] * 1e3:.1f} ms, "
-              f"strength 0 {med['strength0'] * 1e3:.1f} ms | FLOPs base {counted['base'] / 1e9:.1f} G, "
+        print(f"{size}x{size}: base {med['base'] * 1e3:.1f} ms, MoLE {med['mole'] * 1e3:.1f} ms | FLOPs base {counted['base'] / 1e9:.1f} G, "
               f"MoLE +{(predicted - 1) * 100:.1f}% | ratio measured {measured:.3f} vs predicted {predicted:.3f} "
-              f"(measured/predicted {measured / predicted:.3f}); strength 0 costs {(med['strength0'] / med['base'] - 1) * 100:+.1f}%")
+              f"(measured/predicted {measured / predicted:.3f}); strength 0 (node) costs {(med['strength0'] / med['base'] - 1) * 100:+.1f}%, "
+              f"patched with all gains 0 {(med['gain0'] / med['base'] - 1) * 100:+.1f}%")
         if device.type == "cuda":
             import comfy.model_management as mm
 
