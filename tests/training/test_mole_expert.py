@@ -1,0 +1,61 @@
+"""Stage 2 (training.mole_expert) through the real host: the kohya file it writes loads in
+ComfyUI's LoraLoader and the pack's Load MoLE Experts, and the expert really learns."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from mixture_core.lora_format import parse_lora_state_dict
+from mixture_core.safetensors_io import load_safetensors
+from training_helpers import ksample, make_dataset, read_log, run_script, tiny_args
+
+pytestmark = [pytest.mark.host, pytest.mark.slow]
+
+
+def test_expert_file_loads_in_lora_loader_and_load_mole_experts(trained_experts, sd15, mole_nodes, caplog):
+    import comfy.sd
+    import folder_paths
+
+    tensors, meta = load_safetensors(trained_experts["face"])
+    assert meta["ss_network_dim"] == "4" and float(meta["ss_network_alpha"]) == 4.0
+    assert meta["mole.part"] == "face" and meta["mole.base_family"] == "sd15" and meta["ss_base_model_version"] == "sd_v1"
+    layers = parse_lora_state_dict(tensors)
+    assert len(layers) == 192 and len(tensors) == 3 * 192
+    assert all(name.startswith(("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_")) for name in layers)
+    proj_in = tensors["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"]
+    assert proj_in.shape == (4, 320, 1, 1)  # SD1.5 proj_in is a 1x1 conv: kohya stores 4-d weights
+    assert tensors["lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight"].shape == (320, 4, 1, 1)
+    assert tensors["lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"].shape == (4, 768)
+    assert any(float(t.abs().max()) > 0 for k, t in tensors.items() if "lora_up" in k)  # it trained (up starts at 0)
+
+    # ComfyUI's LoraLoader: every key matched, 192 UNet weights patched.
+    with caplog.at_level(logging.WARNING):
+        lora_model, _ = comfy.sd.load_lora_for_models(sd15.model, sd15.clip, tensors, 1.0, 1.0)
+    assert not [r for r in caplog.records if "not loaded" in r.getMessage().lower()]
+    assert len(lora_model.patches) == 192
+    assert all(k.startswith("diffusion_model.") for k in lora_model.patches)
+    out = ksample(sd15, lora_model)
+    assert torch.isfinite(out).all() and not torch.equal(out, ksample(sd15, sd15.model))
+
+    # The pack's node, as a workflow uses it.
+    folder_paths.add_model_folder_path("loras", str(trained_experts["loras"]))
+    loaded = mole_nodes.LoadMoLEExperts.execute("face.safetensors", "face", 1.0, "hand.safetensors", "hand", 1.0, None).result[0]
+    assert [e.name for e in loaded.experts] == ["face", "hand"]
+    assert all(len(e.layers) == 192 and {p.rank for p in e.layers.values()} == {4} for e in loaded.experts)
+    assert {p.alpha for p in loaded.experts[0].layers.values()} == {4.0}
+
+
+def test_expert_learns_a_micro_task(tmp_path, checkpoint):
+    """Overfit one image with its noise and timestep fixed (--fixed-noise): a deterministic
+    objective, so the loss must fall clearly within a few steps."""
+    data = make_dataset(tmp_path / "one", n=1)
+    out = tmp_path / "face.safetensors"
+    run_script("mole_expert", "--part", "face", "--rank", "4", "--alpha", "4", "--lr", "2e-3", "--fixed-noise",
+               *tiny_args(checkpoint, data, out, 8))
+    losses = [r["loss"] for r in read_log(str(out.with_suffix("")) + "-work")]
+    assert len(losses) == 8
+    first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
+    assert last < 0.8 * first, losses
