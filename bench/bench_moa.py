@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import hostenv  # noqa: E402
 
-from bench.bench_mole import build_unet, flops  # noqa: E402  (the same random SD1.5 UNet)
+from bench.bench_mole import build_unet, flops, peak_cuda_memory  # noqa: E402  (the same random SD1.5 UNet)
 
 
 def moa_models(patcher, subjects: int, seed: int = 0):
@@ -124,14 +124,7 @@ def main():
         print("  min..max ms: " + ", ".join(f"{name} {lo:.0f}..{hi:.0f}" for name, (lo, hi) in spread.items())
               + f" | ratio of the fastest runs {spread['moa'][0] / spread['base'][0]:.3f} (less sensitive to other load on the machine)")
         if device.type == "cuda":
-            import comfy.model_management as mm
-
-            mm.unload_all_models()
-            peaks = {}
-            for name, run in runs.items():
-                torch.cuda.reset_peak_memory_stats()
-                run()
-                peaks[name] = torch.cuda.max_memory_allocated()
+            peaks = peak_cuda_memory(runs)
             print(f"  peak CUDA memory: base {peaks['base'] / 2**20:.0f} MiB, MoA {peaks['moa'] / 2**20:.0f} MiB "
                   f"(+{(peaks['moa'] - peaks['base']) / 2**20:.0f} MiB; MoA weights {weight_bytes / 2**20:.0f} MiB)")
 

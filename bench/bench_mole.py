@@ -109,6 +109,19 @@ def flops(run):
     return counter.get_total_flops()
 
 
+def peak_cuda_memory(runs):
+    """{name: peak CUDA bytes of one run}, each run from a clean unload."""
+    import comfy.model_management as mm
+
+    mm.unload_all_models()
+    peaks = {}
+    for name, run in runs.items():
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        peaks[name] = torch.cuda.max_memory_allocated()
+    return peaks
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[256])
@@ -146,14 +159,7 @@ def main():
               f"(measured/predicted {measured / predicted:.3f}); strength 0 (node) costs {(med['strength0'] / med['base'] - 1) * 100:+.1f}%, "
               f"patched with all gains 0 {(med['gain0'] / med['base'] - 1) * 100:+.1f}%")
         if device.type == "cuda":
-            import comfy.model_management as mm
-
-            mm.unload_all_models()
-            peaks = {}
-            for name, run in runs.items():
-                torch.cuda.reset_peak_memory_stats()
-                run()
-                peaks[name] = torch.cuda.max_memory_allocated()
+            peaks = peak_cuda_memory(runs)
             print(f"  peak CUDA memory: base {peaks['base'] / 2**20:.0f} MiB, MoLE {peaks['mole'] / 2**20:.0f} MiB "
                   f"(+{(peaks['mole'] - peaks['base']) / 2**20:.0f} MiB; expert+gate weights {weight_bytes / 2**20:.0f} MiB)")
 
