@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -33,6 +34,7 @@ class LoRAPair:
     up: torch.Tensor  # (d_out, rank)
     alpha: float
     is_conv: bool  # a 1x1 convolution (SD1.5 proj_in/proj_out) rather than a Linear
+    keys: tuple[str, str] | None = None  # (down, up) tensor names in the file it came from
 
     @property
     def rank(self) -> int:
@@ -49,6 +51,12 @@ class LoRAPair:
     @property
     def d_out(self) -> int:
         return self.up.shape[0]
+
+    def read(self, read_tensor: Callable[[str], torch.Tensor]) -> LoRAPair:
+        """This pair with its matrices read from its file (a pair parsed from a file's
+        layout holds meta tensors: shapes only)."""
+        down, up = (read_tensor(k).reshape(like.shape) for k, like in zip(self.keys, (self.down, self.up)))
+        return LoRAPair(down, up, self.alpha, self.is_conv, self.keys)
 
 
 def _as_matrix(t: torch.Tensor, key: str, path: str | None) -> tuple[torch.Tensor, bool]:
@@ -86,7 +94,7 @@ def parse_lora_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.Pa
                 )
             alpha_key = name + ".alpha"
             alpha = float(state_dict[alpha_key]) if alpha_key in state_dict else float(down.shape[0])
-            pairs[name] = LoRAPair(down=down, up=up, alpha=alpha, is_conv=down_conv or up_conv)
+            pairs[name] = LoRAPair(down=down, up=up, alpha=alpha, is_conv=down_conv or up_conv, keys=(key, up_key))
             used.update({key, up_key, alpha_key})
             break
     if not pairs:

@@ -108,8 +108,9 @@ class MoLELayer(nn.Module):
         self.active = any(g != 0.0 for g in gains)
 
         dtype = experts[0].down.dtype
-        self.down = _frozen(torch.cat([e.down.to(dtype) for e in experts], dim=0))  # (R, d_in)
-        self.up = _frozen(torch.cat([e.up.to(dtype) for e in experts], dim=1))  # (d_out, R)
+        # torch.cat makes the one copy the layer keeps (no further clone).
+        self.down = nn.Parameter(torch.cat([e.down.to(dtype) for e in experts], dim=0), requires_grad=False)  # (R, d_in)
+        self.up = nn.Parameter(torch.cat([e.up.to(dtype) for e in experts], dim=1), requires_grad=False)  # (d_out, R)
         expand = torch.zeros(n, sum(self.ranks), dtype=dtype)
         start = 0
         for i, r in enumerate(self.ranks):

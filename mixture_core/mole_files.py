@@ -204,12 +204,16 @@ def build_mole_layers(
     strength: float = 1.0,
     dtype: torch.dtype | None = None,
     module_widths: Callable[[str], tuple[int, int, bool]] | None = None,
+    read_pair: Callable[[Expert, LoRAPair], LoRAPair] | None = None,
 ) -> dict[str, MoLELayer]:
     """Check experts and gates against each other and build one MoLELayer per module path.
     ``resolve`` maps a layer name as written in a file to the module path (None if unknown);
     ``module_widths`` gives the model's (d_in, d_out, is_conv) at a module path, to catch
     experts made for another model whose layer names happen to exist here.
-    Every check runs before anything is returned, so a failure applies nothing."""
+    Every check runs before anything is returned, so a failure applies nothing.
+    Experts may be parsed from their files' layouts (meta tensors); ``read_pair`` then reads
+    each pair's matrices as its layer is built, so the files are never held whole in memory
+    beside the MoLE layers."""
     ordered = order_experts(experts, gate.expert_names, gate.path)
     per_expert: list[dict[str, LoRAPair]] = []
     for e in ordered:
@@ -255,6 +259,8 @@ def build_mole_layers(
     layers, mismatched = {}, []
     for module in sorted(reference):
         pairs = [layers_of[module] for layers_of in per_expert]
+        if read_pair is not None:
+            pairs = [read_pair(e, p) for e, p in zip(ordered, pairs)]
         if dtype is not None:
             pairs = [LoRAPair(p.down.to(dtype), p.up.to(dtype), p.alpha, p.is_conv) for p in pairs]
         g = gates[module]

@@ -12,7 +12,8 @@ from ..mixture_core.errors import WeightFileError
 from ..mixture_core.lora_format import parse_lora_state_dict
 from ..mixture_core.mole import MODES, wrap_forward
 from ..mixture_core.mole_files import Expert, build_mole_layers, read_gate_file
-from .model_folders import files_in, load_from_folder
+from ..mixture_core.safetensors_io import SafetensorsFile
+from .model_folders import files_in, full_path, load_from_folder
 from .patching import attach_weights, chain_forward
 from .unet_layers import layer_resolver, model_family, module_widths
 
@@ -23,22 +24,51 @@ NONE = "None"
 
 
 @dataclass(frozen=True)
+class ExpertFile:
+    """An expert as chosen in Load MoLE Experts. Only its layout is read there; Apply MoLE
+    Gating reads the weights straight into the MoLE layers, so they are held once in memory
+    rather than again in the node cache."""
+
+    name: str
+    path: str
+    strength: float
+
+
+@dataclass(frozen=True)
 class LoadedExperts:
     """The value on a MOLE_EXPERTS wire: experts in the order they were loaded."""
 
-    experts: tuple[Expert, ...]
+    experts: tuple[ExpertFile, ...]
 
 
-def load_expert(filename: str, name: str, strength: float) -> Expert:
-    path, tensors, _ = load_from_folder("loras", filename)
+def unet_lora_layers(tensors, path: str) -> dict:
     layers = parse_lora_state_dict(tensors, path)
     # MoLE experts act on the UNet only; text-encoder layers of the file are left out here.
     unet_layers = {k: v for k, v in layers.items() if not k.startswith(("lora_te", "text_encoder", "te_"))}
     if not unet_layers:
         raise WeightFileError(path, "holds only text-encoder LoRA layers; a MoLE expert needs UNet layers")
+    return unet_layers
+
+
+def expert_layout(expert: ExpertFile) -> Expert:
+    """The expert with its layers' shapes, not their data (meta tensors)."""
+    return Expert(expert.name, expert.path, expert.strength, unet_lora_layers(SafetensorsFile(expert.path).layout(), expert.path))
+
+
+def check_expert(filename: str, name: str, strength: float) -> ExpertFile:
+    """Everything about an expert file that can be told without its weights (format, layer
+    names and shapes, alphas); the weights themselves are checked when Apply reads them."""
     if not name.strip():
         raise ValueError(f"{filename}: give the expert a name (such as 'face' or 'hand') to match its gate")
-    return Expert(name=name.strip(), path=path, strength=float(strength), layers=unet_layers)
+    expert = ExpertFile(name=name.strip(), path=full_path("loras", filename), strength=float(strength))
+    expert_layout(expert)
+    return expert
+
+
+def pair_reader(experts: list[ExpertFile]):
+    """read_pair for build_mole_layers: reads a pair's matrices from its expert's file."""
+    files = {e.path: SafetensorsFile(e.path) for e in experts}
+    return lambda expert, pair: pair.read(files[expert.path].read(pair.keys).__getitem__)
 
 
 def apply_mole(model, experts: LoadedExperts, gate_filename: str, mode: str = "both", strength: float = 1.0):
@@ -55,13 +85,14 @@ def apply_mole(model, experts: LoadedExperts, gate_filename: str, mode: str = "b
         raise WeightFileError(gate_path, f"its gates are for a {gate.base_family} model, but this model is {family}")
     dtype = model.model.manual_cast_dtype or model.model_dtype()
     layers = build_mole_layers(
-        list(experts.experts),
+        [expert_layout(e) for e in experts.experts],
         gate,
         layer_resolver(model),
         mode=mode,
         strength=strength,
         dtype=dtype,
         module_widths=module_widths(model),
+        read_pair=pair_reader(experts.experts),
     )
     patched = model.clone()
     for module_path, layer in layers.items():
@@ -96,9 +127,9 @@ class LoadMoLEExperts(io.ComfyNode):
 
     @classmethod
     def execute(cls, expert_1, name_1, strength_1, expert_2, name_2, strength_2, previous=None) -> io.NodeOutput:
-        loaded = [load_expert(expert_1, name_1, strength_1)]
+        loaded = [check_expert(expert_1, name_1, strength_1)]
         if expert_2 != NONE:
-            loaded.append(load_expert(expert_2, name_2, strength_2))
+            loaded.append(check_expert(expert_2, name_2, strength_2))
         earlier = previous.experts if previous is not None else ()
         return io.NodeOutput(LoadedExperts(tuple(earlier) + tuple(loaded)))
 

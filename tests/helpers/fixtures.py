@@ -16,6 +16,7 @@ sdxl                  Function-scoped SDXLBundle (model, positive, negative, lat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -42,6 +43,25 @@ def free_host_memory() -> None:
     mm.cleanup_models_gc()
     mm.cleanup_models()
     gc.collect()
+
+
+@contextlib.contextmanager
+def model_folders(**folders: Path):
+    """Register folders with ComfyUI's folder_paths (e.g. loras=..., mole=...) ahead of every
+    other folder of that kind, and unregister them on exit: tests share one process, and a
+    file name another test also uses must resolve to this test's file."""
+    import folder_paths
+
+    for kind, folder in folders.items():
+        folder_paths.add_model_folder_path(kind, str(folder), is_default=True)
+    try:
+        yield
+    finally:
+        for kind, folder in folders.items():
+            paths = folder_paths.folder_names_and_paths[kind][0]
+            if str(folder) in paths:
+                paths.remove(str(folder))
+        folder_paths.filename_list_cache.clear()
 
 
 @functools.lru_cache(maxsize=None)

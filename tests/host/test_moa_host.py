@@ -18,6 +18,7 @@ import hostenv
 from helpers import moa_weights as aw
 from helpers import mole_weights as mw
 from helpers import random_models as rm
+from helpers.fixtures import model_folders
 
 pytestmark = pytest.mark.slow
 
@@ -42,20 +43,18 @@ def moa_patch(pack):
 def moa_dir(sd15, tmp_path_factory):
     """A folder registered as models/moa with a random MoA file for the SD1.5 model (made once
     and cached) and the bad ones: another base family, another width."""
-    import folder_paths
-
     from mixture_core.moa import AttentionShape
 
     root = tmp_path_factory.mktemp("moa_models") / "moa"
     root.mkdir()
-    folder_paths.add_model_folder_path("moa", str(root))
     (root / "moa_sd15.safetensors").symlink_to(aw.cached_moa_file(sd15.model, seed=11))
     first = ["input_blocks.1.1.transformer_blocks.0.attn1", "input_blocks.1.1.transformer_blocks.0.attn2"]
     aw.write_moa_file(root / "moa_sdxl_family.safetensors", sd15.model, seed=12, family="sdxl", layers=first)
     # SD2.x-like cross-attention (1024-wide text) under SD1.5's layer ids: the wrong width.
     shapes = {first[0]: AttentionShape(320, 320, 8, 40), first[1]: AttentionShape(320, 1024, 8, 40)}
     aw.write_moa_for_shapes(root / "moa_wrong_width.safetensors", shapes, text_dim=1024)
-    return root
+    with model_folders(moa=root):
+        yield root
 
 
 def _shapes(model):
@@ -346,20 +345,17 @@ def test_with_controlnet(moa_one, negative):
 
 @pytest.fixture(scope="module")
 def lora_dir(sd15, tmp_path_factory):
-    import folder_paths
-
     root = tmp_path_factory.mktemp("moa_loras")
     loras, gates = root / "loras", root / "mole"
     loras.mkdir(), gates.mkdir()
-    folder_paths.add_model_folder_path("loras", str(loras))
-    folder_paths.add_model_folder_path("mole", str(gates))
     layers = mw.target_layers(sd15.model)
     kohya = mw.kohya_names(sd15.model, "diffusers")
     mw.write_lora(loras / "moa_style.safetensors", layers, kohya, seed=21)
     mw.write_lora(loras / "moa_face.safetensors", layers, kohya, seed=22)
     mw.write_lora(loras / "moa_hand.safetensors", layers, kohya, seed=23)
     mw.write_pack_gates(gates / "moa_test_gates.safetensors", layers)
-    return root
+    with model_folders(loras=loras, mole=gates):
+        yield root
 
 
 def test_with_mole(moa_one, negative, lora_dir):

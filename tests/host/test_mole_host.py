@@ -13,6 +13,7 @@ import torch
 
 import hostenv
 from helpers import mole_weights as mw
+from helpers.fixtures import model_folders
 
 pytestmark = pytest.mark.slow
 
@@ -28,13 +29,9 @@ def nodes_mod(pack):
 def sd15_files(sd15, tmp_path_factory):
     """Random experts (diffusers-style kohya names, peft names) and gates (both formats) for
     the random SD1.5 model, in folders registered with ComfyUI as loras/ and mole/."""
-    import folder_paths
-
     root = tmp_path_factory.mktemp("mole_models")
     loras, gates = root / "loras", root / "mole"
     loras.mkdir(), gates.mkdir()
-    folder_paths.add_model_folder_path("loras", str(loras))
-    folder_paths.add_model_folder_path("mole", str(gates))
     layers = mw.target_layers(sd15.model)
     kohya = mw.kohya_names(sd15.model, "diffusers")
     mw.write_lora(loras / "face.safetensors", layers, kohya, seed=1, alpha=4.0)
@@ -43,7 +40,8 @@ def sd15_files(sd15, tmp_path_factory):
     mw.write_released_gates(gates / "released.safetensors", layers, kohya)
     mw.write_pack_gates(gates / "pack_paper.safetensors", layers, variant="paper")
     mw.write_pack_gates(gates / "three.safetensors", layers, ("face", "hand", "feet"))
-    return {"root": root, "loras": loras, "mole": gates, "layers": layers, "kohya": kohya}
+    with model_folders(loras=loras, mole=gates):
+        yield {"root": root, "loras": loras, "mole": gates, "layers": layers, "kohya": kohya}
 
 
 def experts(nodes_mod, face="face.safetensors", hand="hand.safetensors", names=("face", "hand"), strengths=(1.0, 1.0), previous=None):
@@ -253,20 +251,18 @@ def test_composes_with_controlnet(nodes_mod, sd15, sd15_files, sd15_controlnet_p
 
 def test_sdxl_layout_with_sai_named_experts_and_released_gates(nodes_mod, pack, sdxl, tmp_path):
     """The released MoLE weights are SDXL: SAI-named kohya experts and released-format gates."""
-    import folder_paths
     import nodes
 
     layers = mw.target_layers(sdxl.model)
     assert len(layers) == 722
     names = mw.kohya_names(sdxl.model, "sai")
     assert names["input_blocks.4.1.transformer_blocks.1.attn2.to_k"] == "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k"
-    folder_paths.add_model_folder_path("loras", str(tmp_path))
-    folder_paths.add_model_folder_path("mole", str(tmp_path))
     mw.write_lora(tmp_path / "xl_face.safetensors", layers, names, rank=4, seed=11)
     mw.write_lora(tmp_path / "xl_hand.safetensors", layers, names, rank=4, seed=12)
     mw.write_released_gates(tmp_path / "xl_gates.safetensors", layers, names, dtype=torch.bfloat16)
-    ex = experts(nodes_mod, "xl_face.safetensors", "xl_hand.safetensors")
-    patched = apply(nodes_mod, sdxl.model, ex, "xl_gates.safetensors")
+    with model_folders(loras=tmp_path, mole=tmp_path):
+        ex = experts(nodes_mod, "xl_face.safetensors", "xl_hand.safetensors")
+        patched = apply(nodes_mod, sdxl.model, ex, "xl_gates.safetensors")
     assert len([k for k in patched.object_patches if k.endswith(".forward")]) == 722
     gated = set()
     for layer in patched.get_additional_models_with_key("mole")[0].model:
@@ -345,13 +341,17 @@ def test_bad_gates_and_experts_are_refused_clearly(nodes_mod, sd15, bad_files, c
     assert model.object_patches == {} and model.get_additional_models() == []
 
 
-@pytest.mark.parametrize("filename,expected", [
-    ("nan.safetensors", "NaN or inf"),
-    ("truncated.safetensors", "truncated"),
-    ("pickle.pt", "pickle"),
-    ("not_a_lora.safetensors", "holds no LoRA layers"),
+@pytest.mark.parametrize("filename,expected,found_by", [
+    ("nan.safetensors", "NaN or inf", "apply"),  # needs the data, which only Apply reads
+    ("truncated.safetensors", "truncated", "load"),
+    ("pickle.pt", "pickle", "load"),
+    ("not_a_lora.safetensors", "holds no LoRA layers", "load"),
 ])
-def test_bad_expert_files_are_refused_clearly(nodes_mod, bad_files, filename, expected):
+def test_bad_expert_files_are_refused_clearly(nodes_mod, sd15, bad_files, filename, expected, found_by):
+    model = sd15.model.clone()
     with pytest.raises(Exception) as info:
-        experts(nodes_mod, face=filename)
+        ex = experts(nodes_mod, face=filename)
+        assert found_by == "apply", "Load MoLE Experts should have refused the file"
+        apply(nodes_mod, model, ex)
     assert filename in str(info.value) and expected in str(info.value), str(info.value)
+    assert model.object_patches == {} and model.get_additional_models() == []

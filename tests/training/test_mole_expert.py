@@ -8,6 +8,7 @@ import logging
 import pytest
 import torch
 
+from helpers.fixtures import model_folders
 from mixture_core.lora_format import parse_lora_state_dict
 from mixture_core.safetensors_io import load_safetensors
 from training_helpers import ksample, make_dataset, read_log, run_script, tiny_args
@@ -17,7 +18,6 @@ pytestmark = [pytest.mark.host, pytest.mark.slow]
 
 def test_expert_file_loads_in_lora_loader_and_load_mole_experts(trained_experts, sd15, mole_nodes, caplog):
     import comfy.sd
-    import folder_paths
 
     tensors, meta = load_safetensors(trained_experts["face"])
     assert meta["ss_network_dim"] == "4" and float(meta["ss_network_alpha"]) == 4.0
@@ -41,11 +41,13 @@ def test_expert_file_loads_in_lora_loader_and_load_mole_experts(trained_experts,
     assert torch.isfinite(out).all() and not torch.equal(out, ksample(sd15, sd15.model))
 
     # The pack's node, as a workflow uses it.
-    folder_paths.add_model_folder_path("loras", str(trained_experts["loras"]))
-    loaded = mole_nodes.LoadMoLEExperts.execute("face.safetensors", "face", 1.0, "hand.safetensors", "hand", 1.0, None).result[0]
+    with model_folders(loras=trained_experts["loras"]):
+        loaded = mole_nodes.LoadMoLEExperts.execute("face.safetensors", "face", 1.0, "hand.safetensors", "hand", 1.0, None).result[0]
     assert [e.name for e in loaded.experts] == ["face", "hand"]
-    assert all(len(e.layers) == 192 and {p.rank for p in e.layers.values()} == {4} for e in loaded.experts)
-    assert {p.alpha for p in loaded.experts[0].layers.values()} == {4.0}
+    assert [e.path for e in loaded.experts] == [str(trained_experts["face"]), str(trained_experts["hand"])]
+    read = [mole_nodes.expert_layout(e) for e in loaded.experts]  # shapes and alphas, read from the headers
+    assert all(len(e.layers) == 192 and {p.rank for p in e.layers.values()} == {4} for e in read)
+    assert {p.alpha for p in read[0].layers.values()} == {4.0}
 
 
 def test_expert_learns_a_micro_task(tmp_path, checkpoint):

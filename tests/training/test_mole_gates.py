@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from helpers import mole_weights as mw
+from helpers.fixtures import model_folders
 from mixture_core.mole_files import read_gate_file
 from mixture_core.safetensors_io import load_safetensors
 from training_helpers import ksample, make_dataset, run_script, tiny_args
@@ -19,8 +20,6 @@ pytestmark = [pytest.mark.host, pytest.mark.slow]
 
 
 def test_trained_gates_apply_in_comfyui_and_sample(trained_experts, sd15, mole_nodes, checkpoint, tmp_path):
-    import folder_paths
-
     gates = tmp_path / "mole" / "gates.safetensors"
     run_script("mole_gates", "--experts", f"face={trained_experts['face']}", f"hand={trained_experts['hand']}",
                "--released-format", "--lr", "1e-3", *tiny_args(checkpoint, trained_experts["data"], gates, 2))
@@ -39,12 +38,11 @@ def test_trained_gates_apply_in_comfyui_and_sample(trained_experts, sd15, mole_n
         r = released_file.layers[kohya[module]]
         assert torch.equal(g.local_weight, r.local_weight) and torch.equal(g.global_bias, r.global_bias)
 
-    folder_paths.add_model_folder_path("loras", str(trained_experts["loras"]))
-    folder_paths.add_model_folder_path("mole", str(gates.parent))
-    experts = mole_nodes.LoadMoLEExperts.execute("face.safetensors", "face", 1.0, "hand.safetensors", "hand", 1.0, None).result[0]
     base = ksample(sd15, sd15.model)
     for name in ("gates.safetensors", "gates_released.safetensors"):
-        patched = mole_nodes.ApplyMoLEGating.execute(sd15.model, experts, name, "both", 1.0).result[0]
+        with model_folders(loras=trained_experts["loras"], mole=gates.parent):
+            experts = mole_nodes.LoadMoLEExperts.execute("face.safetensors", "face", 1.0, "hand.safetensors", "hand", 1.0, None).result[0]
+            patched = mole_nodes.ApplyMoLEGating.execute(sd15.model, experts, name, "both", 1.0).result[0]
         assert len([k for k in patched.object_patches if k.endswith(".forward")]) == 192
         out = ksample(sd15, patched)
         assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
