@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,10 @@ MODES = ("both", "local", "global")
 EXPERT_TARGET = re.compile(
     r"(^|\.)(proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2))$"
 )
+
+
+# Receives the (local, global) gates of one layer call, for pictures of the gates at work.
+Observer = Callable[[Optional[torch.Tensor], Optional[torch.Tensor]], None]
 
 
 def is_expert_target(module_path: str) -> bool:
@@ -72,6 +77,7 @@ class MoLELayer(nn.Module):
         expert_strengths: list[float] | None = None,
         strength: float = 1.0,
         trainable_gates: bool = False,
+        expert_names: list[str] | None = None,
     ):
         super().__init__()
         if variant not in GATE_VARIANTS:
@@ -101,6 +107,7 @@ class MoLELayer(nn.Module):
 
         self.variant, self.mode, self.is_conv = variant, mode, experts[0].is_conv
         self.n_experts, self.d_in, self.d_out = n, d_in, d_out
+        self.expert_names = list(expert_names) if expert_names is not None else [f"expert {i + 1}" for i in range(n)]
         self.ranks = [e.rank for e in experts]
         trained_scales = [e.scale for e in experts]
         gains = [s * w * strength for s, w in zip(trained_scales, strengths)]
@@ -124,8 +131,6 @@ class MoLELayer(nn.Module):
         self.local_bias = gate_param(gates.local_bias)
         self.global_weight = gate_param(gates.global_weight)
         self.global_bias = gate_param(gates.global_bias)
-        # Set by visualization code to receive (local, global) gates of each call; None costs nothing.
-        self.observer = None
 
     def gate_weights(self) -> GateWeights:
         return GateWeights(self.local_weight, self.local_bias, self.global_weight, self.global_bias)
@@ -135,8 +140,9 @@ class MoLELayer(nn.Module):
         # (offloaded weights, another compute dtype) the per-call copy ComfyUI's casts also make.
         return p.to(device=like.device, dtype=like.dtype, non_blocking=True)
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """The gated refinement alone, in the layout of the layer's output."""
+    def delta(self, x: torch.Tensor, observer: Observer | None = None) -> torch.Tensor:
+        """The gated refinement alone, in the layout of the layer's output. observer, if
+        given, receives this call's gates: (local (B, T, n) or None, global (B, 1, n) or None)."""
         if self.is_conv:
             b, _, h, w = x.shape
             tokens = x.flatten(2).transpose(1, 2)  # (B, HW, d_in): a view, works for any H x W
@@ -158,8 +164,8 @@ class MoLELayer(nn.Module):
             else:
                 logits = F.linear(tokens.mean(dim=1), c(self.global_weight), c(self.global_bias))
             global_ = torch.sigmoid(logits).unsqueeze(1)  # (B, 1, n)
-        if self.observer is not None:
-            self.observer(self, local, global_)
+        if observer is not None:
+            observer(local, global_)
 
         gate = local if global_ is None else (global_ if local is None else local * global_)
         per_rank = F.linear(gate * c(self.gain), c(self.expand).t())  # (B, T or 1, R)
@@ -168,18 +174,18 @@ class MoLELayer(nn.Module):
             return out.transpose(1, 2).reshape(b, self.d_out, h, w)
         return out.reshape(*x.shape[:-1], self.d_out)
 
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, observer: Observer | None = None) -> torch.Tensor:
         if not self.active:
             return base_out
-        return base_out + self.delta(x)
+        return base_out + self.delta(x, observer)
 
 
-def wrap_forward(layer: MoLELayer, base_forward):
+def wrap_forward(layer: MoLELayer, base_forward, observer: Observer | None = None):
     """A replacement ``forward`` for the frozen module: the base path (whatever was there
     before, so other patches stay in the chain) plus the MoLE refinement."""
 
     def forward(x, *args, **kwargs):
-        return layer(x, base_forward(x, *args, **kwargs))
+        return layer(x, base_forward(x, *args, **kwargs), observer)
 
     forward.mole_layer = layer
     forward.base_forward = base_forward

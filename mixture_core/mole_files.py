@@ -268,7 +268,8 @@ def build_mole_layers(
             g = GateWeights(*(t.to(dtype) for t in (g.local_weight, g.local_bias, g.global_weight, g.global_bias)))
         try:
             layers[module] = MoLELayer(
-                pairs, g, gate.variant, mode, expert_strengths=[e.strength for e in ordered], strength=strength
+                pairs, g, gate.variant, mode, expert_strengths=[e.strength for e in ordered], strength=strength,
+                expert_names=[e.name for e in ordered],
             )
         except ValueError as err:
             mismatched.append(f"{module}: {err}")

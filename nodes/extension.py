@@ -3,10 +3,10 @@
 from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
-from . import ddim_nodes, moa_nodes, mole_nodes
+from . import ddim_nodes, moa_nodes, mole_nodes, visualize_nodes
 
 
 class MixtureExpertsExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*mole_nodes.NODES, *moa_nodes.NODES, *ddim_nodes.NODES]
+        return [*mole_nodes.NODES, *moa_nodes.NODES, *ddim_nodes.NODES, *visualize_nodes.NODES]

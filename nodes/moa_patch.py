@@ -37,7 +37,7 @@ from typing import Sequence
 import torch
 
 from ..mixture_core.moa import MoALayer, MoAModel, SubjectBinding, bind_subjects_where, is_moa_target
-from .patching import attach_weights
+from .patching import attach_weights, conditional_rows
 
 log = logging.getLogger(__name__)
 
@@ -162,10 +162,8 @@ class MoAPatch:
     def rows(self, extra_options: dict, batch: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(is_cond (B,) bool, timesteps (B,) or None) of the rows of a batch."""
         chunks = extra_options.get("cond_or_uncond")
-        if chunks and batch % len(chunks) == 0:
-            per = batch // len(chunks)
-            is_cond = torch.tensor([c == 0 for c in chunks], device=device).repeat_interleave(per)
-        else:
+        is_cond = conditional_rows(chunks, batch, device)
+        if is_cond is None:
             if chunks:
                 self.warn_once("rows", "cannot split a batch of %d rows into the chunks %s; every row is taken as conditional", batch, chunks)
             is_cond = torch.ones(batch, dtype=torch.bool, device=device)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import comfy.model_patcher
+import torch
 
 from .unet_layers import forward_key
 
@@ -27,3 +28,13 @@ def attach_weights(model, key: str, module) -> None:
     weights other nodes attached under the same key."""
     patcher = comfy.model_patcher.ModelPatcher(module, load_device=model.load_device, offload_device=model.offload_device)
     model.set_additional_models(key, model.get_additional_models_with_key(key) + [patcher])
+
+
+def conditional_rows(chunks, batch: int, device=None) -> torch.Tensor | None:
+    """(B,) bool: which rows of a model call's batch are conditional. ComfyUI batches cond
+    and uncond chunks in one call and lists them in transformer_options["cond_or_uncond"]
+    (0 = cond, 1 = uncond), each chunk batch / len(chunks) rows long. None where the batch
+    does not split into those chunks."""
+    if not chunks or batch % len(chunks):
+        return None
+    return torch.tensor([c == 0 for c in chunks], device=device).repeat_interleave(batch // len(chunks))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -264,12 +265,11 @@ def test_sdxl_layout_with_sai_named_experts_and_released_gates(nodes_mod, pack, 
         ex = experts(nodes_mod, "xl_face.safetensors", "xl_hand.safetensors")
         patched = apply(nodes_mod, sdxl.model, ex, "xl_gates.safetensors")
     assert len([k for k in patched.object_patches if k.endswith(".forward")]) == 722
-    gated = set()
-    for layer in patched.get_additional_models_with_key("mole")[0].model:
-        layer.observer = lambda layer, local, global_: gated.add(id(layer))  # proves every patch fires
-    out = nodes.common_ksampler(patched, 3, 1, 1.0, "euler", "normal", sdxl.positive, sdxl.negative, sdxl.latent(64, 64))[0]["samples"]
+    visualize = importlib.import_module(f"{hostenv.PACK_MODULE}.nodes.visualize_nodes")
+    recorded = visualize.MoLERecordGates.execute(patched).result[0]  # reports each layer that gates
+    out = nodes.common_ksampler(recorded, 3, 1, 1.0, "euler", "normal", sdxl.positive, sdxl.negative, sdxl.latent(64, 64))[0]["samples"]
     assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
-    assert len(gated) == 722
+    assert len(recorded.get_attachment(visualize.GATES_KEY).layers_seen) == 722  # every patch fires
 
 
 # ---- bad input: a clear message naming the file, and nothing applied ----------------------
