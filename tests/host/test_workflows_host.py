@@ -1,0 +1,144 @@
+"""The shipped workflows against the real host: each editor file and its API twin agree (the
+editor file converted as "Export (API)" does), every widget value fits its node, and all of
+them run end to end headless through `python3 -m workflows.run --smoke` with random-weight
+models of the right layouts, writing their images; the runner names missing files first."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import hostenv
+from helpers import moa_weights as aw
+from helpers import mole_weights as mw
+from helpers import random_models as rm
+from helpers.fixtures import model_folders
+
+pytestmark = pytest.mark.slow
+
+REPO = hostenv.REPO
+WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+MODEL_FOLDERS = ("checkpoints", "loras", "mole", "moa", "clip_vision", "controlnet")
+sys.path.insert(0, str(REPO))
+from workflows import graphs, run  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def node_classes(pack):
+    """The host's node classes with this pack's nodes, as the runner and the server see them."""
+    import asyncio
+
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    extension = asyncio.run(pack.comfy_entrypoint())
+    for node in asyncio.run(extension.get_node_list()):
+        nodes.NODE_CLASS_MAPPINGS.setdefault(node.GET_SCHEMA().node_id, node)
+    return nodes.NODE_CLASS_MAPPINGS
+
+
+@pytest.fixture(scope="module")
+def model_root(sd15, tmp_path_factory):
+    """Every file the workflows name, with random weights of the right layouts, under the
+    names the workflows use; and an extra_model_paths.yaml for them."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("workflow_models")
+    for folder in (*MODEL_FOLDERS, "input"):
+        (root / folder).mkdir()
+
+    def place(entry, source):
+        (root / entry[0] / entry[1]).symlink_to(source)
+
+    place(graphs.CHECKPOINT, rm.sd15_checkpoint())
+    place(graphs.CLIP_VISION, rm.clip_vision_vit_l14())
+    place(graphs.OPENPOSE, rm.sd15_controlnet())
+    place(graphs.MOA, aw.cached_moa_file(sd15.model, seed=11))
+    layers, kohya = mw.target_layers(sd15.model), mw.kohya_names(sd15.model, "diffusers")
+    for entry, seed in ((graphs.FACE_EXPERT, 41), (graphs.HAND_EXPERT, 42), (graphs.STYLE_LORA, 43)):
+        mw.write_lora(root / entry[0] / entry[1], layers, kohya, seed=seed)
+    mw.write_pack_gates(root / graphs.GATES[0] / graphs.GATES[1], layers)
+    images = graphs.SUBJECTS + [graphs.POSE, graphs.PHOTO_ONE, graphs.PHOTO_TWO, graphs.KEEP_PERSON]
+    for i, (_, name) in enumerate(images):
+        pixels = torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(i)).mul(255).byte().numpy()
+        Image.fromarray(pixels).save(root / "input" / name)
+    yaml = root / "extra_model_paths.yaml"
+    yaml.write_text("workflow_tests:\n  base_path: " + str(root) + "\n"
+                    + "".join(f"  {f}: {f}\n" for f in MODEL_FOLDERS))
+    return root
+
+
+def test_every_figure_has_a_workflow_and_an_api_twin():
+    names = {g.name for g in graphs.all_graphs()}
+    assert len(names) == 11
+    assert {p.stem for p in WORKFLOWS} == names
+    assert {p.stem for p in (REPO / "workflows" / "api").glob("*.json")} == names
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_editor_file_matches_its_api_twin_and_graphs_py(path, node_classes):
+    ui = json.loads(path.read_text())
+    api = json.loads((REPO / "workflows" / "api" / path.name).read_text())
+    converted = run.ui_to_api(ui, node_classes, path.name)  # raises if a widget count no longer fits its node
+    strip = lambda prompt: {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in prompt.items()}  # noqa: E731
+    assert strip(converted) == strip(api)
+    source = {g.name: g for g in graphs.all_graphs()}[path.stem]
+    assert strip(source.nodes) == strip(api)  # the twin is what graphs.py says
+    notes = [n for n in ui["nodes"] if n["type"] == "MarkdownNote"]
+    assert len(notes) == 1 and all(name in notes[0]["widgets_values"][0] for _, name in source.files)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_every_value_fits_its_node(path, node_classes, model_root):
+    """The host's own validation (types, ranges, combo lists) of each API twin, with every
+    file it names present."""
+    import asyncio
+
+    import execution
+    import folder_paths
+
+    previous_input = folder_paths.get_input_directory()
+    folder_paths.set_input_directory(str(model_root / "input"))
+    try:
+        with model_folders(**{f: model_root / f for f in MODEL_FOLDERS}):
+            prompt = json.loads((REPO / "workflows" / "api" / path.name).read_text())
+            valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("test", prompt, None))
+    finally:
+        folder_paths.set_input_directory(previous_input)
+    assert valid, (error, node_errors)
+    assert len(outputs) == sum(1 for n in prompt.values() if n["class_type"] == "SaveImage")
+
+
+def runner(*args, timeout=1200):
+    return subprocess.run([sys.executable, "-m", "workflows.run", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_all_workflows_run_headless(model_root, tmp_path):
+    """One runner process runs every shipped workflow (editor files) at 64x64, 1 step."""
+    listing = tmp_path / "images.json"
+    done = runner(*WORKFLOWS, "--out", tmp_path / "out", "--smoke", "--extra-model-paths-config",
+                  model_root / "extra_model_paths.yaml", "--input-dir", model_root / "input", "--list-json", listing)
+    assert done.returncode == 0, done.stderr[-4000:]
+    images = json.loads(listing.read_text())
+    for g in graphs.all_graphs():
+        saved = images[f"{g.name}.json"]
+        saves = [n for n in g.nodes.values() if n["class_type"] == "SaveImage"]
+        assert len(saved) >= len(saves) and all(Path(p).is_file() for p in saved), (g.name, saved)
+    # Side-by-side rows hold one image per sampler: e.g. the couples row has seven.
+    couples = [p for p in images["moa_fig8_couples.json"] if "couples" in p]
+    assert len(couples) == len(graphs.COUPLE_PROMPTS)
+
+
+def test_runner_names_missing_files_before_running(tmp_path):
+    done = runner(REPO / "workflows" / "moa_fig7_subject_swap.json", "--out", tmp_path, "--input-dir", tmp_path, timeout=600)
+    assert done.returncode != 0
+    message = done.stderr
+    assert "nothing was run" in message
+    for folder, name in [graphs.MOA, graphs.CLIP_VISION, graphs.SUBJECTS[0]]:
+        assert f"{name} in {folder}/" in message, message[-3000:]

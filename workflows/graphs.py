@@ -1,0 +1,371 @@
+"""The shipped workflows, written once as API-format graphs (class_type + inputs).
+
+`python3 -m workflows.build` turns each into the two shipped files: `workflows/<name>.json`
+(the graph editor's format, laid out and given its note by the real ComfyUI frontend) and
+`workflows/api/<name>.json` (this graph, as `python3 -m workflows.run` and the /prompt API
+take it). The tests check that the two agree and that every value fits its node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# The model files the workflows name, by folder (models/<folder>, or input/ for images).
+CHECKPOINT = ("checkpoints", "v1-5-pruned-emaonly.safetensors")
+FACE_EXPERT = ("loras", "mole_face_sd15.safetensors")
+HAND_EXPERT = ("loras", "mole_hand_sd15.safetensors")
+GATES = ("mole", "mole_gates_sd15.safetensors")
+MOA = ("moa", "moa_sd15.safetensors")
+CLIP_VISION = ("clip_vision", "clip_vit_large_patch14.safetensors")
+OPENPOSE = ("controlnet", "control_v11p_sd15_openpose.safetensors")
+STYLE_LORA = ("loras", "style_lora_sd15.safetensors")
+SUBJECTS = [("input", f"subject_{i}.png") for i in (1, 2, 3)]
+POSE = ("input", "pose.png")
+PHOTO_ONE = ("input", "photo_one_person.png")
+PHOTO_TWO = ("input", "photo_two_persons.png")
+KEEP_PERSON = ("input", "keep_person.png")
+
+SEED = 42
+NEGATIVE = "lowres, blurry, bad anatomy, bad hands, extra fingers, deformed face"
+
+WHERE = {
+    CHECKPOINT: "any SD1.5 checkpoint (the papers' base model is Stable Diffusion 1.5)",
+    FACE_EXPERT: "MoLE face expert: training/mole_expert.py --part face (kohya LoRA)",
+    HAND_EXPERT: "MoLE hand expert: training/mole_expert.py --part hand (kohya LoRA)",
+    GATES: "MoLE gates: training/mole_gates.py",
+    MOA: "MoA weights: training/moa_train.py",
+    CLIP_VISION: "CLIP ViT-L/14 vision model (openai/clip-vit-large-patch14), as FastComposer",
+    OPENPOSE: "ControlNet v1.1 OpenPose for SD1.5",
+    STYLE_LORA: "any SD1.5 style LoRA",
+    SUBJECTS[0]: "a photo of subject 1 (a face crop works best)",
+    SUBJECTS[1]: "a photo of subject 2",
+    SUBJECTS[2]: "a photo of subject 3",
+    POSE: "an OpenPose skeleton image (e.g. from a pose preprocessor)",
+    PHOTO_ONE: "a real photo of one person (sides multiples of 8)",
+    PHOTO_TWO: "a real photo of two persons (sides multiples of 8)",
+    KEEP_PERSON: "a crop of the person to keep in the two-person photo",
+}
+
+
+@dataclass
+class Graph:
+    name: str
+    title: str
+    figure: str
+    shows: str
+    nodes: dict = field(default_factory=dict)
+    files: list = field(default_factory=list)
+
+    def add(self, class_type: str, title: str | None = None, **inputs) -> "Ref":
+        node_id = str(len(self.nodes) + 1)
+        node = {"inputs": inputs, "class_type": class_type}
+        if title:
+            node["_meta"] = {"title": title}
+        self.nodes[node_id] = node
+        return Ref(node_id)
+
+    def file(self, entry: tuple[str, str]) -> str:
+        if entry not in self.files:
+            self.files.append(entry)
+        return entry[1]
+
+    def note(self) -> str:
+        lines = [f"# {self.title}", "", f"Reproduces {self.figure}. {self.shows}", "", "## Files it needs", ""]
+        for folder, name in self.files:
+            where = "ComfyUI/input/" if folder == "input" else f"ComfyUI/models/{folder}/"
+            lines.append(f"- `{name}` in `{where}`: {WHERE[(folder, name)]}")
+        lines += ["", "Names can be changed in the loader nodes. Run headless: "
+                  f"`python3 -m workflows.run workflows/{self.name}.json --out OUT` from the pack's folder."]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Ref:
+    node_id: str
+
+    def __getitem__(self, slot: int) -> list:
+        return [self.node_id, slot]
+
+
+# ---- building blocks ----------------------------------------------------------------------
+
+
+def checkpoint(g: Graph):
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=g.file(CHECKPOINT))
+    return ckpt[0], ckpt[1], ckpt[2]
+
+
+def encode(g: Graph, clip, text: str, title: str | None = None):
+    return g.add("CLIPTextEncode", title, text=text, clip=clip)[0]
+
+
+def latent(g: Graph, width=512, height=512, batch=1):
+    return g.add("EmptyLatentImage", width=width, height=height, batch_size=batch)[0]
+
+
+def sample(g: Graph, model, positive, negative, latent_image, vae, title: str, steps=30, cfg=7.0, seed=SEED):
+    samples = g.add("KSampler", title, seed=seed, steps=steps, cfg=cfg, sampler_name="euler", scheduler="normal",
+                    denoise=1.0, model=model, positive=positive, negative=negative, latent_image=latent_image)[0]
+    return g.add("VAEDecode", samples=samples, vae=vae)[0]
+
+
+def side_by_side(g: Graph, images: list):
+    """One IMAGE batch of several images (ImageBatch pairs them up)."""
+    out = images[0]
+    for image in images[1:]:
+        out = g.add("ImageBatch", image1=out, image2=image)[0]
+    return out
+
+
+def save(g: Graph, images, prefix: str):
+    g.add("SaveImage", f"Save: {prefix}", images=images, filename_prefix=f"{g.name}/{prefix}")
+
+
+def mole_experts(g: Graph):
+    return g.add("MoLE_LoadExperts", expert_1=g.file(FACE_EXPERT), name_1="face", strength_1=1.0,
+                 expert_2=g.file(HAND_EXPERT), name_2="hand", strength_2=1.0)[0]
+
+
+def mole(g: Graph, model, experts, mode="both", title=None):
+    return g.add("MoLE_ApplyGating", title, model=model, experts=experts, gates=g.file(GATES), mode=mode, strength=1.0)[0]
+
+
+def moa_inputs(g: Graph):
+    moa = g.add("MoA_LoadRouter", moa_name=g.file(MOA))[0]
+    clip_vision = g.add("CLIPVisionLoader", clip_name=g.file(CLIP_VISION))[0]
+    return moa, clip_vision
+
+
+def load_image(g: Graph, entry, title=None):
+    return g.add("LoadImage", title, image=g.file(entry))[0]
+
+
+def inject(g: Graph, model, moa, clip, clip_vision, text, words, images, title=None, **extra):
+    # Every widget is written, optional ones included, as the editor's "Export (API)" does.
+    widgets = dict(edit_subject=1, morph=0.0, timelapse_word="", timelapse=0.0) | extra
+    node = g.add("MoA_SubjectInject", title, model=model, moa=moa, clip=clip, clip_vision=clip_vision, text=text,
+                 subject_words=words, subject_weights="1.0", strength=1.0, start_percent=0.0, end_percent=1.0,
+                 **{f"image_{i + 1}": image for i, image in enumerate(images)}, **widgets)
+    return node[0], node[1]
+
+
+# ---- MoLE ---------------------------------------------------------------------------------
+
+MOLE_PROMPT = "photo of a young woman waving at the camera, upper body, detailed face and hands"
+
+
+def mole_fig1_lora_refinement() -> Graph:
+    g = Graph("mole_fig1_lora_refinement", "MoLE Fig. 1: low-rank refinement", "MoLE Fig. 1",
+              "Each close-up expert applied as a plain LoRA at scales 0, 0.5 and 1, same seed: the face "
+              "expert refines faces, the hand expert hands.")
+    model, clip, vae = checkpoint(g)
+    pos, neg, empty = encode(g, clip, MOLE_PROMPT), encode(g, clip, NEGATIVE, "negative"), latent(g)
+    base = sample(g, model, pos, neg, empty, vae, "scale 0 (base)")
+    for expert, part in ((FACE_EXPERT, "face"), (HAND_EXPERT, "hand")):
+        row = [base]
+        for scale in (0.5, 1.0):
+            lora = g.add("LoraLoaderModelOnly", f"{part} expert x{scale}", model=model, lora_name=g.file(expert), strength_model=scale)[0]
+            row.append(sample(g, lora, pos, neg, empty, vae, f"{part} x{scale}"))
+        save(g, side_by_side(g, row), f"{part}_scales_0_0.5_1")
+    return g
+
+
+def mole_fig8_9_comparison() -> Graph:
+    g = Graph("mole_fig8_9_comparison", "MoLE Fig. 8 / 9: base model vs MoLE", "MoLE Fig. 8 and 9",
+              "Base SD1.5 and MoLE on the same two seeds (one batch), side by side.")
+    model, clip, vae = checkpoint(g)
+    pos = encode(g, clip, "a man playing the guitar on a street, upper body, detailed face and hands")
+    neg, empty = encode(g, clip, NEGATIVE, "negative"), latent(g, batch=2)
+    gated = mole(g, model, mole_experts(g))
+    save(g, sample(g, model, pos, neg, empty, vae, "base SD1.5"), "base")
+    save(g, sample(g, gated, pos, neg, empty, vae, "MoLE"), "mole")
+    return g
+
+
+def mole_table3_assignment_ablation() -> Graph:
+    g = Graph("mole_table3_assignment_ablation", "MoLE Table 3: assignment ablation", "MoLE Table 3",
+              "Base, local gates only, global gates only and both, on the same seed.")
+    model, clip, vae = checkpoint(g)
+    pos, neg, empty = encode(g, clip, MOLE_PROMPT), encode(g, clip, NEGATIVE, "negative"), latent(g)
+    experts = mole_experts(g)
+    row = [sample(g, model, pos, neg, empty, vae, "base")]
+    for mode in ("local", "global", "both"):
+        row.append(sample(g, mole(g, model, experts, mode, f"MoLE {mode}"), pos, neg, empty, vae, f"{mode} gates"))
+    save(g, side_by_side(g, row), "base_local_global_both")
+    return g
+
+
+def mole_fig7_gates() -> Graph:
+    g = Graph("mole_fig7_gates", "MoLE Fig. 7: the gates at work", "MoLE Fig. 7",
+              "The global gate of each expert per sampling step (plot) and each expert's local gate over the "
+              "image (heat maps, bright = high) at the first, middle and last steps.")
+    model, clip, vae = checkpoint(g)
+    pos, neg = encode(g, clip, MOLE_PROMPT), encode(g, clip, NEGATIVE, "negative")
+    recorded = g.add("MoLE_RecordGates", model=mole(g, model, mole_experts(g)))[0]
+    images = sample(g, recorded, pos, neg, latent(g), vae, "MoLE (recorded)")
+    maps = g.add("MoLE_GateMaps", model=recorded, images=images, steps="first, middle, last", sample=0, opacity=0.6)
+    save(g, images, "image")
+    save(g, maps[0], "global_gates_plot")
+    save(g, maps[1], "local_gate_maps_face_hand")
+    return g
+
+
+# ---- MoA ----------------------------------------------------------------------------------
+
+
+def moa_fig7_subject_swap() -> Graph:
+    g = Graph("moa_fig7_subject_swap", "MoA Fig. 7: subject swap at a fixed seed", "MoA Fig. 7",
+              "One prompt and seed, three subject images: only the subject changes; layout and background "
+              "come from the prior (first image: the prior alone).")
+    model, clip, vae = checkpoint(g)
+    moa, clip_vision = moa_inputs(g)
+    text = "a man sitting at a cafe table, smiling"
+    neg, empty = encode(g, clip, NEGATIVE, "negative"), latent(g)
+    row = [sample(g, model, encode(g, clip, text, "prompt (prior)"), neg, empty, vae, "prior only")]
+    for i, entry in enumerate(SUBJECTS, 1):
+        patched, pos = inject(g, model, moa, clip, clip_vision, text, "man", [load_image(g, entry)], f"subject {i}")
+        row.append(sample(g, patched, pos, neg, empty, vae, f"subject {i}"))
+    save(g, side_by_side(g, row), "prior_then_subjects")
+    return g
+
+
+COUPLE_PROMPTS = [
+    "a man and a woman sitting on a sofa",
+    "a man and a woman reading a book together",
+    "a man and a woman dancing in Paris",
+    "a man and a woman on top of a mountain",
+    "a man and a woman running in a park",
+    "a man and a woman in a lavender farm",
+    "a man and a woman, painting in the style of Van Gogh",
+]
+
+
+def moa_fig8_couples() -> Graph:
+    g = Graph("moa_fig8_couples", "MoA Fig. 8: two-subject couples", "MoA Fig. 8",
+              "Subject 1 as 'man' and subject 2 as 'woman' in the paper's scenes: sofa, book, Paris, mountain, "
+              "running, lavender farm, Van Gogh.")
+    model, clip, vae = checkpoint(g)
+    moa, clip_vision = moa_inputs(g)
+    man, woman = load_image(g, SUBJECTS[0], "man"), load_image(g, SUBJECTS[1], "woman")
+    neg, empty = encode(g, clip, NEGATIVE, "negative"), latent(g)
+    row = []
+    for text in COUPLE_PROMPTS:
+        scene = text.split(" ", 5)[-1]
+        patched, pos = inject(g, model, moa, clip, clip_vision, text, "man, woman", [man, woman], scene)
+        row.append(sample(g, patched, pos, neg, empty, vae, scene))
+    save(g, side_by_side(g, row), "couples")
+    return g
+
+
+def moa_fig11_controlnet_pose() -> Graph:
+    g = Graph("moa_fig11_controlnet_pose", "MoA Fig. 11: pose control with ControlNet", "MoA Fig. 11",
+              "An OpenPose ControlNet fixes the pose at a fixed seed while the subject is swapped (first image: the prior).")
+    model, clip, vae = checkpoint(g)
+    moa, clip_vision = moa_inputs(g)
+    control = g.add("ControlNetLoader", control_net_name=g.file(OPENPOSE))[0]
+    pose = load_image(g, POSE, "pose")
+    text = "a man standing on a beach"
+    neg, empty = encode(g, clip, NEGATIVE, "negative"), latent(g)
+
+    def posed(positive, title):
+        applied = g.add("ControlNetApplyAdvanced", title, positive=positive, negative=neg, control_net=control, image=pose,
+                        strength=1.0, start_percent=0.0, end_percent=1.0, vae=vae)
+        return applied[0], applied[1]
+
+    pos, cn_neg = posed(encode(g, clip, text, "prompt (prior)"), "pose (prior)")
+    row = [sample(g, model, pos, cn_neg, empty, vae, "prior + pose")]
+    for i, entry in enumerate(SUBJECTS[:2], 1):
+        patched, subject_pos = inject(g, model, moa, clip, clip_vision, text, "man", [load_image(g, entry)], f"subject {i}")
+        pos, cn_neg = posed(subject_pos, f"pose (subject {i})")
+        row.append(sample(g, patched, pos, cn_neg, empty, vae, f"subject {i} + pose"))
+    save(g, side_by_side(g, row), "pose_prior_then_subjects")
+    return g
+
+
+def moa_fig12_morphing() -> Graph:
+    g = Graph("moa_fig12_morphing", "MoA Fig. 12: subject morphing", "MoA Fig. 12",
+              "Subject 1 morphed into subject 2 in four steps (image embeddings interpolated), same seed.")
+    model, clip, vae = checkpoint(g)
+    moa, clip_vision = moa_inputs(g)
+    first, second = load_image(g, SUBJECTS[0], "from"), load_image(g, SUBJECTS[1], "to")
+    text = "a close-up photo of a man, studio light"
+    neg, empty = encode(g, clip, NEGATIVE, "negative"), latent(g)
+    row = []
+    for morph in (0.0, 0.33, 0.67, 1.0):
+        patched, pos = inject(g, model, moa, clip, clip_vision, text, "man", [first], f"morph {morph}",
+                              edit_subject=1, morph_image=second, morph=morph)
+        row.append(sample(g, patched, pos, neg, empty, vae, f"morph {morph}"))
+    save(g, side_by_side(g, row), "morph_0_to_1")
+    return g
+
+
+def moa_fig13_real_photo_swap() -> Graph:
+    g = Graph("moa_fig13_real_photo_swap", "MoA Fig. 13: subject swap in real photos", "MoA Fig. 13",
+              "DDIM inversion of a real photo with the prior ('a person'), regenerated with MoA injecting the new "
+              "subject: one person; two persons ('a person and a person': the kept person's crop in the first "
+              "token, the new subject in the second). Limits: small faces and many people swap poorly.")
+    model, clip, vae = checkpoint(g)
+    moa, clip_vision = moa_inputs(g)
+    subject = load_image(g, SUBJECTS[0], "new subject")
+    neg = encode(g, clip, NEGATIVE, "negative")
+    patched, pos = inject(g, model, moa, clip, clip_vision, "a person", "person", [subject], "one person")
+    swap = g.add("MoA_DDIMSwap", "swap (one person)", model=model, moa_model=patched, positive=pos, negative=neg, vae=vae,
+                 image=load_image(g, PHOTO_ONE, "photo"), steps=50, cfg=1.0, inversion_cfg=1.0)
+    save(g, swap[0], "one_person")
+    keep = load_image(g, KEEP_PERSON, "person to keep")
+    patched, pos = inject(g, model, moa, clip, clip_vision, "a person and a person", "person#1, person#2", [keep, subject],
+                          "two persons")
+    swap = g.add("MoA_DDIMSwap", "swap (two persons)", model=model, moa_model=patched, positive=pos, negative=neg, vae=vae,
+                 image=load_image(g, PHOTO_TWO, "photo of two"), steps=50, cfg=1.0, inversion_cfg=1.0)
+    save(g, swap[0], "two_persons")
+    return g
+
+
+def moa_fig21_22_style_and_timelapse() -> Graph:
+    g = Graph("moa_fig21_22_style_and_timelapse", "MoA Fig. 21 / 22: style LoRA and time lapse", "MoA Fig. 21 and 22",
+              "A style LoRA under MoA (the subject keeps its identity in the style); and a time lapse from 'person' "
+              "to 'kid' (token embeddings interpolated), same seed.")
+    model, clip, vae = checkpoint(g)
+    moa, clip_vision = moa_inputs(g)
+    subject = load_image(g, SUBJECTS[0], "subject")
+    neg, empty = encode(g, clip, NEGATIVE, "negative"), latent(g)
+    styled = g.add("LoraLoader", "style LoRA", model=model, clip=clip, lora_name=g.file(STYLE_LORA), strength_model=0.8, strength_clip=0.8)
+    patched, pos = inject(g, styled[0], moa, styled[1], clip_vision, "a portrait of a person, illustration", "person",
+                          [subject], "subject + style")
+    save(g, sample(g, patched, pos, neg, empty, vae, "style LoRA + MoA"), "style_lora")
+    row = []
+    for amount in (0.0, 0.5, 1.0):
+        patched, pos = inject(g, model, moa, clip, clip_vision, "a person walking in a park", "person", [subject],
+                              f"time lapse {amount}", edit_subject=1, timelapse_word="kid", timelapse=amount)
+        row.append(sample(g, patched, pos, neg, empty, vae, f"person -> kid {amount}"))
+    save(g, side_by_side(g, row), "timelapse_person_to_kid")
+    return g
+
+
+def moa_fig6_router_maps() -> Graph:
+    g = Graph("moa_fig6_router_maps", "MoA Fig. 6: router maps", "MoA Fig. 6",
+              "The prior's router weight per pixel (bright: prior, dark: personalized) at the first, middle and last "
+              "steps: averaged over layers, and for four chosen layers.")
+    model, clip, vae = checkpoint(g)
+    moa, clip_vision = moa_inputs(g)
+    man, woman = load_image(g, SUBJECTS[0], "man"), load_image(g, SUBJECTS[1], "woman")
+    patched, pos = inject(g, model, moa, clip, clip_vision, COUPLE_PROMPTS[2], "man, woman", [man, woman])
+    recorded = g.add("MoA_RecordRouter", model=patched)[0]
+    images = sample(g, recorded, pos, encode(g, clip, NEGATIVE, "negative"), latent(g), vae, "MoA (recorded)")
+    save(g, images, "image")
+    for layers, title in (("mean", "mean_of_layers"), ("3, 12, 20, 28", "layers_3_12_20_28")):
+        maps = g.add("MoA_RouterMaps", model=recorded, images=images, layers=layers, steps="first, middle, last",
+                     sample=0, opacity=0.6)[0]
+        save(g, maps, f"router_{title}")
+    return g
+
+
+WORKFLOWS = [
+    mole_fig1_lora_refinement, mole_fig8_9_comparison, mole_table3_assignment_ablation, mole_fig7_gates,
+    moa_fig7_subject_swap, moa_fig8_couples, moa_fig11_controlnet_pose, moa_fig12_morphing,
+    moa_fig13_real_photo_swap, moa_fig21_22_style_and_timelapse, moa_fig6_router_maps,
+]
+
+
+def all_graphs() -> list[Graph]:
+    return [make() for make in WORKFLOWS]
