@@ -109,6 +109,16 @@ def quiet_editor(port: int) -> None:
         urllib.request.urlopen(request, timeout=10)
 
 
+def check_template_listing(graphs, port: int) -> None:
+    """ComfyUI's template browser lists this pack's workflows (top-level workflows/*.json)."""
+    listing = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/workflow_templates", timeout=10))
+    listed = set(listing.get("ComfyUI-MoLE-MoA", []))
+    expected = {g.name for g in graphs}
+    if listed != expected:
+        raise SystemExit(f"template browser lists {sorted(listed)}, expected {sorted(expected)}")
+    print(f"template browser lists the {len(listed)} workflows")
+
+
 def build_ui(graphs, port: int) -> None:
     from playwright.sync_api import sync_playwright
 
@@ -146,6 +156,7 @@ def main():
         proc = start_comfyui(args.port, Path(tmp))
         try:
             build_ui(graphs, args.port)
+            check_template_listing(graphs, args.port)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
