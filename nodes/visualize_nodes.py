@@ -103,7 +103,9 @@ def plot_series(series: torch.Tensor, names: list[str], title: str, x_label: str
             draw.line(points, fill=color, width=2)
         for x, y in points:
             draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
-        draw.text((right - 110, top + 6 + 14 * k), f"— {name}", fill=color, font=font)
+        legend_y = top + 12 + 14 * k
+        draw.line([right - 110, legend_y, right - 94, legend_y], fill=color, width=2)
+        draw.text((right - 88, legend_y - 6), name, fill=color, font=font)
     return torch.from_numpy(numpy.array(image)).float() / 255.0
 
 
