@@ -37,15 +37,16 @@ def child(kind, size, folder):
     from bench.bench_mole import build_unet, step_fn
     from helpers.fixtures import model_folders
 
+    from bench.bench_mole import hostenv
+
     device, dtype = torch.device("cpu"), torch.float32
     model = build_unet(device, dtype)
+    # Both variants import the nodes, so the difference is MoLE's and not the imports'.
+    nodes = importlib.import_module(f"{hostenv.import_pack().__name__}.nodes.mole_nodes")
     gc.collect()
     before_mole = peak_rss()
     weights = 0
     if kind == "mole":
-        from bench.bench_mole import hostenv
-
-        nodes = importlib.import_module(f"{hostenv.import_pack().__name__}.nodes.mole_nodes")
         with model_folders(loras=Path(folder), mole=Path(folder)):
             experts = nodes.LoadMoLEExperts.execute("face.safetensors", "face", 1.0, "hand.safetensors", "hand", 1.0).result[0]
             model = nodes.ApplyMoLEGating.execute(model, experts, "gates.safetensors", "both", 1.0).result[0]
