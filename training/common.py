@@ -149,9 +149,11 @@ def setup_logging(accelerator) -> None:
     log.setLevel(level)
 
 
-def make_accelerator(args):
+def make_accelerator(args, find_unused_parameters: bool = False):
+    """find_unused_parameters: for stages where some trainable weights sit out a step (DDP
+    would otherwise wait for their gradients forever)."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     # Without CUDA, run on the CPU; under a multi-process launcher (accelerate launch --multi_gpu,
     # torchrun) that makes Accelerate use DDP over gloo (its MULTI_CPU mode).
@@ -159,6 +161,7 @@ def make_accelerator(args):
         cpu=not torch.cuda.is_available(),
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.grad_accum,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
     )
     setup_logging(accelerator)
     set_seed(args.seed)
@@ -537,12 +540,18 @@ class Stage:
     model: the module to prepare (the UNet with its trainable parts inside);
     trainable: {name: parameter} of what is trained (saved in checkpoints);
     write_output(path, step): writes the stage's file (main process only);
-    name: for logs."""
+    name: for logs;
+    data(args, accelerator, start_micro): the stage's own DataLoader of micro-batches (default:
+      images and captions, build_data);
+    loss(model, batch): the stage's own objective on one micro-batch, `model` being the
+      prepared stage model (default: the noise-prediction MSE of diffusion_loss)."""
 
     name: str
     model: torch.nn.Module
     trainable: dict[str, torch.nn.Parameter]
     write_output: Callable[[str, int], None]
+    data: Callable | None = None
+    loss: Callable | None = None
 
 
 @dataclasses.dataclass
@@ -592,7 +601,10 @@ def train(args, accelerator, base: Base, stage: Stage, samples) -> Result:
     if resume is not None:  # the step is needed before the data stream is built
         with open(resume / "progress.json") as f:
             progress.step = json.load(f)["step"]
-    loader, encoder, _ = build_data(args, samples, base, accelerator, progress.step * args.grad_accum)
+    if stage.data is not None:
+        loader, encoder = stage.data(args, accelerator, progress.step * args.grad_accum), None
+    else:
+        loader, encoder, _ = build_data(args, samples, base, accelerator, progress.step * args.grad_accum)
 
     optimizer = make_optimizer(args, list(trainable.values()))
     scheduler = make_scheduler(args, optimizer, accelerator.num_processes)
@@ -651,18 +663,22 @@ def train(args, accelerator, base: Base, stage: Stage, samples) -> Result:
     t_last, step_losses = time.perf_counter(), []
     while progress.step < args.steps:
         batch = next(batches)
-        if encoder is not None:
-            latents = torch.cat([encoder.latents(batch["pixels"][i : i + 1]) for i in range(len(batch["caption"]))])
-            context, y = encoder.conditioning(batch["caption"])
-        else:
-            latents, context, y = batch["latents"], batch["context"], batch["y"]
-        noise, timesteps = sample_noise(batch, latents, args.seed, args.fixed_noise)
+        if stage.loss is None:
+            if encoder is not None:
+                latents = torch.cat([encoder.latents(batch["pixels"][i : i + 1]) for i in range(len(batch["caption"]))])
+                context, y = encoder.conditioning(batch["caption"])
+            else:
+                latents, context, y = batch["latents"], batch["context"], batch["y"]
+            noise, timesteps = sample_noise(batch, latents, args.seed, args.fixed_noise)
         with accelerator.accumulate(model):
             with accelerator.autocast():
-                loss = diffusion_loss(
-                    model, latents.to(device), context.to(device), None if y is None else y.to(device),
-                    noise.to(device), timesteps.to(device), alphas, args.min_snr_gamma,
-                )
+                if stage.loss is not None:
+                    loss = stage.loss(model, batch)
+                else:
+                    loss = diffusion_loss(
+                        model, latents.to(device), context.to(device), None if y is None else y.to(device),
+                        noise.to(device), timesteps.to(device), alphas, args.min_snr_gamma,
+                    )
             accelerator.backward(loss)
             if accelerator.sync_gradients and args.max_grad_norm:
                 accelerator.clip_grad_norm_(list(trainable.values()), args.max_grad_norm)

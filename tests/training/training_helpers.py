@@ -87,3 +87,40 @@ def ksample(sd15, model, seed: int = 7, size: int = 64):
     latent = {"samples": torch.zeros(1, 4, size // 8, size // 8)}
     (out,) = nodes.common_ksampler(model, seed, 1, 2.0, "euler", "normal", positive, negative, latent)
     return out["samples"]
+
+
+def make_moa_dataset(folder: Path, n: int = 2, size: int = 64, layout: str = "ffhq", seed: int = 0) -> Path:
+    """n images of 'a man and a woman' with a mask per person (left half: the man, a block on
+    the right: the woman), in the FFHQ-FastComposer layout or the plain folder layout."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(seed)
+    caption = "a man and a woman in a park"
+    ids, lines = [], []
+    for i in range(n):
+        pixels = np.kron(rng.rand(4, 4, 3), np.ones((size // 4, size // 4, 1)))
+        segments = np.zeros((size, size), dtype=np.int64)
+        segments[size // 4 :, : size // 2] = 1  # the man
+        segments[size // 4 : 3 * size // 4, 5 * size // 8 :] = 2  # the woman
+        name = f"{i:05d}"
+        if layout == "ffhq":
+            Image.fromarray((pixels * 255).astype("uint8")).save(folder / f"{name}.jpg")
+            np.save(folder / f"{name}.npy", segments)
+            info = {"caption": caption, "segments": [
+                {"id": 1, "word": "man", "end": caption.index("man") + 3, "coco_label": "person"},
+                {"id": 2, "word": "woman", "end": caption.index("woman") + 5, "coco_label": "person"}]}
+            (folder / f"{name}.json").write_text(json.dumps(info))
+            ids.append(name)
+        else:
+            Image.fromarray((pixels * 255).astype("uint8")).save(folder / f"{name}.png")
+            for k, word in ((1, "man"), (2, "woman")):
+                Image.fromarray(((segments == k) * 255).astype("uint8")).save(folder / f"{name}_{word}.png")
+            lines.append(json.dumps({"file_name": f"{name}.png", "text": caption, "subjects": [
+                {"word": "man", "mask": f"{name}_man.png"}, {"word": "woman", "mask": f"{name}_woman.png"}]}))
+    if layout == "ffhq":
+        (folder / "image_ids_train.txt").write_text("\n".join(ids) + "\n")
+    else:
+        (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
