@@ -1,10 +1,11 @@
 """MoLE stage 1: fine-tune the whole UNet on the human-centric data set.
 
 All UNet weights (or those whose names match --trainable) learn the noise-prediction loss,
-with AdamW or Lion and optional Min-SNR weighting; the CLIP text encoder and the VAE stay
-frozen. The result is a single-file checkpoint in the layout ComfyUI's Load Checkpoint reads:
-the input checkpoint with its UNet tensors (model.diffusion_model.*) replaced, every other
-tensor (text encoder, VAE, schedule buffers) copied unchanged.
+with AdamW or Lion and optional Min-SNR weighting; with --train-text-encoder the CLIP text
+encoder learns too (captions are then encoded at every step); the VAE stays frozen. The result
+is a single-file checkpoint in the layout ComfyUI's Load Checkpoint reads: the input checkpoint
+with its UNet tensors (model.diffusion_model.*), and with --train-text-encoder its text encoder
+tensors (cond_stage_model.*), replaced; every other tensor copied unchanged.
 
     python -m training.mole_finetune --checkpoint sd15.safetensors --data people/ \\
         --output models/checkpoints/mole_sd15_stage1.safetensors --steps 300000 --lr 2e-6 \\
@@ -41,8 +42,12 @@ def parse_args(argv=None):
                    help="train only the UNet parameters whose names (ComfyUI/SAI naming, such as output_blocks.11.1.proj_out.weight) "
                    "match this regular expression (re.search); default: all of them")
     g.add_argument("--save-dtype", choices=tuple(SAVE_DTYPES), default="fp16", help="dtype of the UNet tensors written (default fp16)")
+    g.add_argument("--train-text-encoder", action="store_true",
+                   help="train the CLIP text encoder with the UNet (captions are encoded at every step, not cached)")
     args = p.parse_args(argv)
     common.check_args(args)
+    if args.train_text_encoder:
+        args.cache = False  # the text encoder changes at every step
     if args.trainable is not None:
         try:
             re.compile(args.trainable)
@@ -63,26 +68,93 @@ def select_trainable(unet: torch.nn.Module, pattern: str | None) -> dict[str, to
     return trainable
 
 
-def write_checkpoint(path, source_path, base: common.Base, unet, dtype, metadata: dict) -> None:
-    """The source checkpoint with its UNet tensors replaced by `unet`'s (ComfyUI's own key
-    layout for saving: model_config.process_unet_state_dict_for_saving), everything else copied."""
+def write_checkpoint(path, source_path, base: common.Base, unet, dtype, metadata: dict, text_encoder=None) -> None:
+    """The source checkpoint with its UNet tensors replaced by `unet`'s (ComfyUI's own key layout
+    for saving: model_config.process_unet_state_dict_for_saving) and, given a text encoder, its
+    text encoder tensors by that one's; everything else copied."""
     import comfy.utils
     from safetensors import safe_open
 
     unet_sd = base.model_patcher.model.model_config.process_unet_state_dict_for_saving(
         {k: v.detach().to(dtype).contiguous().cpu() for k, v in unet.state_dict().items()}
     )
-    out = {}
+    wrong = [k for k in unet_sd if not k.startswith("model.diffusion_model.")]
+    if wrong:
+        raise RuntimeError(f"unexpected UNet keys for saving: {wrong[:3]}")
+    replaced = dict(unet_sd)
     with safe_open(source_path, framework="pt", device="cpu") as f:
-        source_meta = dict(f.metadata() or {})
-        for key in f.keys():
-            if key not in unet_sd and not key.startswith("model.diffusion_model."):
-                out[key] = f.get_tensor(key)
-    missing = [k for k in unet_sd if not k.startswith("model.diffusion_model.")]
-    if missing:
-        raise RuntimeError(f"unexpected UNet keys for saving: {missing[:3]}")
-    out.update(unet_sd)
+        source_meta, known = dict(f.metadata() or {}), set(f.keys())
+        if text_encoder is not None:
+            text_sd = {k: v.detach().to(dtype).contiguous().cpu() for k, v in text_encoder_state_for_saving(text_encoder).items()}
+            unknown = sorted(k for k in text_sd if k not in known)
+            if unknown:
+                raise RuntimeError(f"text encoder keys not in the source checkpoint: {unknown[:3]}")
+            replaced.update(text_sd)
+        out = {key: f.get_tensor(key) for key in known if key not in replaced and not key.startswith("model.diffusion_model.")}
+    out.update(replaced)
     comfy.utils.save_torch_file(out, str(path), metadata={**source_meta, **metadata})
+
+
+def trainable_text_encoder(base: common.Base):
+    """The checkpoint's CLIP ViT-L/14 text encoder as a transformers CLIPTextModel holding the
+    same weights (ComfyUI's own implementation adds residuals in place, which autograd cannot
+    differentiate through); its last hidden state is the SD1.x conditioning."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if base.family != "sd15":
+        raise SystemExit("error: --train-text-encoder is supported for SD1.x checkpoints (one CLIP ViT-L/14 text encoder)")
+    prefix = "clip_l.transformer."
+    state = {k[len(prefix):]: v.float() for k, v in base.clip.cond_stage_model.state_dict().items() if k.startswith(prefix)}
+    layers = {int(k.split(".")[3]) for k in state if k.startswith("text_model.encoder.layers.")}
+    vocab, width = state["text_model.embeddings.token_embedding.weight"].shape
+    config = CLIPTextConfig(vocab_size=vocab, hidden_size=width, num_hidden_layers=len(layers), num_attention_heads=width // 64,
+                            intermediate_size=state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+                            max_position_embeddings=state["text_model.embeddings.position_embedding.weight"].shape[0],
+                            hidden_act="quick_gelu")
+    model = CLIPTextModel(config)
+    if not any(k.startswith("text_model.") for k in model.state_dict()):  # transformers 5 dropped the prefix
+        state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    missing, _ = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing:
+        raise SystemExit(f"error: the checkpoint's text encoder lacks {missing[:3]}")
+    return model.float().train()
+
+
+def text_encoder_state_for_saving(text_encoder) -> dict[str, torch.Tensor]:
+    """CLIPTextModel weights under the SD1.x checkpoint's names (cond_stage_model.transformer.*)."""
+    return {"cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v
+            for k, v in text_encoder.state_dict().items() if not k.endswith("position_ids")}
+
+
+class UNetAndTextEncoder(torch.nn.Module):
+    """Stage 1 with the text encoder: forward(batch) encodes the captions with gradients and
+    returns the noise-prediction loss."""
+
+    def __init__(self, args, base: common.Base, text_encoder):
+        super().__init__()
+        self.unet, self.text_encoder = base.unet, text_encoder
+        self.args, self.base = args, base
+        self.encoder = common.Encoder(base, args.resolution)
+
+    def token_ids(self, caption: str) -> torch.Tensor:
+        chunks = self.base.clip.tokenize(caption)["l"]
+        return torch.tensor([[t for t, _ in chunks[0]]])  # the first 77-token chunk, as SD1.x reads it
+
+    def forward(self, batch) -> torch.Tensor:
+        device = next(self.unet.parameters()).device
+        latents = torch.cat([self.encoder.latents(batch["pixels"][i : i + 1]) for i in range(len(batch["caption"]))]).to(device)
+        ids = torch.cat([self.token_ids(c) for c in batch["caption"]]).to(device)
+        context = self.text_encoder(input_ids=ids).last_hidden_state
+        noise, timesteps = common.sample_noise(batch, latents, self.args.seed, self.args.fixed_noise)
+        return common.diffusion_loss(self.unet, latents, context, None, noise.to(device), timesteps.to(device),
+                                     self.base.alphas_cumprod.to(device), self.args.min_snr_gamma)
+
+
+def with_text_encoder(args, base: common.Base, stage: common.Stage, text_encoder) -> common.Stage:
+    trainable = dict(stage.trainable) | {f"text_encoder.{n}": p for n, p in text_encoder.named_parameters()}
+    return common.Stage(stage.name, UNetAndTextEncoder(args, base, text_encoder), trainable, stage.write_output,
+                        loss=lambda model, batch: model(batch))
 
 
 def main(argv=None) -> common.Result:
@@ -101,7 +173,7 @@ def main(argv=None) -> common.Result:
         save_dtype = SAVE_DTYPES[args.save_dtype]
 
         def write_output(path, step):
-            write_checkpoint(path, args.checkpoint, base, unet, save_dtype, {
+            write_checkpoint(path, args.checkpoint, base, unet, save_dtype, text_encoder=text_encoder, metadata={
                 "mole.stage": "finetune",
                 "mole.trained_steps": str(step),
                 "mole.base_family": base.family,
@@ -109,7 +181,11 @@ def main(argv=None) -> common.Result:
                 "mole.training_args": json.dumps({k: v for k, v in vars(args).items() if k not in ("data", "checkpoint", "output", "work_dir")}, default=str),
             })
 
+        text_encoder = trainable_text_encoder(base) if args.train_text_encoder else None
+
         stage = common.Stage("finetune", unet, trainable, write_output)
+        if args.train_text_encoder:
+            stage = with_text_encoder(args, base, stage, text_encoder)
         result = common.train(args, accelerator, base, stage, samples)
     common.end_accelerator(accelerator)
     return result

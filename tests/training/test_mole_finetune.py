@@ -53,3 +53,34 @@ def test_finetuned_checkpoint_loads_in_comfyui_and_learned(tmp_path, checkpoint,
     finally:
         del model
         gc.collect()
+
+
+def test_text_encoder_trains_with_the_unet(tmp_path, checkpoint, sd15):
+    """--train-text-encoder: the trainable encoder is the checkpoint's (same conditioning as
+    ComfyUI's CLIP), its tensors change in the output, the VAE does not, and ComfyUI loads it."""
+    import comfy.sd
+
+    from training import common, mole_finetune
+
+    base = common.Base(str(checkpoint), sd15.model, sd15.clip, sd15.vae, sd15.model.model.diffusion_model, "sd15", torch.zeros(1000))
+    text_encoder = mole_finetune.trainable_text_encoder(base)
+    tokens = sd15.clip.tokenize("a photo of a man waving")
+    with torch.no_grad():
+        mine = text_encoder(input_ids=torch.tensor([[t for t, _ in tokens["l"][0]]])).last_hidden_state
+        theirs = sd15.clip.encode_from_tokens(tokens)
+    torch.testing.assert_close(mine, theirs.float(), atol=2e-2, rtol=2e-2)  # ComfyUI runs it in fp16
+    assert set(mole_finetune.text_encoder_state_for_saving(text_encoder)) <= set(safe_open(str(checkpoint), "pt").keys())
+
+    data = make_dataset(tmp_path / "one", n=1)
+    out = tmp_path / "stage1_te.safetensors"
+    run_script("mole_finetune", "--trainable", TRAINABLE, "--lr", "1e-3", "--train-text-encoder", *tiny_args(checkpoint, data, out, 2))
+    with safe_open(str(checkpoint), "pt") as src, safe_open(str(out), "pt") as new:
+        text_keys = [k for k in src.keys() if k.startswith("cond_stage_model.")]
+        changed = [k for k in text_keys if not torch.equal(src.get_tensor(k), new.get_tensor(k))]
+        assert len(changed) > len(text_keys) // 2
+        assert all(torch.equal(src.get_tensor(k), new.get_tensor(k)) for k in src.keys() if k.startswith("first_stage_model."))
+    _, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(out), output_vae=False, output_clip=True, embedding_directory=None)
+    trained = clip.encode_from_tokens(clip.tokenize("a photo of a man waving"))
+    assert torch.isfinite(trained).all() and not torch.allclose(trained.float(), theirs.float(), atol=1e-3)
+    del clip
+    gc.collect()
