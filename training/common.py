@@ -100,7 +100,8 @@ def base_parser(description: str, epilog: str = "") -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=1, help="images per process per micro-batch")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (effective batch = batch-size x grad-accum x processes)")
     g.add_argument("--lr", type=float, required=True, help="learning rate")
-    g.add_argument("--optimizer", choices=("adamw", "lion"), default="adamw")
+    g.add_argument("--optimizer", choices=("adamw", "lion", "sgd"), default="adamw",
+                   help="adamw (default), lion, or plain sgd (no per-element normalisation: the runs the equivalence tests compare)")
     g.add_argument("--weight-decay", type=float, default=1e-2)
     g.add_argument("--beta1", type=float, default=None, help="default 0.9 (AdamW), 0.9 (Lion)")
     g.add_argument("--beta2", type=float, default=None, help="default 0.999 (AdamW), 0.99 (Lion)")
@@ -495,6 +496,8 @@ class Lion(torch.optim.Optimizer):
 
 
 def make_optimizer(args, params):
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=args.lr, weight_decay=args.weight_decay)
     if args.optimizer == "lion":
         return Lion(params, lr=args.lr, betas=(args.beta1 or 0.9, args.beta2 or 0.99), weight_decay=args.weight_decay)
     return torch.optim.AdamW(params, lr=args.lr, betas=(args.beta1 or 0.9, args.beta2 or 0.999), weight_decay=args.weight_decay)
