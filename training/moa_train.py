@@ -39,11 +39,11 @@ if __package__ in (None, ""):  # run as a file (accelerate launch training/moa_t
 import torch
 import torch.nn.functional as F
 
-from training import common
+from training import accelerate_setup, base_model, cli, encoding, grad_checkpoint, host, loop
 
 
 def parse_args(argv=None):
-    p = common.base_parser(
+    p = cli.base_parser(
         __doc__.split("\n\n")[0],
         epilog="Paper settings (MoA): lr 1e-5, batch 128 (4 GPUs), 40k steps, router and localization weights 1e-4, "
         "10%% condition drop, timesteps up to 800.",
@@ -57,7 +57,7 @@ def parse_args(argv=None):
     g.add_argument("--save-dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="dtype of the MoA file's tensors")
     p.set_defaults(cache=False)  # each sample has its own subjects: encoded per step
     args = p.parse_args(argv)
-    common.check_args(args)
+    cli.check_args(args)
     if not 0 < args.max_timestep <= 999:
         raise SystemExit(f"error: --max-timestep must be in 1..999, not {args.max_timestep}")
     if not 0 <= args.cond_drop < 1:
@@ -184,12 +184,12 @@ def localization_loss(attention: list, masks: torch.Tensor) -> torch.Tensor:
 class MoATraining(torch.nn.Module):
     """The stage model: the frozen UNet and the trainable MoA weights; forward(batch) is the loss."""
 
-    def __init__(self, args, base: common.Base, moa, clip_vision, patch: TrainingPatch, included: set[str]):
+    def __init__(self, args, base: base_model.Base, moa, clip_vision, patch: TrainingPatch, included: set[str]):
         super().__init__()
         self.unet, self.moa = base.unet, moa
         self.args, self.base, self.clip_vision, self.patch, self.included = args, base, clip_vision, patch, included
-        self.encoder = common.Encoder(base, args.resolution)
-        nodes = importlib.import_module(f"{common.import_pack().__name__}.nodes.moa_nodes")
+        self.encoder = encoding.Encoder(base, args.resolution)
+        nodes = importlib.import_module(f"{host.import_pack().__name__}.nodes.moa_nodes")
         self.nodes = nodes
         self.tokenizer, self.token_key = nodes.sd1_tokenizer(base.clip)
         self.last: dict[str, float] = {}
@@ -235,20 +235,20 @@ class MoATraining(torch.nn.Module):
         return loss
 
 
-def main(argv=None) -> common.Result:
+def main(argv=None) -> loop.Result:
     from training.moa_data import DataError, MoADataset, collate_list, scan_moa_dataset
 
     args = parse_args(argv)
-    accelerator = common.make_accelerator(args, find_unused_parameters=True)  # cond-dropped samples leave the fusion unused
+    accelerator = accelerate_setup.make_accelerator(args, find_unused_parameters=True)  # cond-dropped samples leave the fusion unused
     try:
         samples = scan_moa_dataset(args.data)
     except DataError as e:
         raise SystemExit(f"error: bad training data: {e}") from e
-    with common.host_session():
+    with host.host_session():
         from mixture_core.moa import MoAModel
         from mixture_core.moa_files import save_moa_file
 
-        base = common.load_base(args.checkpoint)
+        base = base_model.load_base(args.checkpoint)
         import comfy.clip_vision
 
         if base.family != "sd15":
@@ -256,14 +256,14 @@ def main(argv=None) -> common.Result:
         clip_vision = comfy.clip_vision.load(args.clip_vision)
         if clip_vision is None:
             raise SystemExit(f"error: {args.clip_vision} is not a CLIP vision model ComfyUI can load")
-        nodes = importlib.import_module(f"{common.import_pack().__name__}.nodes.moa_nodes")
+        nodes = importlib.import_module(f"{host.import_pack().__name__}.nodes.moa_nodes")
         nodes.check_clip_vision(clip_vision, 768)
-        moa_patch = importlib.import_module(f"{common.import_pack().__name__}.nodes.moa_patch")
+        moa_patch = importlib.import_module(f"{host.import_pack().__name__}.nodes.moa_patch")
 
-        common.freeze(base.unet)
-        common.cast_frozen(base.unet, common.weight_dtype(args))
+        base_model.freeze(base.unet)
+        base_model.cast_frozen(base.unet, cli.weight_dtype(args))
         if args.gradient_checkpointing:
-            common.enable_gradient_checkpointing(base.unet)
+            grad_checkpoint.enable_gradient_checkpointing(base.unet)
         moa = MoAModel.from_prior(prior_weights(base.unet)).float()
         locations = moa_patch.block_locations(moa_patch.attention_modules(base.model_patcher))
         stage_model = MoATraining(args, base, moa, clip_vision, TrainingPatch(moa, locations), router_layers(moa.layer_ids))
@@ -284,10 +284,10 @@ def main(argv=None) -> common.Result:
                 "moa.training_args": json.dumps({k: v for k, v in vars(args).items() if k not in ("data", "checkpoint", "output", "work_dir")}, default=str),
             })
 
-        stage = common.Stage("moa", stage_model, trainable, write_output, data=data, loss=lambda model, batch: model(batch))
-        common.log.info("MoA: %d layers (%d in the router loss), %d images", len(moa.layer_ids), len(stage_model.included), len(samples))
-        result = common.train(args, accelerator, base, stage, samples)
-    common.end_accelerator(accelerator)
+        stage = loop.Stage("moa", stage_model, trainable, write_output, data=data, loss=lambda model, batch: model(batch))
+        loop.log.info("MoA: %d layers (%d in the router loss), %d images", len(moa.layer_ids), len(stage_model.included), len(samples))
+        result = loop.train(args, accelerator, base, stage, samples)
+    accelerate_setup.end_accelerator(accelerator)
     return result
 
 
