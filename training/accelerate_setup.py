@@ -5,6 +5,7 @@ same process."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
@@ -25,7 +26,7 @@ def make_accelerator(args, find_unused_parameters: bool = False):
     """find_unused_parameters: for stages where some trainable weights sit out a step (DDP
     would otherwise wait for their gradients forever)."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
     # Without CUDA, run on the CPU; under a multi-process launcher (accelerate launch --multi_gpu,
     # torchrun) that makes Accelerate use DDP over gloo (its MULTI_CPU mode).
@@ -34,6 +35,13 @@ def make_accelerator(args, find_unused_parameters: bool = False):
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.grad_accum,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
+        # Accelerate names checkpoints <work dir>/checkpoints/checkpoint_<n> and keeps the newest
+        # --keep-checkpoints of them; trackers (TensorBoard) write under <work dir>/logs.
+        project_config=ProjectConfiguration(
+            project_dir=str(args.work_dir), logging_dir=str(Path(args.work_dir) / "logs"),
+            automatic_checkpoint_naming=True, total_limit=args.keep_checkpoints or None,
+        ),
+        log_with=None if args.log_with == "none" else args.log_with,
     )
     setup_logging(accelerator)
     set_seed(args.seed)

@@ -4,9 +4,13 @@ options, and their checks (which run before anything is loaded)."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 
 import torch
+
+from .optim import lion_class
+from .sampling import read_prompts
 
 
 def base_parser(description: str, epilog: str = "") -> argparse.ArgumentParser:
@@ -18,7 +22,9 @@ def base_parser(description: str, epilog: str = "") -> argparse.ArgumentParser:
     g.add_argument("--crop", choices=("center", "random"), default="center", help="square crop after resizing the shorter side (default center)")
     g.add_argument("--flip", action="store_true", help="random horizontal flips")
     g.add_argument("--no-cache", dest="cache", action="store_false",
-                   help="encode images and captions at every step instead of once up front (needed for random crops/flips, which are never cached)")
+                   help="encode images and captions at every step instead of once into the on-disk cache (random crops/flips are never cached)")
+    g.add_argument("--cache-dir", default=None,
+                   help="folder of the latent and text-embedding cache, one file per image, kept across runs and resumes (default <work dir>/cache)")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes for image decoding (uncached runs)")
 
     g = p.add_argument_group("optimisation")
@@ -31,7 +37,8 @@ def base_parser(description: str, epilog: str = "") -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=1e-2)
     g.add_argument("--beta1", type=float, default=None, help="default 0.9 (AdamW), 0.9 (Lion)")
     g.add_argument("--beta2", type=float, default=None, help="default 0.999 (AdamW), 0.99 (Lion)")
-    g.add_argument("--lr-scheduler", default="constant", choices=("constant", "constant_with_warmup", "linear", "cosine"))
+    g.add_argument("--lr-scheduler", default="constant", choices=("constant", "constant_with_warmup", "linear", "cosine"),
+                   help="transformers.get_scheduler's schedule (warmup ramps from 0)")
     g.add_argument("--lr-warmup-steps", type=int, default=0)
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
     g.add_argument("--min-snr-gamma", type=float, default=None, help="Min-SNR loss weighting, min(SNR, gamma)/SNR (the MoLE paper uses 5)")
@@ -49,6 +56,13 @@ def base_parser(description: str, epilog: str = "") -> argparse.ArgumentParser:
     g.add_argument("--keep-checkpoints", type=int, default=0, help="keep only the newest N checkpoints (0: all)")
     g.add_argument("--resume", default=None, help="checkpoint folder to resume from, or 'latest' (newest in the work dir)")
     g.add_argument("--log-every", type=int, default=1, help="log line every N steps")
+    g.add_argument("--sample-every", type=int, default=0, help="write sample images every N steps (and at the last), <work dir>/samples")
+    g.add_argument("--sample-prompts", default=None, help="text file of the sample prompts, one per line")
+    g.add_argument("--sample-steps", type=int, default=20, help="sampling steps (euler) of the sample images")
+    g.add_argument("--sample-cfg", type=float, default=7.0)
+    g.add_argument("--sample-seed", type=int, default=0)
+    g.add_argument("--log-with", choices=("none", "tensorboard"), default="none",
+                   help="also log loss and lr through Accelerate's tracker (tensorboard: <work dir>/logs; needs pip install tensorboard)")
     return p
 
 
@@ -64,6 +78,17 @@ def check_args(args) -> None:
         raise SystemExit(f"error: --output must be a .safetensors file, not {args.output}")
     if args.work_dir is None:
         args.work_dir = str(Path(args.output).with_suffix("")) + "-work"
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise SystemExit("error: --mixed-precision fp16 needs a CUDA GPU (autocast on the CPU computes in bf16 only); "
+                         "use --mixed-precision bf16 or no")
+    if args.sample_every and not args.sample_prompts:
+        raise SystemExit("error: --sample-every needs --sample-prompts (a text file, one prompt per line)")
+    if args.sample_prompts:
+        read_prompts(args.sample_prompts)
+    if args.optimizer == "lion":
+        lion_class()  # installed? (an optional extra)
+    if args.log_with == "tensorboard" and importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+        raise SystemExit("error: --log-with tensorboard needs the tensorboard package: pip install tensorboard")
 
 
 def weight_dtype(args) -> torch.dtype:

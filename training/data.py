@@ -2,7 +2,10 @@
 diffusers' `imagefolder` read them.
 
 * ``<folder>/metadata.jsonl``: one JSON object per line, ``{"file_name": "a.png", "text": "..."}``
-  (file names relative to the folder, subfolders allowed); or, without it,
+  (file names relative to the folder, subfolders allowed); or
+* ``<folder>/meta_cap.json``: kohya's fine-tuning metadata, ``{"<image key>": {"caption": "...",
+  "tags": "..."}}`` with the image key the image's path without extension (relative to the folder,
+  or absolute), as kohya's merge_captions_to_metadata.py writes it; or, without either,
 * every image in the folder (recursively) with a same-name ``.txt`` caption beside it
   (``a.png`` + ``a.txt``).
 
@@ -23,6 +26,7 @@ import torch
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA = "metadata.jsonl"
+KOHYA_METADATA = "meta_cap.json"
 
 
 class DataError(ValueError):
@@ -72,6 +76,40 @@ def _from_metadata(root: Path) -> list[Sample]:
     return samples
 
 
+def _kohya_image(root: Path, key: str) -> Path | None:
+    path = Path(key) if Path(key).is_absolute() else root / key
+    if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+        return path
+    for ext in IMAGE_EXTENSIONS:
+        for candidate in (path.with_name(path.name + ext), path.with_name(path.name + ext.upper())):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _from_kohya_metadata(root: Path) -> list[Sample]:
+    meta = root / KOHYA_METADATA
+    try:
+        entries = json.loads(meta.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(meta, f"is not JSON ({e})") from e
+    if not isinstance(entries, dict):
+        raise DataError(meta, 'must map image keys to {"caption": ...} (kohya\'s meta_cap.json layout)')
+    samples = []
+    for key, entry in entries.items():
+        where = f"{meta}, entry {key!r}"
+        caption = entry.get("caption") if isinstance(entry, dict) else None
+        if caption is None and isinstance(entry, dict):
+            caption = entry.get("tags")  # kohya's tag-only metadata
+        if not isinstance(caption, str):
+            raise DataError(where, 'needs a "caption" (or "tags") string')
+        image = _kohya_image(root, key)
+        if image is None:
+            raise DataError(where, f"names no image: looked for {root / key} with {', '.join(IMAGE_EXTENSIONS)}")
+        samples.append(Sample(image, caption.strip()))
+    return samples
+
+
 def _from_captions(root: Path) -> list[Sample]:
     images = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     samples = []
@@ -92,7 +130,12 @@ def scan_dataset(root, check_images: bool = True) -> list[Sample]:
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "is not a folder")
-    samples = _from_metadata(root) if (root / METADATA).is_file() else _from_captions(root)
+    if (root / METADATA).is_file():
+        samples = _from_metadata(root)
+    elif (root / KOHYA_METADATA).is_file():
+        samples = _from_kohya_metadata(root)
+    else:
+        samples = _from_captions(root)
     if not samples:
         raise DataError(root, f"holds no images ({', '.join(IMAGE_EXTENSIONS)}) with captions")
     if check_images:

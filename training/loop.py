@@ -22,9 +22,11 @@ from typing import Callable
 import torch
 
 from .base_model import Base
+from .cli import weight_dtype
 from .datasets import build_data
 from .losses import diffusion_loss, sample_noise
 from .optim import make_optimizer, make_scheduler
+from .sampling import PromptSampler
 
 log = logging.getLogger("mole.training")
 
@@ -71,17 +73,19 @@ class Result:
     stage: Stage | None = None
 
 
-def _checkpoints(work_dir) -> list[Path]:
+def checkpoint_folders(work_dir) -> list[Path]:
+    """The checkpoints of a work dir, oldest first: Accelerate's automatic naming
+    (<work dir>/checkpoints/checkpoint_<n>), with n the optimizer step here."""
     root = Path(work_dir) / "checkpoints"
-    found = [p for p in root.glob("step-*") if p.is_dir() and re.fullmatch(r"step-\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    found = [p for p in root.glob("checkpoint_*") if p.is_dir() and re.fullmatch(r"checkpoint_\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
 def _resume_dir(args) -> Path | None:
     if not args.resume:
         return None
     if args.resume == "latest":
-        found = _checkpoints(args.work_dir)
+        found = checkpoint_folders(args.work_dir)
         if not found:
             log.info("--resume latest: no checkpoint in %s, starting from step 0", args.work_dir)
             return None
@@ -109,6 +113,8 @@ def train(args, accelerator, base: Base, stage: Stage, samples) -> Result:
     if resume is not None:  # the step is needed before the data stream is built
         with open(resume / "progress.json") as f:
             progress.step = json.load(f)["step"]
+    # Sample prompts are encoded before the data pipeline frees the CLIP.
+    sampler = PromptSampler(args, base, Path(args.work_dir) / "samples") if args.sample_every and accelerator.is_main_process else None
     if stage.data is not None:
         loader, encoder = stage.data(args, accelerator, progress.step * args.grad_accum), None
     else:
@@ -148,19 +154,24 @@ def train(args, accelerator, base: Base, stage: Stage, samples) -> Result:
         with open(work / "args.json", "w") as f:
             json.dump(vars(args), f, indent=1, default=str)
     log_path = work / "log.jsonl"
+    if args.log_with != "none":  # hyperparameters as the trackers take them: numbers, strings, booleans
+        accelerator.init_trackers(stage.name, config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()})
     device = accelerator.device
     alphas = base.alphas_cumprod.to(device)
 
     def save_checkpoint(step):
-        folder = work / "checkpoints" / f"step-{step:06d}"
-        accelerator.save_state(str(folder))
+        # Accelerate names (checkpoint_<iteration>) and rotates (total_limit = --keep-checkpoints)
+        # the folders; the iteration is set to the step so that the name says which step it holds.
+        accelerator.project_configuration.iteration = step
+        folder = work / "checkpoints" / f"checkpoint_{step}"
+        if folder.exists() and accelerator.is_main_process:  # left by a run resumed from an earlier checkpoint
+            shutil.rmtree(folder)
+        accelerator.wait_for_everyone()
+        accelerator.save_state()
         if accelerator.is_main_process:
             with open(folder / "progress.json", "w") as f:
                 json.dump({"step": step}, f)
             stage.write_output(str(folder / Path(args.output).name), step)
-            if args.keep_checkpoints:
-                for old in _checkpoints(work)[: -args.keep_checkpoints]:
-                    shutil.rmtree(old)
         accelerator.wait_for_everyone()
         log.info("checkpoint: %s", folder)
 
@@ -185,7 +196,7 @@ def train(args, accelerator, base: Base, stage: Stage, samples) -> Result:
                 else:
                     loss = diffusion_loss(
                         model, latents.to(device), context.to(device), None if y is None else y.to(device),
-                        noise.to(device), timesteps.to(device), alphas, args.min_snr_gamma,
+                        noise.to(device), timesteps.to(device), alphas, args.min_snr_gamma, weight_dtype(args),
                     )
             accelerator.backward(loss)
             if accelerator.sync_gradients and args.max_grad_norm:
@@ -209,10 +220,20 @@ def train(args, accelerator, base: Base, stage: Stage, samples) -> Result:
         if accelerator.is_main_process:
             with open(log_path, "a") as f:
                 f.write(json.dumps({"step": progress.step, "loss": step_loss, "lr": lr, "seconds": round(seconds, 3)}) + "\n")
+        if args.log_with != "none":
+            accelerator.log({"loss": step_loss, "lr": lr}, step=progress.step)
             if progress.step % args.log_every == 0 or progress.step == args.steps:
                 log.info("step %d/%d  loss %.5f  lr %.3g  %.2f s/step", progress.step, args.steps, step_loss, lr, seconds)
-        if args.save_every and progress.step % args.save_every == 0 and progress.step < args.steps:
+        # Every N steps, and at the final step so that a finished run can be extended (--resume
+        # latest with more --steps).
+        if (args.save_every and progress.step % args.save_every == 0) or progress.step == args.steps:
             save_checkpoint(progress.step)
+        if args.sample_every and (progress.step % args.sample_every == 0 or progress.step == args.steps):
+            if sampler is not None:
+                model.eval()
+                sampler.sample(progress.step, accelerator.autocast)
+                model.train()
+            accelerator.wait_for_everyone()
     bar.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as a file (accelerate launch training/mole_
 
 import torch
 
-from training import accelerate_setup, base_model, cli, datasets, grad_checkpoint, host, loop
+from training import accelerate_setup, base_model, checks, cli, datasets, grad_checkpoint, host, loop
 
 # The MoLE paper's expert settings (rank 256; alpha 64 for the face, 128 for the hand).
 PART_DEFAULTS = {"face": {"rank": 256, "alpha": 64.0}, "hand": {"rank": 256, "alpha": 128.0}}
@@ -43,9 +43,13 @@ def parse_args(argv=None):
     g.add_argument("--rank", type=int, default=None, help="LoRA rank (default 256)")
     g.add_argument("--alpha", type=float, default=None, help="LoRA alpha; the expert adds (alpha/rank) up@down x (default 64 for face, 128 for hand, else rank/2)")
     g.add_argument("--save-dtype", choices=tuple(SAVE_DTYPES), default="fp16")
+    g.add_argument("--init-from", default=None, metavar="FILE",
+                   help="warm start: begin from an earlier expert (a kohya LoRA of the same layers; its rank and alpha are taken)")
     g.add_argument("--no-verify", dest="verify", action="store_false", help="skip the check that ComfyUI's LoRA loader maps every layer of the written file")
     args = p.parse_args(argv)
     cli.check_args(args)
+    if args.init_from:
+        take_rank_and_alpha(args)
     defaults = PART_DEFAULTS.get(args.part, {"rank": 256, "alpha": None})
     args.rank = args.rank or defaults["rank"]
     if args.alpha is None:
@@ -53,6 +57,44 @@ def parse_args(argv=None):
     if args.rank < 1 or args.alpha <= 0:
         raise SystemExit("error: --rank must be >= 1 and --alpha > 0")
     return args
+
+
+def take_rank_and_alpha(args) -> None:
+    """--init-from: the rank and alpha of the file (from its header and metadata, before any
+    model loads), which --rank/--alpha may only repeat."""
+    shapes, metadata = checks.safetensors_header(args.init_from, "--init-from")
+    ranks = {shape[0] for key, shape in shapes.items() if key.endswith(".lora_down.weight")}
+    if len(ranks) != 1:
+        checks.fail("--init-from", args.init_from, f"is not a LoRA of one rank (lora_down ranks found: {sorted(ranks)})")
+    rank = ranks.pop()
+    if args.rank not in (None, rank):
+        checks.fail("--init-from", args.init_from, f"has rank {rank}, not --rank {args.rank}")
+    args.rank = rank
+    if args.alpha is None and "ss_network_alpha" in metadata:
+        args.alpha = float(metadata["ss_network_alpha"])
+
+
+def load_expert_weights(unet, names: dict[str, str], path, alpha: float) -> None:
+    """Copy a kohya LoRA's lora_down/lora_up into the peft layers (A, B) named by `names`
+    ({module path: kohya name}); every layer must be there, with this run's shapes and alpha."""
+    from mixture_core.safetensors_io import load_safetensors
+
+    tensors, _ = load_safetensors(path)
+    with torch.no_grad():
+        for module_path, name in sorted(names.items()):
+            layer = unet.get_submodule(module_path)
+            a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+            down, up = tensors.get(f"{name}.lora_down.weight"), tensors.get(f"{name}.lora_up.weight")
+            if down is None or up is None:
+                checks.fail("--init-from", path, f"has no {name}.lora_down/lora_up: it adapts other layers than this run")
+            if down.shape != a.shape or up.shape != b.shape:
+                checks.fail("--init-from", path, f"{name}: shapes {tuple(down.shape)}/{tuple(up.shape)}, this run needs "
+                            f"{tuple(a.shape)}/{tuple(b.shape)}")
+            file_alpha = tensors.get(f"{name}.alpha")
+            if file_alpha is not None and abs(float(file_alpha) - alpha) > 1e-3 * alpha:
+                checks.fail("--init-from", path, f"{name}: alpha {float(file_alpha)}, this run has --alpha {alpha}")
+            a.copy_(down.to(a.dtype))
+            b.copy_(up.to(b.dtype))
 
 
 def comfy_key_map(base: base_model.Base) -> dict:
@@ -131,6 +173,9 @@ def main(argv=None) -> loop.Result:
     args = parse_args(argv)
     accelerator = accelerate_setup.make_accelerator(args)
     samples = datasets.scan_data(args)
+    checks.require_family(args.checkpoint, ("sd15", "sdxl"))
+    if args.init_from:
+        checks.lora_file(args.init_from, "--init-from")
     with host.host_session():
         base = base_model.load_base(args.checkpoint)
         targets = base_model.expert_target_layers(base.unet)
@@ -140,6 +185,8 @@ def main(argv=None) -> loop.Result:
         loop.log.info("expert '%s': LoRA rank %d alpha %g on %d %s layers", args.part, args.rank, args.alpha, len(targets), base.family)
 
         trainable = inject_lora(base.unet, targets, args.rank, args.alpha)
+        if args.init_from:
+            load_expert_weights(base.unet, names, args.init_from, args.alpha)
         base_model.cast_frozen(base.unet, cli.weight_dtype(args))
         if args.gradient_checkpointing:
             grad_checkpoint.enable_gradient_checkpointing(base.unet)

@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a file (accelerate launch training/mole_
 
 import torch
 
-from training import accelerate_setup, base_model, cli, datasets, encoding, grad_checkpoint, host, loop, losses
+from training import accelerate_setup, base_model, checks, cli, datasets, encoding, grad_checkpoint, host, loop, losses
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -148,7 +148,7 @@ class UNetAndTextEncoder(torch.nn.Module):
         context = self.text_encoder(input_ids=ids).last_hidden_state
         noise, timesteps = losses.sample_noise(batch, latents, self.args.seed, self.args.fixed_noise)
         return losses.diffusion_loss(self.unet, latents, context, None, noise.to(device), timesteps.to(device),
-                                     self.base.alphas_cumprod.to(device), self.args.min_snr_gamma)
+                                     self.base.alphas_cumprod.to(device), self.args.min_snr_gamma, cli.weight_dtype(self.args))
 
 
 def with_text_encoder(args, base: base_model.Base, stage: loop.Stage, text_encoder) -> loop.Stage:
@@ -161,6 +161,9 @@ def main(argv=None) -> loop.Result:
     args = parse_args(argv)
     accelerator = accelerate_setup.make_accelerator(args)
     samples = datasets.scan_data(args)
+    checks.require_family(args.checkpoint, ("sd15", "sdxl"))
+    if args.train_text_encoder:
+        checks.require_family(args.checkpoint, ("sd15",), "--checkpoint (with --train-text-encoder)")
     with host.host_session():
         base = base_model.load_base(args.checkpoint)
         if not str(args.checkpoint).endswith(".safetensors"):

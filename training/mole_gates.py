@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a file (accelerate launch training/mole_
 
 import torch
 
-from training import accelerate_setup, base_model, cli, datasets, grad_checkpoint, host, loop
+from training import accelerate_setup, base_model, checks, cli, datasets, grad_checkpoint, host, loop
 
 GATE_PARAMS = ("local_weight", "local_bias", "global_weight", "global_bias")
 
@@ -42,6 +42,8 @@ def parse_args(argv=None):
     g.add_argument("--variant", choices=GATE_VARIANTS, default="released",
                    help="global gate: 'released' (the public code: one head per expert on its pooled output) or 'paper' (Linear(d_in, n) on the pooled input)")
     g.add_argument("--mode", choices=MODES, default="both", help="which gates are used while training (default both)")
+    g.add_argument("--init-gates", default=None, metavar="FILE",
+                   help="warm start: begin from the gates of an earlier gate file (the same experts in the same order, the same variant)")
     g.add_argument("--released-format", nargs="?", const="auto", default=None, metavar="FILE",
                    help="also write the released MoLE format (two experts named face and hand, released variant); "
                    "default file: <output>_released.safetensors")
@@ -119,10 +121,30 @@ class GatedUNet(torch.nn.Module):
         return dict(zip(self.paths, self.mole))
 
 
-def build_gated_unet(base: base_model.Base, experts: list, variant: str, mode: str, seed: int) -> GatedUNet:
+def read_init_gates(path, experts: list, variant: str):
+    """The gate file a warm start begins from, checked against this run (before the base model
+    loads): same experts in the same order (the gates' rows), same variant."""
+    from mixture_core.mole_files import read_gate_file
+    from mixture_core.safetensors_io import load_safetensors
+
+    try:
+        gate = read_gate_file(*load_safetensors(path), str(path))
+    except Exception as e:  # the pack's WeightFileError and safetensors errors, named
+        raise SystemExit(f"error: --init-gates {path}: {e}") from e
+    names = [e.name for e in experts]
+    if gate.expert_names != names:
+        raise SystemExit(f"error: --init-gates {path}: gates for experts {gate.expert_names}, this run has {names} "
+                         "(give --experts with the same names, in the file's order)")
+    if gate.variant != variant:
+        raise SystemExit(f"error: --init-gates {path}: a '{gate.variant}' gate file; this run trains --variant {variant}")
+    return gate
+
+
+def build_gated_unet(base: base_model.Base, experts: list, variant: str, mode: str, seed: int, init=None) -> GatedUNet:
     """Check experts and gates against the model (mixture_core.mole_files.build_mole_layers, the
     assembly the Apply MoLE Gating node uses), make the gates trainable (as
-    MoLELayer(trainable_gates=True)), and patch each layer onto its module's forward."""
+    MoLELayer(trainable_gates=True)), and patch each layer onto its module's forward. The gates
+    start random (initial_gates) or, given `init` (a GateFile), from its values."""
     from mixture_core.mole import wrap_forward
     from mixture_core.mole_files import GateFile, build_mole_layers, resolve_names
 
@@ -131,7 +153,7 @@ def build_gated_unet(base: base_model.Base, experts: list, variant: str, mode: s
     module_widths = helpers.module_widths(base.model_patcher)
     first = resolve_names(experts[0].layers, resolve, experts[0].path, "LoRA")
     widths = {first[name]: module_widths(first[name]) for name in experts[0].layers}
-    gate = GateFile(None, variant, [e.name for e in experts], initial_gates(widths, len(experts), variant, seed), base.family, "module")
+    gate = init or GateFile(None, variant, [e.name for e in experts], initial_gates(widths, len(experts), variant, seed), base.family, "module")
     layers = build_mole_layers(experts, gate, resolve, mode=mode, strength=1.0, dtype=torch.float32, module_widths=module_widths)
     base_model.freeze(base.unet)
     for path, layer in layers.items():
@@ -153,13 +175,17 @@ def main(argv=None) -> loop.Result:
     args = parse_args(argv)
     accelerator = accelerate_setup.make_accelerator(args)
     samples = datasets.scan_data(args)
+    checks.require_family(args.checkpoint, ("sd15", "sdxl"))
+    for expert_name, path in args.expert_files:
+        checks.lora_file(path, f"--experts {expert_name}=")
     from mixture_core.mole_files import read_gate_file, save_gate_file, save_released_gate_file
     from mixture_core.safetensors_io import load_safetensors
 
     with host.host_session():
+        experts = load_experts(args.expert_files)  # read before the base model: a bad file stops the run at once
+        init = read_init_gates(args.init_gates, experts, args.variant) if args.init_gates else None
         base = base_model.load_base(args.checkpoint)
-        experts = load_experts(args.expert_files)
-        model = build_gated_unet(base, experts, args.variant, args.mode, args.seed)
+        model = build_gated_unet(base, experts, args.variant, args.mode, args.seed, init)
         names = [e.name for e in experts]
         loop.log.info("gates for experts %s on %d %s layers (%s variant, mode %s)", names, len(model.paths), base.family, args.variant, args.mode)
         base_model.cast_frozen(model, cli.weight_dtype(args))

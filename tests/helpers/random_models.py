@@ -28,7 +28,6 @@ Nothing here stands in for ComfyUI: the loaders, model classes and samplers are 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -98,34 +97,19 @@ def cache_dir() -> Path:
     return path
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    """An exclusive lock next to `path`, so that concurrent runs make a file once (where there is
-    no fcntl the atomic replace alone still keeps half files out)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield False
-        return
-    with open(path.with_name(path.name + ".lock"), "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _cached(name: str, make) -> Path:
     """The cached file `name`, made by make() -> (state dict, metadata) when missing."""
     path = cache_dir() / name
     if path.is_file():
         return path
-    with _file_lock(path) as locked:
+    from filelock import FileLock
+
+    # An exclusive lock next to the file, so that concurrent runs make it once.
+    with FileLock(str(path.with_name(path.name + ".lock"))):
         if path.is_file():  # made by a concurrent run while we waited
             return path
-        if locked:  # nobody else is writing it: temporary files are left by killed runs
-            for stale in path.parent.glob(f".{path.name}.*.tmp"):
-                stale.unlink(missing_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # nobody else is writing it: left by killed runs
+            stale.unlink(missing_ok=True)
         import_host()
         import comfy.utils
 

@@ -4,7 +4,9 @@ ComfyUI's LoraLoader and the pack's Load MoLE Experts, and the expert really lea
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,12 +54,44 @@ def test_expert_file_loads_in_lora_loader_and_load_mole_experts(trained_experts,
 
 def test_expert_learns_a_micro_task(tmp_path, checkpoint):
     """Overfit one image with its noise and timestep fixed (--fixed-noise): a deterministic
-    objective, so the loss must fall clearly within a few steps."""
+    objective, so the loss must fall clearly within a few steps. The same run writes sample
+    images every 4 steps from a fixed prompt, and TensorBoard events beside log.jsonl."""
     data = make_dataset(tmp_path / "one", n=1)
     out = tmp_path / "face.safetensors"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a close-up photo\n")
     run_script("mole_expert", "--part", "face", "--rank", "4", "--alpha", "4", "--lr", "2e-3", "--fixed-noise",
+               "--sample-every", "4", "--sample-prompts", prompts, "--sample-steps", "1", "--log-with", "tensorboard",
                *tiny_args(checkpoint, data, out, 8))
-    losses = [r["loss"] for r in read_log(str(out.with_suffix("")) + "-work")]
+    work = Path(str(out.with_suffix("")) + "-work")
+    losses = [r["loss"] for r in read_log(work)]
     assert len(losses) == 8
     first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
     assert last < 0.8 * first, losses
+
+    from PIL import Image
+
+    samples = sorted(p.name for p in (work / "samples").iterdir())
+    assert samples == ["step_4_0.png", "step_8_0.png"]
+    pictures = [np.asarray(Image.open(work / "samples" / name)) for name in samples]
+    assert pictures[0].shape == (64, 64, 3) and not np.array_equal(pictures[0], pictures[1])  # the expert changed them
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((work / "logs").rglob("events.out.tfevents*")).parent))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert [step for step, _ in logged] == list(range(1, 9))
+    assert [v for _, v in logged] == pytest.approx(losses, rel=1e-6)
+
+
+def test_expert_warm_starts_from_a_file(tmp_path, checkpoint, trained_experts):
+    """--init-from: the run starts from the file's weights (its rank and alpha taken); with SGD
+    at lr 0 the written expert is the file, bit for bit."""
+    out = tmp_path / "again.safetensors"
+    run_script("mole_expert", "--part", "face", "--init-from", trained_experts["face"], "--optimizer", "sgd", "--lr", "0",
+               *tiny_args(checkpoint, trained_experts["data"], out, 1))
+    start, _ = load_safetensors(trained_experts["face"])
+    written, meta = load_safetensors(out)
+    assert meta["ss_network_dim"] == "4" and written.keys() == start.keys()
+    assert [k for k in start if not torch.equal(start[k], written[k])] == []

@@ -39,7 +39,7 @@ def reference_run(root: Path, data: Path, checkpoint, optimizer_args: list[str])
     (2 x batch 1) and gradient accumulation (2 x batch 1 per step) must reproduce."""
     out = root / "single" / "hand.safetensors"
     run_script("mole_expert", *optimizer_args, *tiny_args(checkpoint, data, out, 2, batch_size=2, save_every=1))
-    step1 = work_dir(out) / "checkpoints" / "step-000001" / "hand.safetensors"
+    step1 = work_dir(out) / "checkpoints" / "checkpoint_1" / "hand.safetensors"
     return {"data": data, "output": out, "tensors": load_safetensors(out)[0], "step1": load_safetensors(step1)[0],
             "losses": [r["loss"] for r in read_log(work_dir(out))]}
 
@@ -74,16 +74,19 @@ def assert_same_sgd_training(tensors, losses, reference, steps=2):
     RHO * (the tensor's largest update) + 2 * T * U * |w|."""
     assert tensors.keys() == reference["tensors"].keys()
     w0 = initial_weights(reference)
-    worst = 0.0
+    over, ratios, learned = [], [], 0
     for k, ref in reference["tensors"].items():
         update = float((ref - w0[k]).abs().max())
-        if ".lora_up." in k:
-            assert update > 0, k  # every up tensor learned: the comparison is not vacuous
-        bound = RHO * update + 2 * steps * U * ref.abs()
-        excess = (tensors[k] - ref).abs() - bound
-        assert float(excess.max()) <= 0, (k, float((tensors[k] - ref).abs().max()), update)
-        worst = max(worst, float((tensors[k] - ref).abs().max()) / max(update, 1e-30))
-    print(f"largest difference / update: {worst:.2e}")
+        learned += ".lora_up." in k and update > 0
+        diff = (tensors[k] - ref).abs()
+        if bool((diff > RHO * update + 2 * steps * U * ref.abs()).any()):
+            over.append((k, float(diff.max()), update))
+        ratios.append(float(diff.max()) / update if update else 0.0)
+    # Not vacuous: the up tensors learned (a self-attention over the 1x1 middle block has one
+    # key, so its to_k gets no gradient at 64 px: that tensor must then agree exactly).
+    assert learned >= 180, learned
+    assert over == [], over
+    print(f"largest difference / update: {max(ratios):.2e}")
     assert losses == pytest.approx(reference["losses"], rel=1e-5)
 
 
@@ -102,37 +105,40 @@ def assert_same_adamw_training(tensors, losses, reference, lr=1e-3, steps=2):
 
 
 def test_resume_gives_exactly_the_uninterrupted_run(tmp_path, checkpoint):
-    """4 steps in one go (checkpointing at step 2) against 2 steps + resume to 4. Data order,
-    crops, flips, noise and timesteps of every micro-batch depend only on the seed and the
-    micro-batch number,
-    and the checkpoint holds the trainable tensors in fp32, the AdamW moments, the scheduler and
-    the step: on the CPU with one thread every operation is deterministic, so the two runs
-    must agree bit for bit (tolerance 0)."""
+    """4 steps in one go against a finished 2-step run extended to 4 (--resume latest: the
+    checkpoint written at the final step). Data order, crops, flips, noise and timesteps of every
+    micro-batch depend only on the seed and the micro-batch number, and the checkpoint holds the
+    trainable tensors in fp32, the AdamW moments, the scheduler and the step: on the CPU with one
+    thread every operation is deterministic, so the two runs must agree bit for bit (tolerance 0).
+    Checkpoints are named and rotated by Accelerate (checkpoint_<step>, --keep-checkpoints)."""
     data = make_dataset(tmp_path / "d", n=3, size=80)
     whole = tmp_path / "whole" / "hand.safetensors"
     # Random crops and flips (so the uncached path: images decoded and encoded at every step).
     augment = ["--crop", "random", "--flip", "--num-workers", "1"]
-    run_script("mole_expert", *EXPERT, *augment, *tiny_args(checkpoint, data, whole, 4, save_every=2))
-    state = work_dir(whole) / "checkpoints" / "step-000002"
+    run_script("mole_expert", *EXPERT, *augment, *tiny_args(checkpoint, data, whole, 4, save_every=1, keep_checkpoints=2))
+    assert sorted(p.name for p in (work_dir(whole) / "checkpoints").iterdir()) == ["checkpoint_3", "checkpoint_4"]
+    state = work_dir(whole) / "checkpoints" / "checkpoint_4"
     assert {"trainable.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "progress.json", "hand.safetensors"} <= {
         p.name for p in state.iterdir()}
 
-    resumed = tmp_path / "resumed" / "hand.safetensors"
-    run_script("mole_expert", *EXPERT, *augment, *tiny_args(checkpoint, data, resumed, 4, resume=state))
+    extended = tmp_path / "extended" / "hand.safetensors"
+    run_script("mole_expert", *EXPERT, *augment, *tiny_args(checkpoint, data, extended, 2))
+    assert [p.name for p in (work_dir(extended) / "checkpoints").iterdir()] == ["checkpoint_2"]  # the final step
+    run_script("mole_expert", *EXPERT, *augment, *tiny_args(checkpoint, data, extended, 4, resume="latest"))
     a, _ = load_safetensors(whole)
-    b, _ = load_safetensors(resumed)
+    b, _ = load_safetensors(extended)
     assert a.keys() == b.keys()
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     losses_whole = [(r["step"], r["loss"]) for r in read_log(work_dir(whole))]
-    losses_resumed = [(r["step"], r["loss"]) for r in read_log(work_dir(resumed))]
-    assert losses_resumed == losses_whole[2:]
+    losses_extended = [(r["step"], r["loss"]) for r in read_log(work_dir(extended))]
+    assert losses_extended == losses_whole
 
 
 @pytest.mark.skipif(shutil.which("accelerate") is None and not Path(sys.executable).with_name("accelerate").exists(),
                     reason="accelerate's launcher is not installed")
 def test_accelerate_launch_two_processes(tmp_path, checkpoint, references):
-    """Two CPU processes (DDP over gloo) with batch 1 each: one output file and one checkpoint,
-    written by the main process, equal to one process with batch 2 on the same samples (up to
+    """Two CPU processes (DDP over gloo) with batch 1 each: one output file and one checkpoint per
+    step, written by the main process, equal to one process with batch 2 on the same samples (up to
     the rounding assert_same_sgd_training allows, with SGD).
 
     `accelerate launch --cpu --num_processes 2` starts a single process unless an MPI launcher
@@ -145,7 +151,7 @@ def test_accelerate_launch_two_processes(tmp_path, checkpoint, references):
     ddp = tmp_path / "ddp" / "hand.safetensors"
     proc = run_script("mole_expert", *SGD, *tiny_args(checkpoint, reference["data"], ddp, 2, save_every=1), launcher=launcher)
     checkpoints = sorted((work_dir(ddp) / "checkpoints").iterdir())
-    assert [c.name for c in checkpoints] == ["step-000001"]
+    assert [c.name for c in checkpoints] == ["checkpoint_1", "checkpoint_2"]
     files = {p.name for p in checkpoints[0].iterdir()}
     assert {"random_states_0.pkl", "random_states_1.pkl", "trainable.safetensors", "hand.safetensors"} <= files
     assert proc.stderr.count("wrote ") == 1  # only the main process writes the output

@@ -1,6 +1,6 @@
 """The shared training pieces on small inputs: the objective and Min-SNR weights, Lion, the
 scheduler horizon under Accelerate, deterministic noise, and gradient checkpointing on a
-small UNet built from ComfyUI's own UNetModel (host needed for that one, not slow)."""
+small UNet built from ComfyUI's own UNetModel (host needed for those, not slow)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def test_min_snr_weights_follow_the_formula():
 
 def test_lion_step_matches_its_definition():
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
-    opt = optim.Lion([p], lr=0.1, betas=(0.9, 0.99), weight_decay=0.1)
+    pytest.importorskip("lion_pytorch", reason="Lion is the optional lion-pytorch extra")
+    opt = optim.lion_class()([p], lr=0.1, betas=(0.9, 0.99), weight_decay=0.1)
     m = torch.tensor([0.0, 0.0, 0.0])
     w = p.detach().clone()
     for g in (torch.tensor([0.5, -0.1, 0.0]), torch.tensor([-0.2, 0.3, 1.0])):
@@ -50,7 +51,8 @@ def test_scheduler_horizon_counts_accelerate_process_steps():
         lrs.append(sched.get_last_lr()[0])
         opt.step()
         sched.step()
-    assert lrs[0] == pytest.approx(0.25) and lrs[3] == pytest.approx(1.0) and lrs[-1] == pytest.approx(1 / 16)
+    # transformers' warmup starts at 0: 4 process steps of warmup, then linear decay over 16.
+    assert lrs[:5] == pytest.approx([0, 0.25, 0.5, 0.75, 1.0]) and lrs[-1] == pytest.approx(1 / 16)
 
 
 def test_noise_depends_on_position_not_on_batching():
@@ -66,31 +68,92 @@ def test_noise_depends_on_position_not_on_batching():
     assert torch.equal(fixed_a, fixed_b)  # --fixed-noise: per image, whatever the step
 
 
-@pytest.mark.host
-def test_gradient_checkpointing_gives_the_same_gradients():
+def tiny_unet():
+    """A small UNet built from ComfyUI's own UNetModel (seeded, non-trivial weights)."""
     host.import_host()
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    def build():
-        torch.manual_seed(0)
-        unet = UNetModel(
-            image_size=8, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=[1, 1], channel_mult=(1, 2),
-            num_heads=2, use_spatial_transformer=True, transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1],
-            transformer_depth_middle=1, context_dim=16, legacy=False, operations=comfy.ops.disable_weight_init,
-        )
-        with torch.no_grad():
-            for p in unet.parameters():
-                p.copy_(torch.randn_like(p) * (0.3 if p.ndim > 1 else 0.01))
-        return unet
+    torch.manual_seed(0)
+    unet = UNetModel(
+        image_size=8, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=[1, 1], channel_mult=(1, 2),
+        num_heads=2, use_spatial_transformer=True, transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1],
+        transformer_depth_middle=1, context_dim=16, legacy=False, operations=comfy.ops.disable_weight_init,
+    )
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.copy_(torch.randn_like(p) * (0.3 if p.ndim > 1 else 0.01))
+    return unet
 
-    x, ctx, t = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16), torch.tensor([10.0, 700.0])
-    grads = []
+
+def peak_tensor_memory(fn) -> int:
+    """Peak bytes of live CPU tensors while fn() runs, from torch's profiler (profile_memory):
+    the running sum, in time order, of what each op allocated minus what it freed (an op's own
+    transient peak inside it is not seen, which only makes the figure smaller)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    now = peak = 0
+    for _, change in sorted((e.time_range.end, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage):
+        now += change
+        peak = max(peak, now)
+    return peak
+
+
+@pytest.mark.host
+def test_gradient_checkpointing_recomputes_comfyui_layers(monkeypatch):
+    """ComfyUI calls the blocks' layers, not the blocks' forward: the checkpoint function must be
+    entered once per ResBlock/SpatialTransformer, each layer must run again in the backward pass,
+    the gradients must equal those without checkpointing, the state a patch reads from
+    transformer_options must be the forward's in the recomputation, and one training step's peak
+    tensor memory must drop."""
+    import torch.utils.checkpoint
+
+    host.import_host()
+    from comfy.ldm.modules.attention import SpatialTransformer
+    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+    x, ctx, t = torch.randn(2, 4, 16, 16), torch.randn(2, 5, 16), torch.tensor([10.0, 700.0])
+    entered = []
+    real_checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: entered.append(1) or real_checkpoint(*a, **k))
+
+    def step(unet, options):
+        unet(x, timesteps=t, context=ctx, transformer_options=options).square().mean().backward()
+
+    grads, runs, seen = [], [], []
     for checkpointing in (False, True):
-        unet = build()
+        unet = tiny_unet()
+        layers = [m for m in unet.modules() if isinstance(m, (ResBlock, SpatialTransformer))]
         if checkpointing:
-            assert grad_checkpoint.enable_gradient_checkpointing(unet) == len(unet.input_blocks) + 1 + len(unet.output_blocks)
-        unet(x, timesteps=t, context=ctx, transformer_options={}).square().mean().backward()
+            assert grad_checkpoint.enable_gradient_checkpointing(unet) == len(layers) == 15  # 9 ResBlocks, 6 SpatialTransformers
+        calls = []
+        for m in layers:  # the layer's first submodule runs whenever the layer's body does
+            next(iter(m.children())).register_forward_hook(lambda *_: calls.append(1))
+
+        def patch(q, k, v, extra_options):  # records what a patch reads, as MoA's training patch does
+            seen.append((checkpointing, extra_options["block"], extra_options["block_index"], extra_options["sample"]))
+            return q, k, v
+
+        options = {"patches": {"attn1_patch": [patch]}, "sample": "first"}
+        out = unet(x, timesteps=t, context=ctx, transformer_options=options).square().mean()
+        options["sample"] = "second"  # the next sample's state, set before this one's backward
+        out.backward()
+        runs.append(len(calls))
         grads.append({n: p.grad.clone() for n, p in unet.named_parameters()})
+    assert len(entered) == 15
+    assert runs == [15, 30]  # each layer recomputed once
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)
+    plain = sorted(s[1:] for s in seen if not s[0])
+    recorded = sorted(s[1:] for s in seen if s[0])
+    assert recorded == sorted(plain + plain)  # the recomputation saw the forward's block and sample
+
+    peaks = []
+    for checkpointing in (False, True):
+        unet = tiny_unet()
+        if checkpointing:
+            grad_checkpoint.enable_gradient_checkpointing(unet)
+        peaks.append(peak_tensor_memory(lambda: step(unet, {})))
+    assert peaks[1] < 0.7 * peaks[0], peaks

@@ -1,0 +1,57 @@
+"""--mixed-precision on this machine: bf16 runs every MoLE script on the CPU (autocast, frozen
+weights stored in bf16, trainable ones in fp32); fp16 without a CUDA GPU is refused before
+anything loads."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixture_core.safetensors_io import load_safetensors
+from training_helpers import read_log, run_script, tiny_args
+
+pytestmark = [pytest.mark.host, pytest.mark.slow]
+
+BF16 = ["--mixed-precision", "bf16", "--lr", "1e-3"]
+
+
+def finite_run(output: Path, steps: int) -> dict:
+    log = read_log(Path(str(output.with_suffix("")) + "-work"))
+    assert len(log) == steps and all(math.isfinite(r["loss"]) for r in log), log
+    tensors, _ = load_safetensors(output)
+    assert all(torch.isfinite(t.float()).all() for t in tensors.values())
+    return tensors
+
+
+def test_bf16_runs_every_mole_script(tmp_path, checkpoint, trained_experts):
+    data = trained_experts["data"]
+    # With gradient checkpointing (recomputation under autocast) and a sample image (ComfyUI's
+    # sampler on the bf16-stored model).
+    expert = tmp_path / "face.safetensors"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a close-up photo\n")
+    run_script("mole_expert", "--part", "face", "--rank", "4", "--alpha", "4", "--gradient-checkpointing", *BF16,
+               "--sample-every", "2", "--sample-prompts", prompts, "--sample-steps", "1", *tiny_args(checkpoint, data, expert, 2))
+    assert any(float(t.abs().max()) > 0 for k, t in finite_run(expert, 2).items() if "lora_up" in k)
+    assert (tmp_path / "face-work" / "samples" / "step_2_0.png").is_file()
+
+    stage1 = tmp_path / "stage1.safetensors"
+    run_script("mole_finetune", "--trainable", r"^out\.", *BF16, *tiny_args(checkpoint, data, stage1, 1))
+    finite_run(stage1, 1)
+
+    gates = tmp_path / "gates.safetensors"
+    run_script("mole_gates", "--experts", f"face={trained_experts['face']}", f"hand={trained_experts['hand']}", *BF16,
+               *tiny_args(checkpoint, data, gates, 1))
+    finite_run(gates, 1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 autocast is available with CUDA")
+def test_fp16_without_cuda_is_refused_before_loading(tmp_path):
+    proc = run_script("mole_expert", "--part", "face", "--checkpoint", tmp_path / "not_loaded.safetensors", "--data", tmp_path,
+                      "--output", tmp_path / "x.safetensors", "--steps", "1", "--lr", "1e-4", "--mixed-precision", "fp16",
+                      check=False, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "error: --mixed-precision fp16 needs a CUDA GPU" in proc.stderr
