@@ -159,7 +159,7 @@ def train(args, accelerator, base: Base, stage: Stage, samples) -> Result:
     device = accelerator.device
     alphas = base.alphas_cumprod.to(device)
 
-    def save_checkpoint(step):
+    def save_checkpoint(step, with_output=True):
         # Accelerate names (checkpoint_<iteration>) and rotates (total_limit = --keep-checkpoints)
         # the folders; the iteration is set to the step so that the name says which step it holds.
         accelerator.project_configuration.iteration = step
@@ -171,7 +171,8 @@ def train(args, accelerator, base: Base, stage: Stage, samples) -> Result:
         if accelerator.is_main_process:
             with open(folder / "progress.json", "w") as f:
                 json.dump({"step": step}, f)
-            stage.write_output(str(folder / Path(args.output).name), step)
+            if with_output:
+                stage.write_output(str(folder / Path(args.output).name), step)
         accelerator.wait_for_everyone()
         log.info("checkpoint: %s", folder)
 
@@ -225,9 +226,9 @@ def train(args, accelerator, base: Base, stage: Stage, samples) -> Result:
             if progress.step % args.log_every == 0 or progress.step == args.steps:
                 log.info("step %d/%d  loss %.5f  lr %.3g  %.2f s/step", progress.step, args.steps, step_loss, lr, seconds)
         # Every N steps, and at the final step so that a finished run can be extended (--resume
-        # latest with more --steps).
+        # latest with more --steps); the final one without a copy of the output, written next.
         if (args.save_every and progress.step % args.save_every == 0) or progress.step == args.steps:
-            save_checkpoint(progress.step)
+            save_checkpoint(progress.step, with_output=progress.step < args.steps)
         if args.sample_every and (progress.step % args.sample_every == 0 or progress.step == args.steps):
             if sampler is not None:
                 model.eval()

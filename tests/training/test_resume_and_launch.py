@@ -117,9 +117,10 @@ def test_resume_gives_exactly_the_uninterrupted_run(tmp_path, checkpoint):
     augment = ["--crop", "random", "--flip", "--num-workers", "1"]
     run_script("mole_expert", *EXPERT, *augment, *tiny_args(checkpoint, data, whole, 4, save_every=1, keep_checkpoints=2))
     assert sorted(p.name for p in (work_dir(whole) / "checkpoints").iterdir()) == ["checkpoint_3", "checkpoint_4"]
-    state = work_dir(whole) / "checkpoints" / "checkpoint_4"
+    state = work_dir(whole) / "checkpoints" / "checkpoint_3"
     assert {"trainable.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "progress.json", "hand.safetensors"} <= {
         p.name for p in state.iterdir()}
+    assert "hand.safetensors" not in {p.name for p in (state.parent / "checkpoint_4").iterdir()}  # the final one: that is the output
 
     extended = tmp_path / "extended" / "hand.safetensors"
     run_script("mole_expert", *EXPERT, *augment, *tiny_args(checkpoint, data, extended, 2))

@@ -9,6 +9,7 @@ import argparse
 import pytest
 import torch
 
+from helpers.cpu_memory import peak_tensor_memory
 from training import grad_checkpoint, host, losses, optim
 
 
@@ -68,7 +69,7 @@ def test_noise_depends_on_position_not_on_batching():
     assert torch.equal(fixed_a, fixed_b)  # --fixed-noise: per image, whatever the step
 
 
-def tiny_unet():
+def tiny_unet(model_channels: int = 32):
     """A small UNet built from ComfyUI's own UNetModel (seeded, non-trivial weights)."""
     host.import_host()
     import comfy.ops
@@ -76,7 +77,7 @@ def tiny_unet():
 
     torch.manual_seed(0)
     unet = UNetModel(
-        image_size=8, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=[1, 1], channel_mult=(1, 2),
+        image_size=8, in_channels=4, model_channels=model_channels, out_channels=4, num_res_blocks=[1, 1], channel_mult=(1, 2),
         num_heads=2, use_spatial_transformer=True, transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1],
         transformer_depth_middle=1, context_dim=16, legacy=False, operations=comfy.ops.disable_weight_init,
     )
@@ -84,21 +85,6 @@ def tiny_unet():
         for p in unet.parameters():
             p.copy_(torch.randn_like(p) * (0.3 if p.ndim > 1 else 0.01))
     return unet
-
-
-def peak_tensor_memory(fn) -> int:
-    """Peak bytes of live CPU tensors while fn() runs, from torch's profiler (profile_memory):
-    the running sum, in time order, of what each op allocated minus what it freed (an op's own
-    transient peak inside it is not seen, which only makes the figure smaller)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    now = peak = 0
-    for _, change in sorted((e.time_range.end, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage):
-        now += change
-        peak = max(peak, now)
-    return peak
 
 
 @pytest.mark.host
