@@ -85,13 +85,21 @@ def test_expert_learns_a_micro_task(tmp_path, checkpoint):
     assert [v for _, v in logged] == pytest.approx(losses, rel=1e-6)
 
 
-def test_expert_warm_starts_from_a_file(tmp_path, checkpoint, trained_experts):
+def test_expert_warm_starts_from_a_file_in_bf16(tmp_path, checkpoint, trained_experts):
     """--init-from: the run starts from the file's weights (its rank and alpha taken); with SGD
-    at lr 0 the written expert is the file, bit for bit."""
+    at lr 0 the written expert is the file, bit for bit. The run is also the bf16 run of stage 2
+    on the CPU, with gradient checkpointing (recomputation under autocast) and a sample image
+    (ComfyUI's sampler on the bf16-stored model)."""
     out = tmp_path / "again.safetensors"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a close-up photo\n")
     run_script("mole_expert", "--part", "face", "--init-from", trained_experts["face"], "--optimizer", "sgd", "--lr", "0",
-               *tiny_args(checkpoint, trained_experts["data"], out, 1))
+               "--mixed-precision", "bf16", "--gradient-checkpointing", "--sample-every", "1", "--sample-prompts", prompts,
+               "--sample-steps", "1", *tiny_args(checkpoint, trained_experts["data"], out, 2))
     start, _ = load_safetensors(trained_experts["face"])
     written, meta = load_safetensors(out)
     assert meta["ss_network_dim"] == "4" and written.keys() == start.keys()
     assert [k for k in start if not torch.equal(start[k], written[k])] == []
+    work = Path(str(out.with_suffix("")) + "-work")
+    assert all(np.isfinite(r["loss"]) for r in read_log(work)) and len(read_log(work)) == 2
+    assert sorted(p.name for p in (work / "samples").iterdir()) == ["step_1_0.png", "step_2_0.png"]

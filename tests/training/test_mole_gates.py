@@ -39,9 +39,11 @@ def test_trained_gates_apply_in_comfyui_and_sample(trained_experts, sd15, mole_n
         assert torch.equal(g.local_weight, r.local_weight) and torch.equal(g.global_bias, r.global_bias)
 
     # Warm start: --init-gates begins from this file; with SGD at lr 0 the gates written are its own.
+    # (Also stage 3's bf16 run on the CPU.)
     again = tmp_path / "again.safetensors"
     run_script("mole_gates", "--experts", f"face={trained_experts['face']}", f"hand={trained_experts['hand']}",
-               "--init-gates", gates, "--optimizer", "sgd", "--lr", "0", *tiny_args(checkpoint, trained_experts["data"], again, 1))
+               "--init-gates", gates, "--optimizer", "sgd", "--lr", "0", "--mixed-precision", "bf16",
+               *tiny_args(checkpoint, trained_experts["data"], again, 1))
     warm = read_gate_file(*load_safetensors(again), str(again))
     assert all(torch.equal(warm.layers[m].local_weight, g.local_weight) and torch.equal(warm.layers[m].global_bias, g.global_bias)
                for m, g in pack_file.layers.items())
