@@ -22,5 +22,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_collection_finish(session):
+    from helpers.fixtures import SharedSDXL
+
+    SharedSDXL.users_left = sum("sdxl" in getattr(item, "fixturenames", ()) for item in session.items)
+
+
+def pytest_runtest_teardown(item, nextitem):
+    if "sdxl" in getattr(item, "fixturenames", ()):
+        from helpers.fixtures import SharedSDXL
+
+        SharedSDXL.used_by_one()
+
+
 def pytest_report_header(config):
     return f"ComfyUI host: {HOST}" if HOST else f"ComfyUI host: none ({HOST_REASON})"

@@ -10,8 +10,16 @@ sd15                  SD15Models(path, model, clip, vae): the random SD1.5 check
 sd15_controlnet_path  Path of the random SD1.5 ControlNet (comfy.controlnet.load_controlnet).
 clip_vision_l14_path  Path of the random CLIP ViT-L/14 vision model (comfy.clip_vision.load).
 clip_vision_h14_path  Path of the random CLIP ViT-H/14 vision model (a wrong encoder for SD1.5).
-sdxl                  Function-scoped SDXLBundle (model, positive, negative, latent()) of an
-                      in-process SDXL-layout UNet (~5 GB); freed after the test. Mark users slow.
+sdxl                  SDXLBundle (model, positive, negative, latent()) of an in-process SDXL-layout
+                      UNet (~5 GB): built once for all the tests that use it, freed right after the
+                      last of them (tests/conftest.py counts them). Shared: clone() before patching.
+                      Mark users slow.
+pack                  (tests/host/conftest.py) this pack imported as ComfyUI imports it.
+
+Which to use: take `sd15` (never load the checkpoint yourself: a second load costs ~15 s and
+2 GB); sample at 64x64 or smaller, 1 step, unless the test is about steps; make small weight
+files (LoRAs, gates, MoA files) in module fixtures from `sd15.model`; put a test that needs
+more than ~5 s under @pytest.mark.slow, so that `scripts/test.sh --fast` stays quick.
 """
 
 from __future__ import annotations
@@ -101,11 +109,30 @@ def clip_vision_h14_path() -> Path:
     return random_models.clip_vision_vit_h14()
 
 
+class SharedSDXL:
+    """One SDXL bundle for the tests that use the `sdxl` fixture (building it costs ~10 s and
+    ~5 GB each time): made for the first of them, freed after the last (counted over the
+    collected tests by tests/conftest.py), so it is not held while other tests run."""
+
+    bundle: random_models.SDXLBundle | None = None
+    users_left = 0
+
+    @classmethod
+    def get(cls) -> random_models.SDXLBundle:
+        if cls.bundle is None:
+            cls.bundle = random_models.sdxl_model()
+        return cls.bundle
+
+    @classmethod
+    def used_by_one(cls) -> None:
+        cls.users_left -= 1
+        if cls.users_left <= 0 and cls.bundle is not None:
+            # pytest keeps fixture values until the session ends: drop what the bundle holds.
+            cls.bundle.model = cls.bundle.positive = cls.bundle.negative = None
+            cls.bundle = None
+            free_host_memory()
+
+
 @pytest.fixture
 def sdxl():
-    bundle = random_models.sdxl_model()
-    yield bundle
-    # pytest keeps the yielded object until after teardown: drop what it holds instead.
-    bundle.model = bundle.positive = bundle.negative = None
-    del bundle
-    free_host_memory()
+    return SharedSDXL.get()

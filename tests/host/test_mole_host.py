@@ -16,7 +16,7 @@ import hostenv
 from helpers import mole_weights as mw
 from helpers.fixtures import model_folders
 
-pytestmark = pytest.mark.slow
+# Tests over ~5 s on 2 CPU cores are marked slow; the rest run in `scripts/test.sh --fast`.
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,7 @@ def sample(sd15, model, cfg=2.0, width=64, height=64, batch=1, steps=1, seed=7):
     return out["samples"]
 
 
+@pytest.mark.slow
 def test_pack_registers_through_comfyui_loader(tmp_path):
     """The real custom-node loader finds both nodes; the mole folder keeps an
     extra_model_paths.yaml entry made before the pack loaded."""
@@ -209,6 +210,7 @@ def test_experts_reach_the_layers_lora_loader_patches(pack, sd15, sd15_files, tm
     assert all(resolve(peft[p]) == p for p in layers)
 
 
+@pytest.mark.slow
 def test_composes_with_lora_loader_and_other_patches(nodes_mod, sd15, sd15_files):
     import comfy.sd
     import comfy.utils
@@ -247,6 +249,7 @@ def test_composes_with_lora_loader_and_other_patches(nodes_mod, sd15, sd15_files
     assert other.object_patches[key] is other_forward  # the other pack's clone is untouched
 
 
+@pytest.mark.slow
 def test_lowvram_load_gives_the_same_result(nodes_mod, sd15, sd15_files):
     """Partial loading (weights cast per layer, LoRA patches applied on the fly) with MoLE."""
     import comfy.model_management as mm
@@ -300,6 +303,7 @@ def test_composes_with_controlnet(nodes_mod, sd15, sd15_files, sd15_controlnet_p
     assert not torch.allclose(with_mole, run(sd15.model), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sdxl_layout_with_sai_named_experts_and_released_gates(nodes_mod, pack, sdxl, tmp_path):
     """The released MoLE weights are SDXL: SAI-named kohya experts and released-format gates."""
     import nodes
