@@ -13,6 +13,12 @@ sys.path.append(str(hostenv.REPO))
 HOST, HOST_REASON = hostenv.find_host()
 
 
+@pytest.fixture(scope="session")
+def pack():
+    """This pack, imported as ComfyUI imports a custom node package (host on sys.path first)."""
+    return hostenv.import_pack()
+
+
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason=HOST_REASON)
     for item in items:

@@ -14,7 +14,7 @@ import torch
 
 import hostenv
 from helpers import mole_weights as mw
-from helpers.fixtures import model_folders
+from helpers.fixtures import encode_text, model_folders
 
 # Tests over ~5 s on 2 CPU cores are marked slow; the rest run in `scripts/test.sh --fast`.
 
@@ -53,16 +53,8 @@ def apply(nodes_mod, model, ex, gates="released.safetensors", mode="both", stren
     return nodes_mod.ApplyMoLEGating.execute(model, ex, gates, mode, strength).result[0]
 
 
-_ENCODED = {}
-
-
 def encode(sd15, text):
-    """CLIPTextEncode, once per text (text encoding is not what these tests are about)."""
-    import nodes
-
-    if text not in _ENCODED:
-        _ENCODED[text] = nodes.CLIPTextEncode().encode(sd15.clip, text)[0]
-    return _ENCODED[text]
+    return encode_text(sd15.clip, text)
 
 
 def sample(sd15, model, cfg=2.0, width=64, height=64, batch=1, steps=1, seed=7):

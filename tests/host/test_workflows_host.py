@@ -29,20 +29,6 @@ from workflows import graphs, run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def node_classes(pack):
-    """The host's node classes with this pack's nodes, as the runner and the server see them."""
-    import asyncio
-
-    import nodes
-
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-    extension = asyncio.run(pack.comfy_entrypoint())
-    for node in asyncio.run(extension.get_node_list()):
-        nodes.NODE_CLASS_MAPPINGS.setdefault(node.GET_SCHEMA().node_id, node)
-    return nodes.NODE_CLASS_MAPPINGS
-
-
-@pytest.fixture(scope="module")
 def model_root(sd15, tmp_path_factory):
     """Every file the workflows name, with random weights of the right layouts, under the
     names the workflows use; and an extra_model_paths.yaml for them."""
