@@ -111,3 +111,24 @@ def test_key_names_are_checked_before_any_tensor_is_read(tmp_path, monkeypatch):
     assert reads == [[]]  # only the layout's single-element tensors (none here) were read
     tensors, _ = load_safetensors(tmp_path / "g.safetensors", check_layout=lambda layout, meta: None)
     assert list(tensors) == ["not.a.gate"] and reads[-1] == ["not.a.gate"]
+
+
+def test_an_fp8_moa_file_loads_widened_to_fp16_exactly(tmp_path):
+    from safetensors import safe_open
+
+    from mixture_core.moa import AttentionShape, MoAModel
+    from mixture_core.moa_files import load_moa_file, save_moa_file
+
+    layer = "input_blocks.1.1.transformer_blocks.0.attn2"
+    model = MoAModel({layer: AttentionShape(16, 12, 2, 4)}, router_hidden=8, fusion_hidden=16, spacetime_dim=6,
+                     text_dim=12, image_dim=10)
+    save_moa_file(tmp_path / "f32.safetensors", model, "sd15")
+    with safe_open(str(tmp_path / "f32.safetensors"), "pt") as f:
+        fp8 = {k: f.get_tensor(k).to(torch.float8_e4m3fn) for k in f.keys()}
+        metadata = f.metadata()
+    save_file(fp8, str(tmp_path / "fp8.safetensors"), metadata)
+    loaded = load_moa_file(tmp_path / "fp8.safetensors")
+    weight = loaded.state_dict()[next(k for k in loaded.state_dict() if k.endswith("to_q.weight"))]
+    assert weight.dtype == torch.float16
+    source = fp8[next(k for k in fp8 if k.endswith("to_q.weight"))]
+    assert torch.equal(weight.float(), source.float())
