@@ -19,9 +19,17 @@ def pack():
     return hostenv.import_pack()
 
 
+# Fixtures that take more than ~5 s to set up (a model built, a training script run): a test
+# using one is `slow` wherever it lives, so `scripts/test.sh --fast` leaves it out.
+SLOW_FIXTURES = {"sdxl", "trained_experts", "micro_run"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m/-k select on the marks added here
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason=HOST_REASON)
     for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
         if "/tests/host/" in str(item.fspath).replace("\\", "/"):
             item.add_marker(pytest.mark.host)
         if HOST is None and "host" in item.keywords:
