@@ -138,7 +138,8 @@ def load_moa_file(path) -> MoAModel:
         raise WeightFileError(path, f"{len(wrong)} tensor(s) have the wrong shape or dtype", wrong)
     # fp8 files are widened to fp16, exactly (every fp8 value is an fp16 value): the MoA layers run
     # in the file's dtype, and matmuls have no fp8 kernels.
-    tensors = {k: v.half() if v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else v for k, v in file.read(expected).items()}
+    fp8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+    tensors = {k: v.half() if v.dtype in fp8 else v for k, v in file.read(expected).items()}
     model.load_state_dict({state_key: tensors[k] for k, (state_key, _) in expected.items()}, assign=True)
     model.base_family, model.metadata = metadata.get("moa.base_family"), metadata
     return model

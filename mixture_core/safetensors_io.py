@@ -91,8 +91,9 @@ class SafetensorsFile:
             raise WeightFileError(self.path, _explain_library_error(self.path, size, head, e)) from e
         unknown = sorted(f"{k}: {dtype}" for k, (dtype, _) in self._entries.items() if dtype not in _DTYPES)
         if unknown:
+            readable = ", ".join(_DTYPES)
             raise WeightFileError(
-                self.path, f"{len(unknown)} tensor(s) have a dtype this pack cannot use (it reads {', '.join(_DTYPES)})", unknown
+                self.path, f"{len(unknown)} tensor(s) have a dtype this pack cannot use (it reads {readable})", unknown
             )
         self.keys = list(self._entries)
 

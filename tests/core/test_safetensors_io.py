@@ -52,7 +52,8 @@ def test_a_million_tensor_header_is_refused_fast_without_reading_tensors(tmp_pat
 
     monkeypatch.setattr(safetensors_io, "safe_open", no_library)
     start = time.perf_counter()
-    with pytest.raises(WeightFileError, match=rf"million.safetensors: .*1,000,000 tensors, more than the {MAX_TENSORS:,}"):
+    refused = rf"million.safetensors: .*1,000,000 tensors, more than the {MAX_TENSORS:,}"
+    with pytest.raises(WeightFileError, match=refused):
         load_safetensors(path)
     assert time.perf_counter() - start < 2.0
 
@@ -71,13 +72,15 @@ def test_fp8_files_are_read_and_a_nan_in_them_is_named(tmp_path):
     bad = up.clone()
     bad[3, 1] = float("nan")
     save_file({**lora, "lay.lora_up.weight": bad}, str(tmp_path / "fp8_nan.safetensors"))
-    with pytest.raises(WeightFileError, match=r"fp8_nan.safetensors: 1 tensor\(s\) hold NaN or inf values\n  lay.lora_up.weight"):
+    named = r"fp8_nan.safetensors: 1 tensor\(s\) hold NaN or inf values\n  lay.lora_up.weight"
+    with pytest.raises(WeightFileError, match=named):
         load_safetensors(tmp_path / "fp8_nan.safetensors")
 
 
 def test_a_dtype_the_pack_cannot_use_is_named(tmp_path):
     save_file({"w": torch.zeros(2, dtype=torch.uint16)}, str(tmp_path / "u16.safetensors"))
-    with pytest.raises(WeightFileError, match=r"u16.safetensors: 1 tensor\(s\) have a dtype this pack cannot use.*\n  w: U16"):
+    named = r"u16.safetensors: 1 tensor\(s\) have a dtype this pack cannot use.*\n  w: U16"
+    with pytest.raises(WeightFileError, match=named):
         SafetensorsFile(tmp_path / "u16.safetensors")
 
 
@@ -105,9 +108,11 @@ def test_key_names_are_checked_before_any_tensor_is_read(tmp_path, monkeypatch):
     save_file({"not.a.gate": torch.zeros(4, 4)}, str(tmp_path / "g.safetensors"))
     reads = []
     real_read = SafetensorsFile.read
-    monkeypatch.setattr(SafetensorsFile, "read", lambda self, keys, *a, **k: reads.append(list(keys)) or real_read(self, keys, *a, **k))
+    monkeypatch.setattr(SafetensorsFile, "read",
+                        lambda self, keys, *a, **k: reads.append(list(keys)) or real_read(self, keys, *a, **k))
     with pytest.raises(WeightFileError, match="is not a MoLE gate file"):
-        load_safetensors(tmp_path / "g.safetensors", check_layout=lambda layout, meta: read_gate_file(layout, meta, "g"))
+        load_safetensors(tmp_path / "g.safetensors",
+                         check_layout=lambda layout, meta: read_gate_file(layout, meta, "g"))
     assert reads == [[]]  # only the layout's single-element tensors (none here) were read
     tensors, _ = load_safetensors(tmp_path / "g.safetensors", check_layout=lambda layout, meta: None)
     assert list(tensors) == ["not.a.gate"] and reads[-1] == ["not.a.gate"]

@@ -1,8 +1,7 @@
 """Session-scoped pytest fixtures over the random-weight models of helpers.random_models.
 
-Import them into a conftest.py (tests/host/conftest.py) with:
-
-    from helpers.fixtures import sd15, sd15_controlnet_path, clip_vision_l14_path, clip_vision_h14_path, sdxl  # noqa: F401
+tests/host/conftest.py imports them for the host tests; another test folder imports the ones it
+needs into its own conftest.py (`from helpers.fixtures import sd15  # noqa: F401`).
 
 sd15                  SD15Models(path, model, clip, vae): the random SD1.5 checkpoint loaded once per
                       session with comfy.sd.load_checkpoint_guess_config (model: ModelPatcher,
