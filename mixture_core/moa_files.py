@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from .errors import WeightFileError
 from .moa import AttentionShape, MoAModel
-from .safetensors_io import load_safetensors
+from .safetensors_io import SafetensorsFile
 
 FORMAT = "moa"
 FORMAT_VERSION = "1"
@@ -101,8 +101,10 @@ def _read_metadata(metadata: dict[str, str], path) -> tuple[list[str], dict[str,
 
 def load_moa_file(path) -> MoAModel:
     """Read a MoA file into a MoAModel (in the file's dtype, on the CPU). Raises
-    WeightFileError, naming the file, for anything that does not fit."""
-    tensors, metadata = load_safetensors(path)
+    WeightFileError, naming the file, for anything that does not fit. Names, shapes and dtypes
+    are checked on the file's layout; the tensors are read only once all of them fit."""
+    file = SafetensorsFile(path)
+    tensors, metadata = file.layout(), file.metadata
     layers, heads, sizes = _read_metadata(metadata, path)
     shape_keys = [f"{layer_id}.{p}.weight" for layer_id in layers for p in ("to_q", "to_k")]
     missing = [k for k in shape_keys if k not in tensors]
@@ -134,6 +136,10 @@ def load_moa_file(path) -> MoAModel:
              for k, (_, shape) in expected.items() if tensors[k].shape != shape or not tensors[k].is_floating_point()]
     if wrong:
         raise WeightFileError(path, f"{len(wrong)} tensor(s) have the wrong shape or dtype", wrong)
+    # fp8 files are widened to fp16, exactly (every fp8 value is an fp16 value): the MoA layers run
+    # in the file's dtype, and matmuls have no fp8 kernels.
+    fp8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+    tensors = {k: v.half() if v.dtype in fp8 else v for k, v in file.read(expected).items()}
     model.load_state_dict({state_key: tensors[k] for k, (state_key, _) in expected.items()}, assign=True)
     model.base_family, model.metadata = metadata.get("moa.base_family"), metadata
     return model

@@ -37,8 +37,10 @@ def full_path(folder: str, filename: str) -> str:
     return path
 
 
-def load_from_folder(folder: str, filename: str):
-    """(path, tensors, metadata) of a safetensors file in a model folder."""
+def load_from_folder(folder: str, filename: str, check_layout=None):
+    """(path, tensors, metadata) of a safetensors file in a model folder; check_layout(layout,
+    metadata, path) runs on its names and shapes before its tensors are read."""
     path = full_path(folder, filename)
-    tensors, metadata = load_safetensors(path)
+    check = None if check_layout is None else lambda layout, metadata: check_layout(layout, metadata, path)
+    tensors, metadata = load_safetensors(path, check_layout=check)
     return path, tensors, metadata

@@ -78,7 +78,7 @@ def apply_mole(model, experts: LoadedExperts, gate_filename: str, mode: str = "b
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     if strength == 0.0:
         return model.clone()
-    gate_path, tensors, metadata = load_from_folder("mole", gate_filename)
+    gate_path, tensors, metadata = load_from_folder("mole", gate_filename, check_layout=read_gate_file)
     gate = read_gate_file(tensors, metadata, gate_path)
     family = model_family(model)
     if gate.base_family is not None and gate.base_family != family:

@@ -19,7 +19,20 @@ def layer_resolver(model_patcher):
     path ("input_blocks.1.1.proj_in"), or None when the model has no such layer.
 
     Accepts kohya names (diffusers- or SAI-style "lora_unet_..."), peft/diffusers dotted names
-    ("unet.down_blocks.0.attentions.0.proj_in") and module paths themselves."""
+    ("unet.down_blocks.0.attentions.0.proj_in") and module paths themselves.
+
+    Why ComfyUI's key map (issue 9, item 6): LoraLoader maps a LoRA's layer names with
+    comfy.lora.model_lora_keys_unet; looking names up in that same map first makes "a layer
+    LoraLoader patches is the layer MoLE gates" hold by construction, for every naming the host
+    knows now or learns later (kohya, SAI, lycoris_, old diffusers "processor" names). Only
+    the grouping of a file into (down, up, alpha) pairs stays in mixture_core.lora_format: the
+    training scripts need it without the host, MoLE needs the pairs' matrices to gate them one by
+    one (comfy.lora.load_lora makes weight patches, LoHa/LoKr/DoRA included, that cannot be
+    gated per token), and parsing the layout lets the matrices be read only when the layers are
+    built. The one addition: peft names of attention projections ("unet....attn1.to_q"), which
+    the host's map lists only in the old "processor" form (ComfyUI 0.8.0, see Comfy-Org/ComfyUI
+    issue 9753), are tried as their kohya name in the same map, so they land on the same layer
+    a kohya file of that layer does."""
     key_map = comfy.lora.model_lora_keys_unet(model_patcher.model, {})
 
     def weight_key_to_module(weight_key):

@@ -2,7 +2,19 @@
 # The whole test suite: installs what the tests need, then runs pytest. Host tests find
 # ComfyUI through COMFYUI_PATH, the ComfyUI holding this pack, or ~/comfy/ComfyUI, and are
 # skipped with the reason printed when there is none. Arguments go to pytest.
+#
+#   scripts/test.sh            everything (what .ci/run runs)
+#   scripts/test.sh --fast     the edit loop: core tests and the quick host tests, the tests
+#                              marked `slow` (over ~5 s each on 2 CPU cores) left out
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q -r requirements-dev.txt 2>&1 | grep -vi "running pip as the 'root'\|is ignored" || true
-exec python3 -m pytest "$@"
+args=()
+for arg in "$@"; do
+    if [[ "$arg" == "--fast" ]]; then
+        args+=(-m "not slow")
+    else
+        args+=("$arg")
+    fi
+done
+exec python3 -m pytest "${args[@]}"

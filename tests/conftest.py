@@ -13,13 +13,40 @@ sys.path.append(str(hostenv.REPO))
 HOST, HOST_REASON = hostenv.find_host()
 
 
+@pytest.fixture(scope="session")
+def pack():
+    """This pack, imported as ComfyUI imports a custom node package (host on sys.path first)."""
+    return hostenv.import_pack()
+
+
+# Fixtures that take more than ~5 s to set up (a model built, a training script run): a test
+# using one is `slow` wherever it lives, so `scripts/test.sh --fast` leaves it out.
+SLOW_FIXTURES = {"sdxl", "trained_experts", "micro_run"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m/-k select on the marks added here
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason=HOST_REASON)
     for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
         if "/tests/host/" in str(item.fspath).replace("\\", "/"):
             item.add_marker(pytest.mark.host)
         if HOST is None and "host" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_collection_finish(session):
+    from helpers.fixtures import SharedSDXL
+
+    SharedSDXL.users_left = sum("sdxl" in getattr(item, "fixturenames", ()) for item in session.items)
+
+
+def pytest_runtest_teardown(item, nextitem):
+    if "sdxl" in getattr(item, "fixturenames", ()):
+        from helpers.fixtures import SharedSDXL
+
+        SharedSDXL.used_by_one()
 
 
 def pytest_report_header(config):

@@ -1,17 +1,28 @@
 """Session-scoped pytest fixtures over the random-weight models of helpers.random_models.
 
-Import them into a conftest.py (tests/host/conftest.py) with:
-
-    from helpers.fixtures import sd15, sd15_controlnet_path, clip_vision_l14_path, clip_vision_h14_path, sdxl  # noqa: F401
+tests/host/conftest.py imports them for the host tests; another test folder imports the ones it
+needs into its own conftest.py (`from helpers.fixtures import sd15  # noqa: F401`).
 
 sd15                  SD15Models(path, model, clip, vae): the random SD1.5 checkpoint loaded once per
                       session with comfy.sd.load_checkpoint_guess_config (model: ModelPatcher,
                       clip: comfy.sd.CLIP, vae: comfy.sd.VAE). Shared: clone() before patching.
 sd15_controlnet_path  Path of the random SD1.5 ControlNet (comfy.controlnet.load_controlnet).
 clip_vision_l14_path  Path of the random CLIP ViT-L/14 vision model (comfy.clip_vision.load).
+clip_vision_l14       That model loaded by comfy.clip_vision.load, once per session (~3 s a load).
 clip_vision_h14_path  Path of the random CLIP ViT-H/14 vision model (a wrong encoder for SD1.5).
-sdxl                  Function-scoped SDXLBundle (model, positive, negative, latent()) of an
-                      in-process SDXL-layout UNet (~5 GB); freed after the test. Mark users slow.
+sdxl                  SDXLBundle (model, positive, negative, latent()) of an in-process SDXL-layout
+                      UNet (~5 GB): built once for all the tests that use it, freed right after the
+                      last of them (tests/conftest.py counts them). Shared: clone() before patching.
+                      Mark users slow.
+pack                  (tests/conftest.py) this pack imported as ComfyUI imports it.
+node_classes          The host's node class mappings with this pack's nodes registered, as the
+                      server and workflows.run see them (initialised once per session).
+encode_text(clip, text)  CLIPTextEncode's conditioning, once per (clip, text) per session.
+
+Which to use: take `sd15` (never load the checkpoint yourself: a second load costs ~15 s and
+2 GB); sample at 64x64 or smaller, 1 step, unless the test is about steps; make small weight
+files (LoRAs, gates, MoA files) in module fixtures from `sd15.model`; put a test that needs
+more than ~5 s under @pytest.mark.slow, so that `scripts/test.sh --fast` stays quick.
 """
 
 from __future__ import annotations
@@ -97,15 +108,72 @@ def clip_vision_l14_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def clip_vision_l14(clip_vision_l14_path):
+    import comfy.clip_vision
+
+    yield comfy.clip_vision.load(str(clip_vision_l14_path))
+    free_host_memory()
+
+
+_ENCODED: dict = {}
+
+
+def encode_text(clip, text: str):
+    """CLIPTextEncode's conditioning of `text`, computed once per (clip, text) per session:
+    text encoding is what few tests are about, and each costs ~0.3 s here. Do not modify it."""
+    key = (id(clip), text)
+    if key not in _ENCODED:
+        import nodes
+        import torch
+
+        with torch.inference_mode():
+            _ENCODED[key] = (clip, nodes.CLIPTextEncode().encode(clip, text)[0])  # holds clip: its id stays unique
+    return _ENCODED[key][1]
+
+
+@pytest.fixture(scope="session")
+def node_classes(pack):
+    """The host's node classes with this pack's nodes, as the runner and the server see them."""
+    import asyncio
+
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    extension = asyncio.run(pack.comfy_entrypoint())
+    for node in asyncio.run(extension.get_node_list()):
+        nodes.NODE_CLASS_MAPPINGS.setdefault(node.GET_SCHEMA().node_id, node)
+    return nodes.NODE_CLASS_MAPPINGS
+
+
+@pytest.fixture(scope="session")
 def clip_vision_h14_path() -> Path:
     return random_models.clip_vision_vit_h14()
 
 
+class SharedSDXL:
+    """One SDXL bundle for the tests that use the `sdxl` fixture (building it costs ~10 s and
+    ~5 GB each time): made for the first of them, freed after the last (counted over the
+    collected tests by tests/conftest.py), so it is not held while other tests run."""
+
+    bundle: random_models.SDXLBundle | None = None
+    users_left = 0
+
+    @classmethod
+    def get(cls) -> random_models.SDXLBundle:
+        if cls.bundle is None:
+            cls.bundle = random_models.sdxl_model()
+        return cls.bundle
+
+    @classmethod
+    def used_by_one(cls) -> None:
+        cls.users_left -= 1
+        if cls.users_left <= 0 and cls.bundle is not None:
+            # pytest keeps fixture values until the session ends: drop what the bundle holds.
+            cls.bundle.model = cls.bundle.positive = cls.bundle.negative = None
+            cls.bundle = None
+            free_host_memory()
+
+
 @pytest.fixture
 def sdxl():
-    bundle = random_models.sdxl_model()
-    yield bundle
-    # pytest keeps the yielded object until after teardown: drop what it holds instead.
-    bundle.model = bundle.positive = bundle.negative = None
-    del bundle
-    free_host_memory()
+    return SharedSDXL.get()

@@ -138,6 +138,7 @@ def test_sd15_checkpoint_loads_as_sd15(sd15):
     assert sd15.vae.latent_channels == 4
 
 
+@pytest.mark.slow  # over ~5 s on 2 CPU cores
 def test_sd15_random_weights_are_sane(sd15):
     cond, pooled = sd15.clip.encode_from_tokens(sd15.clip.tokenize("a photo of a person"), return_pooled=True)
     assert cond.shape == (1, 77, 768) and pooled.shape == (1, 768)
@@ -201,6 +202,7 @@ def test_sd15_controlnet_has_the_original_layout_and_loads(sd15, sd15_controlnet
 # ---------------------------------------------------------------------------------- CLIP vision
 
 
+@pytest.mark.slow  # over ~5 s on 2 CPU cores
 def test_clip_vision_l14_is_detected_and_encodes(clip_vision_l14_path):
     import comfy.clip_vision
 

@@ -19,27 +19,13 @@ from helpers import mole_weights as mw
 from helpers import random_models as rm
 from helpers.fixtures import model_folders
 
-pytestmark = pytest.mark.slow
+# The two runs of the runner (a subprocess each) are slow; the checks of the files are not.
 
 REPO = hostenv.REPO
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 MODEL_FOLDERS = ("checkpoints", "loras", "mole", "moa", "clip_vision", "controlnet")
 sys.path.insert(0, str(REPO))
 from workflows import graphs, run  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def node_classes(pack):
-    """The host's node classes with this pack's nodes, as the runner and the server see them."""
-    import asyncio
-
-    import nodes
-
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-    extension = asyncio.run(pack.comfy_entrypoint())
-    for node in asyncio.run(extension.get_node_list()):
-        nodes.NODE_CLASS_MAPPINGS.setdefault(node.GET_SCHEMA().node_id, node)
-    return nodes.NODE_CLASS_MAPPINGS
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +105,7 @@ def runner(*args, timeout=1200):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_all_workflows_run_headless(model_root, tmp_path):
     """One runner process runs every shipped workflow (editor files) at 64x64, 1 step."""
     listing = tmp_path / "images.json"
@@ -135,6 +122,7 @@ def test_all_workflows_run_headless(model_root, tmp_path):
     assert len(couples) == len(graphs.COUPLE_PROMPTS)
 
 
+@pytest.mark.slow
 def test_runner_names_missing_files_before_running(tmp_path):
     done = runner(REPO / "workflows" / "moa_fig7_subject_swap.json", "--out", tmp_path, "--input-dir", tmp_path, timeout=600)
     assert done.returncode != 0
