@@ -53,6 +53,9 @@ MAX_PERIOD = 10000  # the UNet's timestep sinusoid
 MOA_TARGET = re.compile(r"(^|\.)transformer_blocks\.\d+\.attn[12]$")
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+# Receives the prior's weight R0' = 1 - strength * R1 per token (B, T) of one layer call, for
+# pictures of the routers at work (as mole.Observer for MoLE's gates).
+RouterObserver = Callable[[torch.Tensor], None]
 
 
 def is_moa_target(module_path: str) -> bool:
@@ -147,12 +150,16 @@ class MoALayer(nn.Module):
         context: torch.Tensor | None = None,
         strength: float = 1.0,
         attention: Attention | None = None,
+        observer: RouterObserver | None = None,
     ) -> torch.Tensor:
+        """observer, if given, receives this call's prior weight R0' per token, (B, T)."""
         if strength < 0:
             raise ValueError(f"MoA strength must be >= 0, not {strength}")
         if strength == 0:
             return prior_out  # the router forced to the prior: nothing to compute
         personal_weight = strength * self.route(h)[..., 1:]
+        if observer is not None:
+            observer(1.0 - personal_weight[..., 0])
         # R0' * prior + R1' * personal with R0' = 1 - R1', written as one lerp.
         return prior_out + personal_weight * (self.personal(h, context, attention) - prior_out)
 
