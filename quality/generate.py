@@ -67,7 +67,7 @@ def settings_from_args(args) -> dict:
         if not (args.moa and args.clip_vision and args.reference_dir):
             raise GenerateError("the moa method needs --moa FILE, --clip-vision FILE and --reference-dir DIR")
         settings["moa"] = {"file": args.moa, "clip_vision": args.clip_vision,
-                           "reference_dir": str(Path(args.reference_dir).resolve()), "strength": args.moa_strength}
+                           "reference_dir": str(Path(args.reference_dir).resolve())}
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise GenerateError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
@@ -118,7 +118,7 @@ def build_graph(item: dict, seed: int, methods: list[str], settings: dict, refer
             vision = g.add("CLIPVisionLoader", clip_name=moa["clip_vision"])[0]
             subject = graphs.load_image(g, ("input", reference), "subject")
             patched, moa_positive = graphs.inject(g, model, router, clip, vision, item["prompt"], item["subject_word"],
-                                                  [subject], "MoA", strength=moa["strength"])
+                                                  [subject], "MoA")
             saves[render(method, patched, moa_positive)] = method
     return g.nodes, saves
 
@@ -241,7 +241,6 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--moa", help="MoA file in models/moa")
     parser.add_argument("--clip-vision", help="CLIP ViT-L/14 vision model in models/clip_vision")
     parser.add_argument("--reference-dir", type=Path, help="REFERENCE_DIR/<subject>/*.jpg: the subjects' images")
-    parser.add_argument("--moa-strength", type=float, default=1.0)
     parser.add_argument("--protocol", choices=["moa"], default=None,
                         help="moa: FastComposer's settings (512x512, 50 steps, cfg 5, UniPC, seeds 0-3) over the "
                              "values above")

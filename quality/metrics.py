@@ -107,7 +107,7 @@ class ClipScore(Metric):
             model = transformers.CLIPModel.from_pretrained(name)
             tokenizer = transformers.CLIPTokenizer.from_pretrained(name)
             processor = transformers.CLIPImageProcessor.from_pretrained(name)
-        except OSError as e:
+        except Exception as e:  # OSError for a missing file; hub errors have many types
             raise _unavailable("clip", e) from None
         return cls(model, tokenizer, processor, device)
 
@@ -142,7 +142,7 @@ class HPSv2(Metric):
         return cls(model, preprocess, open_clip.get_tokenizer(architecture), device)
 
     @classmethod
-    def load(cls, checkpoint: str | None = None, version: str = "v2.0", device=None):
+    def load(cls, checkpoint: str | None = None, version: str = "v2.0", device=None, architecture: str = "ViT-H-14"):
         _require("open_clip", "hps")
         try:  # the weights first: building ViT-H-14 takes a while, and is useless without them
             if checkpoint is None:
@@ -153,7 +153,7 @@ class HPSv2(Metric):
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         except Exception as e:  # hub errors have many types; all mean "the weights are not here"
             raise _unavailable("hps", e) from None
-        metric = cls.build(device=device)
+        metric = cls.build(architecture, device=device)
         metric.model.load_state_dict(state.get("state_dict", state))
         metric.model.to(metric.device)
         return metric
