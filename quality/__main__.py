@@ -19,8 +19,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python3 -m quality", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=module.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name, help=help_text, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         module.add_arguments(p)
     args = parser.parse_args(argv)
     COMMANDS[args.command][0].main(args)

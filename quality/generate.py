@@ -50,24 +50,40 @@ def settings_from_args(args) -> dict:
         file, _, rest = spec.partition("=")
         name, _, strength = rest.partition(":")
         if not file or not name:
-            raise GenerateError(f"--mole-expert {spec!r}: expected FILE=NAME or FILE=NAME:STRENGTH (e.g. "
-                                "mole_face_sd15.safetensors=face)")
+            raise GenerateError(
+                f"--mole-expert {spec!r}: expected FILE=NAME or FILE=NAME:STRENGTH (e.g. "
+                "mole_face_sd15.safetensors=face)"
+            )
         experts.append({"file": file, "name": name, "strength": float(strength or 1.0)})
     settings = {
-        "checkpoint": args.checkpoint, "methods": methods, "seeds": list(args.seeds), "width": args.width,
-        "height": args.height, "steps": args.steps, "cfg": args.cfg, "sampler": args.sampler,
-        "scheduler": args.scheduler, "negative": args.negative,
+        "checkpoint": args.checkpoint,
+        "methods": methods,
+        "seeds": list(args.seeds),
+        "width": args.width,
+        "height": args.height,
+        "steps": args.steps,
+        "cfg": args.cfg,
+        "sampler": args.sampler,
+        "scheduler": args.scheduler,
+        "negative": args.negative,
     }
     if any(m in MOLE_METHODS for m in methods):
         if not experts or len(experts) > 2 or not args.mole_gates:
             raise GenerateError("a MoLE method needs --mole-expert FILE=NAME (one or two) and --mole-gates FILE")
-        settings["mole"] = {"experts": experts, "gates": args.mole_gates, "mode": args.mole_mode,
-                            "strength": args.mole_strength}
+        settings["mole"] = {
+            "experts": experts,
+            "gates": args.mole_gates,
+            "mode": args.mole_mode,
+            "strength": args.mole_strength,
+        }
     if "moa" in methods:
         if not (args.moa and args.clip_vision and args.reference_dir):
             raise GenerateError("the moa method needs --moa FILE, --clip-vision FILE and --reference-dir DIR")
-        settings["moa"] = {"file": args.moa, "clip_vision": args.clip_vision,
-                           "reference_dir": str(Path(args.reference_dir).resolve())}
+        settings["moa"] = {
+            "file": args.moa,
+            "clip_vision": args.clip_vision,
+            "reference_dir": str(Path(args.reference_dir).resolve()),
+        }
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise GenerateError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
@@ -88,9 +104,20 @@ def build_graph(item: dict, seed: int, methods: list[str], settings: dict, refer
     empty = graphs.latent(g, settings["width"], settings["height"])
 
     def render(method, patched, positive):
-        images = graphs.sample(g, patched, positive, negative, empty, vae, method, steps=settings["steps"],
-                               cfg=settings["cfg"], seed=seed, sampler=settings["sampler"],
-                               scheduler=settings["scheduler"])
+        images = graphs.sample(
+            g,
+            patched,
+            positive,
+            negative,
+            empty,
+            vae,
+            method,
+            steps=settings["steps"],
+            cfg=settings["cfg"],
+            seed=seed,
+            sampler=settings["sampler"],
+            scheduler=settings["scheduler"],
+        )
         return g.add("SaveImage", f"Save: {method}", images=images, filename_prefix=f"quality/{method}").node_id
 
     saves = {}
@@ -105,20 +132,33 @@ def build_graph(item: dict, seed: int, methods: list[str], settings: dict, refer
             mole = settings["mole"]
             if experts is None:
                 first, second = mole["experts"][0], (mole["experts"][1:] or [None])[0]
-                experts = g.add("MoLE_LoadExperts", expert_1=first["file"], name_1=first["name"],
-                                strength_1=first["strength"], expert_2=second["file"] if second else "None",
-                                name_2=second["name"] if second else "hand",
-                                strength_2=second["strength"] if second else 1.0)[0]
-            gated = g.add("MoLE_ApplyGating", method, model=model, experts=experts, gates=mole["gates"],
-                          mode=MOLE_METHODS[method] or mole["mode"], strength=mole["strength"])[0]
+                experts = g.add(
+                    "MoLE_LoadExperts",
+                    expert_1=first["file"],
+                    name_1=first["name"],
+                    strength_1=first["strength"],
+                    expert_2=second["file"] if second else "None",
+                    name_2=second["name"] if second else "hand",
+                    strength_2=second["strength"] if second else 1.0,
+                )[0]
+            gated = g.add(
+                "MoLE_ApplyGating",
+                method,
+                model=model,
+                experts=experts,
+                gates=mole["gates"],
+                mode=MOLE_METHODS[method] or mole["mode"],
+                strength=mole["strength"],
+            )[0]
             saves[render(method, gated, positive)] = method
         elif method == "moa":
             moa = settings["moa"]
             router = g.add("MoA_LoadRouter", moa_name=moa["file"])[0]
             vision = g.add("CLIPVisionLoader", clip_name=moa["clip_vision"])[0]
             subject = graphs.load_image(g, ("input", reference), "subject")
-            patched, moa_positive = graphs.inject(g, model, router, clip, vision, item["prompt"], item["subject_word"],
-                                                  [subject], "MoA")
+            patched, moa_positive = graphs.inject(
+                g, model, router, clip, vision, item["prompt"], item["subject_word"], [subject], "MoA"
+            )
             saves[render(method, patched, moa_positive)] = method
     return g.nodes, saves
 
@@ -136,8 +176,10 @@ def _check_settings(out: Path, settings: dict, prompts_path: Path):
         before = json.loads(saved.read_text())
         changed = sorted(k for k in set(before) | set(record) if before.get(k) != record.get(k) and k != "seeds")
         if changed:
-            raise GenerateError(f"{out} holds a run with other settings ({', '.join(changed)} differ; see {saved}): "
-                                "use another --out, or the same settings to resume")
+            raise GenerateError(
+                f"{out} holds a run with other settings ({', '.join(changed)} differ; see {saved}): "
+                "use another --out, or the same settings to resume"
+            )
         record["seeds"] = list(dict.fromkeys(before.get("seeds", []) + record["seeds"]))  # more seeds: allowed
     out.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(record, indent=1) + "\n")
@@ -151,18 +193,25 @@ def _stage_references(items: list[dict], settings: dict, inputs: Path) -> dict[s
     for item in items:
         subject = item.get("subject")
         if subject is None:
-            raise GenerateError(f"prompt {item['id']}: the moa method needs prompts with a 'subject' and a "
-                                "'subject_word' (python3 -m quality moa-prompts)")
+            raise GenerateError(
+                f"prompt {item['id']}: the moa method needs prompts with a 'subject' and a "
+                "'subject_word' (python3 -m quality moa-prompts)"
+            )
         if subject in names:
             continue
-        source = Path(item["reference"]) if item.get("reference") else moa_protocol.reference_image(
-            settings["moa"]["reference_dir"], subject)
+        source = (
+            Path(item["reference"])
+            if item.get("reference")
+            else moa_protocol.reference_image(settings["moa"]["reference_dir"], subject)
+        )
         names[subject] = f"subject_{subject}{source.suffix.lower()}"
         shutil.copyfile(source, inputs / names[subject])
     return names
 
 
-def generate(prompts_path: Path, out: Path, settings: dict, extra_model_paths: list[str] = (), limit: int | None = None):
+def generate(
+    prompts_path: Path, out: Path, settings: dict, extra_model_paths: list[str] = (), limit: int | None = None
+):
     """Render what is missing; returns the manifest rows (all of them, old and new)."""
     items = prompt_sets.read_jsonl(prompts_path)[:limit]
     out = Path(out)
@@ -187,16 +236,20 @@ def generate(prompts_path: Path, out: Path, settings: dict, extra_model_paths: l
 
     render_dir = out / "_render"
     runner.start_host(list(extra_model_paths), str(out / "inputs") if references else None, str(render_dir))
-    graphs = [(item, seed, *build_graph(item, seed, methods, settings, references.get(item.get("subject"))))
-              for item, seed, methods in todo]
+    graphs = [
+        (item, seed, *build_graph(item, seed, methods, settings, references.get(item.get("subject"))))
+        for item, seed, methods in todo
+    ]
     runner.check_files({f"{item['id']} seed {seed}": prompt for item, seed, prompt, _ in graphs})
     executor = runner.new_executor()
 
     from tqdm import tqdm
 
     started = time.monotonic()
-    with manifest_path.open("a") as log, tqdm(total=len(graphs), unit="prompt", desc="rendering",
-                                              dynamic_ncols=True) as bar:
+    with (
+        manifest_path.open("a") as log,
+        tqdm(total=len(graphs), unit="prompt", desc="rendering", dynamic_ncols=True) as bar,
+    ):
         for item, seed, prompt, saves in graphs:
             images = runner.execute(executor, prompt, f"{item['id']} seed {seed}")
             for node_id, method in saves.items():
@@ -204,8 +257,13 @@ def generate(prompts_path: Path, out: Path, settings: dict, extra_model_paths: l
                 target = out / image_path(method, item["id"], seed)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(saved, target)
-                row = {"id": item["id"], "prompt": item["prompt"], "seed": seed, "method": method,
-                       "image": image_path(method, item["id"], seed)}
+                row = {
+                    "id": item["id"],
+                    "prompt": item["prompt"],
+                    "seed": seed,
+                    "method": method,
+                    "image": image_path(method, item["id"], seed),
+                }
                 if item.get("subject"):  # every method's image can be compared with the subject
                     row["subject"] = item["subject"]
                     if item["subject"] in references:
@@ -215,13 +273,17 @@ def generate(prompts_path: Path, out: Path, settings: dict, extra_model_paths: l
             log.flush()  # a stopped run resumes after the last finished prompt
             bar.update(1)
     shutil.rmtree(render_dir, ignore_errors=True)
-    print(f"{len(graphs)} prompt(s) x {len(settings['methods'])} method(s) in {time.monotonic() - started:.1f} s; "
-          f"manifest: {manifest_path}")
+    print(
+        f"{len(graphs)} prompt(s) x {len(settings['methods'])} method(s) in {time.monotonic() - started:.1f} s; "
+        f"manifest: {manifest_path}"
+    )
     return manifest
 
 
 def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("prompts", type=Path, help="a prompt set (.jsonl from `quality prompts` or `quality moa-prompts`)")
+    parser.add_argument(
+        "prompts", type=Path, help="a prompt set (.jsonl from `quality prompts` or `quality moa-prompts`)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="the run folder (images, manifest.jsonl, run.json)")
     parser.add_argument("--checkpoint", required=True, help="checkpoint file name in models/checkpoints")
     parser.add_argument("--method", action="append", choices=METHODS, help="repeatable; default: base")
@@ -233,17 +295,23 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--sampler", default="euler")
     parser.add_argument("--scheduler", default="normal")
     parser.add_argument("--negative", default="", help="negative prompt (default: none)")
-    parser.add_argument("--mole-expert", action="append", help="FILE=NAME[:STRENGTH] in models/loras, e.g. "
-                        "mole_face_sd15.safetensors=face (repeat for the hand expert)")
+    parser.add_argument(
+        "--mole-expert",
+        action="append",
+        help="FILE=NAME[:STRENGTH] in models/loras, e.g. mole_face_sd15.safetensors=face (repeat for the hand expert)",
+    )
     parser.add_argument("--mole-gates", help="gate file in models/mole")
     parser.add_argument("--mole-mode", default="both", choices=["both", "local", "global"])
     parser.add_argument("--mole-strength", type=float, default=1.0)
     parser.add_argument("--moa", help="MoA file in models/moa")
     parser.add_argument("--clip-vision", help="CLIP ViT-L/14 vision model in models/clip_vision")
     parser.add_argument("--reference-dir", type=Path, help="REFERENCE_DIR/<subject>/*.jpg: the subjects' images")
-    parser.add_argument("--protocol", choices=["moa"], default=None,
-                        help="moa: FastComposer's settings (512x512, 50 steps, cfg 5, UniPC, seeds 0-3) over the "
-                             "values above")
+    parser.add_argument(
+        "--protocol",
+        choices=["moa"],
+        default=None,
+        help="moa: FastComposer's settings (512x512, 50 steps, cfg 5, UniPC, seeds 0-3) over the values above",
+    )
     parser.add_argument("--extra-model-paths-config", action="append", default=[], help="extra_model_paths.yaml")
     parser.add_argument("--limit", type=int, default=None, help="only the first N prompts")
 

@@ -33,21 +33,24 @@ import torch
 
 WEIGHTS = {
     "hps": "HPS_v2_compressed.pt (1.7 GB) from the Hugging Face repo xswu/HPSv2, into the hub cache "
-           "(~/.cache/huggingface/hub, or $HF_HOME/hub): `huggingface-cli download xswu/HPSv2 HPS_v2_compressed.pt`, "
-           "or pass --hps-checkpoint FILE",
+    "(~/.cache/huggingface/hub, or $HF_HOME/hub): `huggingface-cli download xswu/HPSv2 HPS_v2_compressed.pt`, "
+    "or pass --hps-checkpoint FILE",
     "imagereward": "ImageReward.pt (1.7 GB) and med_config.json from the Hugging Face repo THUDM/ImageReward into "
-                   "~/.cache/ImageReward, and the bert-base-uncased tokenizer into the hub cache: "
-                   "`huggingface-cli download THUDM/ImageReward ImageReward.pt med_config.json --local-dir "
-                   "~/.cache/ImageReward` and `huggingface-cli download bert-base-uncased`",
+    "~/.cache/ImageReward, and the bert-base-uncased tokenizer into the hub cache: "
+    "`huggingface-cli download THUDM/ImageReward ImageReward.pt med_config.json --local-dir "
+    "~/.cache/ImageReward` and `huggingface-cli download bert-base-uncased`",
     "clip": "openai/clip-vit-large-patch14 (1.7 GB) into the Hugging Face hub cache: "
-            "`huggingface-cli download openai/clip-vit-large-patch14`",
+    "`huggingface-cli download openai/clip-vit-large-patch14`",
     "face": "20180402-114759-vggface2.pt (107 MB, facenet-pytorch's InceptionResnetV1 VGGFace2 weights) into "
-            "$TORCH_HOME/checkpoints (~/.cache/torch/checkpoints); facenet-pytorch downloads it from its GitHub "
-            "release at first use. MTCNN's weights ship inside facenet-pytorch",
+    "$TORCH_HOME/checkpoints (~/.cache/torch/checkpoints); facenet-pytorch downloads it from its GitHub "
+    "release at first use. MTCNN's weights ship inside facenet-pytorch",
 }
-PACKAGES = {"hps": "open-clip-torch", "imagereward": "image-reward (pip install --no-deps image-reward timm fairscale)",
-            "clip": "transformers", "face": "facenet-pytorch (pip install --no-deps facenet-pytorch: its pins would "
-                                            "replace ComfyUI's torch)"}
+PACKAGES = {
+    "hps": "open-clip-torch",
+    "imagereward": "image-reward (pip install --no-deps image-reward timm fairscale)",
+    "clip": "transformers",
+    "face": "facenet-pytorch (pip install --no-deps facenet-pytorch: its pins would replace ComfyUI's torch)",
+}
 
 
 class MetricUnavailable(RuntimeError):
@@ -58,13 +61,16 @@ def _require(module: str, metric: str):
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise MetricUnavailable(f"metric {metric!r} needs the package {PACKAGES[metric]} ({e}); "
-                                "install the pack's `quality` extras (README, Measuring quality)") from None
+        raise MetricUnavailable(
+            f"metric {metric!r} needs the package {PACKAGES[metric]} ({e}); "
+            "install the pack's `quality` extras (README, Measuring quality)"
+        ) from None
 
 
 def _unavailable(metric: str, error: Exception) -> MetricUnavailable:
-    return MetricUnavailable(f"metric {metric!r} could not load its weights ({type(error).__name__}: {error}). "
-                             f"Download {WEIGHTS[metric]}.")
+    return MetricUnavailable(
+        f"metric {metric!r} could not load its weights ({type(error).__name__}: {error}). Download {WEIGHTS[metric]}."
+    )
 
 
 def default_device() -> torch.device:
@@ -115,8 +121,11 @@ class ClipScore(Metric):
     def score(self, image, prompt, reference=None):
         text = self.tokenizer([prompt], padding=True, truncation=True, max_length=77, return_tensors="pt")
         pixels = self.image_processor(images=_rgb(image), return_tensors="pt")["pixel_values"]
-        out = self.model(input_ids=text["input_ids"].to(self.device), attention_mask=text["attention_mask"].to(self.device),
-                         pixel_values=pixels.to(self.device, self.model.dtype))
+        out = self.model(
+            input_ids=text["input_ids"].to(self.device),
+            attention_mask=text["attention_mask"].to(self.device),
+            pixel_values=pixels.to(self.device, self.model.dtype),
+        )
         # CLIPModel's forward returns both embeddings L2-normalised.
         return float((out.image_embeds.float() * out.text_embeds.float()).sum(-1)[0])
 
@@ -190,9 +199,11 @@ def imagereward_module():
         hint = ""
         if int(transformers.__version__.split(".")[0]) >= 5:
             # image-reward 1.5's BLIP code (models/BLIP/med.py) imports helpers transformers 5 removed.
-            hint = (f"; image-reward 1.5 needs transformers<5 (this is {transformers.__version__}): score ImageReward in "
-                    "an environment with `pip install 'transformers<5' timm fairscale` and `pip install --no-deps "
-                    "image-reward`")
+            hint = (
+                f"; image-reward 1.5 needs transformers<5 (this is {transformers.__version__}): score ImageReward in "
+                "an environment with `pip install 'transformers<5' timm fairscale` and `pip install --no-deps "
+                "image-reward`"
+            )
         raise MetricUnavailable(f"metric 'imagereward' cannot import its model ({e}){hint}") from None
 
 
@@ -248,8 +259,16 @@ class FaceSimilarity(Metric):
     @classmethod
     def detector(cls, device=None):
         facenet = _require("facenet_pytorch", "face")
-        return facenet.MTCNN(image_size=160, margin=0, min_face_size=20, thresholds=[0.6, 0.7, 0.7], factor=0.709,
-                             post_process=True, keep_all=True, device=device or default_device())
+        return facenet.MTCNN(
+            image_size=160,
+            margin=0,
+            min_face_size=20,
+            thresholds=[0.6, 0.7, 0.7],
+            factor=0.709,
+            post_process=True,
+            keep_all=True,
+            device=device or default_device(),
+        )
 
     @classmethod
     def load(cls, device=None):
@@ -272,8 +291,9 @@ class FaceSimilarity(Metric):
         if key not in self._references:
             embedding = self._embed(reference)
             if embedding is None:
-                raise ValueError(f"{reference}: no face found in the reference image (MTCNN); use a photo with a "
-                                 "clear, frontal face")
+                raise ValueError(
+                    f"{reference}: no face found in the reference image (MTCNN); use a photo with a clear, frontal face"
+                )
             self._references[key] = embedding
         return self._references[key]
 

@@ -29,9 +29,37 @@ import re
 from pathlib import Path
 
 HUMAN_WORDS = (
-    "man", "men", "woman", "women", "person", "persons", "people", "kid", "kids", "child", "children",
-    "girl", "girls", "boy", "boys", "teenager", "teenagers", "teen", "teens", "lady", "ladies", "guy", "guys",
-    "gentleman", "gentlemen", "baby", "babies", "toddler", "toddlers", "adult", "adults",
+    "man",
+    "men",
+    "woman",
+    "women",
+    "person",
+    "persons",
+    "people",
+    "kid",
+    "kids",
+    "child",
+    "children",
+    "girl",
+    "girls",
+    "boy",
+    "boys",
+    "teenager",
+    "teenagers",
+    "teen",
+    "teens",
+    "lady",
+    "ladies",
+    "guy",
+    "guys",
+    "gentleman",
+    "gentlemen",
+    "baby",
+    "babies",
+    "toddler",
+    "toddlers",
+    "adult",
+    "adults",
 )
 SPECIAL = "[]{}()<>|\\"
 NSFW_THRESHOLD = 0.5
@@ -43,8 +71,9 @@ class PromptSetError(ValueError):
 
 def human_pattern(words=HUMAN_WORDS) -> re.Pattern:
     """Whole words only, any case: "man" matches "A man rides" and "the man's hat", not "mango" or "human"."""
-    return re.compile(r"\b(?:" + "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)) + r")\b",
-                      re.IGNORECASE)
+    return re.compile(
+        r"\b(?:" + "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)) + r")\b", re.IGNORECASE
+    )
 
 
 def _clean(text: str) -> str:
@@ -67,15 +96,24 @@ def coco_human_prompts(captions_json: Path, words=HUMAN_WORDS) -> list[dict]:
         data = json.loads(Path(captions_json).read_text())
         annotations = data["annotations"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise PromptSetError(f"{captions_json}: not a COCO captions file (a JSON with 'annotations': "
-                             f"[{{'id', 'image_id', 'caption'}}]): {e!r}") from None
+        raise PromptSetError(
+            f"{captions_json}: not a COCO captions file (a JSON with 'annotations': "
+            f"[{{'id', 'image_id', 'caption'}}]): {e!r}"
+        ) from None
     pattern = human_pattern(words)
     rows = []
     for a in sorted(annotations, key=lambda a: a["id"]):
         caption = _clean(a["caption"])
         if pattern.search(caption):
-            rows.append({"id": f"coco-{a['id']}", "prompt": caption, "source": "coco-captions",
-                         "source_id": a["id"], "image_id": a["image_id"]})
+            rows.append(
+                {
+                    "id": f"coco-{a['id']}",
+                    "prompt": caption,
+                    "source": "coco-captions",
+                    "source_id": a["id"],
+                    "image_id": a["image_id"],
+                }
+            )
     return _keep_unique(rows)
 
 
@@ -109,8 +147,9 @@ def _read_table(path: Path, columns: list[str]) -> list[dict]:
     return rows
 
 
-def diffusiondb_human_prompts(metadata: Path, words=HUMAN_WORDS, special: str = SPECIAL,
-                              nsfw_threshold: float = NSFW_THRESHOLD) -> list[dict]:
+def diffusiondb_human_prompts(
+    metadata: Path, words=HUMAN_WORDS, special: str = SPECIAL, nsfw_threshold: float = NSFW_THRESHOLD
+) -> list[dict]:
     """DiffusionDB Human Prompts from DiffusionDB 2M's metadata.parquet (image_name, prompt, prompt_nsfw)."""
     pattern = human_pattern(words)
     rows = []
@@ -119,8 +158,14 @@ def diffusiondb_human_prompts(metadata: Path, words=HUMAN_WORDS, special: str = 
         nsfw = float(r["prompt_nsfw"]) if r["prompt_nsfw"] not in (None, "") else 1.0  # unscored: not kept
         if not prompt or nsfw >= nsfw_threshold or any(c in prompt for c in special) or not pattern.search(prompt):
             continue
-        rows.append({"id": f"diffusiondb-{Path(str(r['image_name'])).stem}", "prompt": prompt,
-                     "source": "diffusiondb-2m", "source_id": r["image_name"]})
+        rows.append(
+            {
+                "id": f"diffusiondb-{Path(str(r['image_name'])).stem}",
+                "prompt": prompt,
+                "source": "diffusiondb-2m",
+                "source_id": r["image_name"],
+            }
+        )
     return _keep_unique(rows)
 
 
@@ -171,13 +216,19 @@ def add_arguments(parser: argparse.ArgumentParser):
     coco.add_argument("captions", type=Path)
     db = sub.add_parser("diffusiondb", help="DiffusionDB Human Prompts from DiffusionDB 2M's metadata.parquet")
     db.add_argument("metadata", type=Path)
-    db.add_argument("--nsfw-threshold", type=float, default=NSFW_THRESHOLD,
-                    help="drop prompts whose prompt_nsfw score is at least this (default 0.5)")
+    db.add_argument(
+        "--nsfw-threshold",
+        type=float,
+        default=NSFW_THRESHOLD,
+        help="drop prompts whose prompt_nsfw score is at least this (default 0.5)",
+    )
     for p in (coco, db):
         p.add_argument("--out", type=Path, required=True, help="the prompt set (.jsonl)")
         p.add_argument("--sample", type=int, default=None, help="draw this many at random (the paper: 3000)")
         p.add_argument("--seed", type=int, default=0, help="seed of the draw (one per repeat: 0, 1, 2)")
-        p.add_argument("--words", default=None, help="comma-separated human words (default: quality.prompts.HUMAN_WORDS)")
+        p.add_argument(
+            "--words", default=None, help="comma-separated human words (default: quality.prompts.HUMAN_WORDS)"
+        )
 
 
 def main(args):

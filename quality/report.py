@@ -23,25 +23,51 @@ from . import moa_protocol
 # MoLE paper Sec. 4 (HPS (%), IR (%): mean +- standard error over three repeats).
 PAPER_TABLES = {
     "mole-coco": {
-        "source": "MoLE paper, Tab. 1 (COCO Human Prompts)", "metrics": ["hps", "imagereward"],
-        "rows": {"VQ-Diffusion": ("19.21 ± 0.04", "-12.51 ± 2.44"), "Versatile Diffusion": ("19.75 ± 0.09", "-8.81 ± 1.40"),
-                 "SD XL": ("20.84 ± 0.06", "73.34 ± 2.29"), "SD v1.5": ("19.91 ± 0.09", "28.34 ± 1.40"),
-                 "MoLE": ("20.27 ± 0.07", "33.75 ± 1.49")}},
+        "source": "MoLE paper, Tab. 1 (COCO Human Prompts)",
+        "metrics": ["hps", "imagereward"],
+        "rows": {
+            "VQ-Diffusion": ("19.21 ± 0.04", "-12.51 ± 2.44"),
+            "Versatile Diffusion": ("19.75 ± 0.09", "-8.81 ± 1.40"),
+            "SD XL": ("20.84 ± 0.06", "73.34 ± 2.29"),
+            "SD v1.5": ("19.91 ± 0.09", "28.34 ± 1.40"),
+            "MoLE": ("20.27 ± 0.07", "33.75 ± 1.49"),
+        },
+    },
     "mole-diffusiondb": {
-        "source": "MoLE paper, Tab. 1 (DiffusionDB Human Prompts)", "metrics": ["hps", "imagereward"],
-        "rows": {"VQ-Diffusion": ("19.00 ± 0.02", "-18.42 ± 1.49"), "Versatile Diffusion": ("20.09 ± 0.04", "-29.05 ± 2.72"),
-                 "SD XL": ("21.51 ± 0.07", "87.88 ± 2.53"), "SD v1.5": ("20.29 ± 0.01", "-2.72 ± 1.66"),
-                 "MoLE": ("20.62 ± 0.04", "4.36 ± 1.36")}},
+        "source": "MoLE paper, Tab. 1 (DiffusionDB Human Prompts)",
+        "metrics": ["hps", "imagereward"],
+        "rows": {
+            "VQ-Diffusion": ("19.00 ± 0.02", "-18.42 ± 1.49"),
+            "Versatile Diffusion": ("20.09 ± 0.04", "-29.05 ± 2.72"),
+            "SD XL": ("21.51 ± 0.07", "87.88 ± 2.53"),
+            "SD v1.5": ("20.29 ± 0.01", "-2.72 ± 1.66"),
+            "MoLE": ("20.62 ± 0.04", "4.36 ± 1.36"),
+        },
+    },
     "mole-stages": {
-        "source": "MoLE paper, Tab. 2 (stages, COCO Human Prompts)", "metrics": ["hps", "imagereward"],
-        "rows": {"SD v1.5": ("19.91 ± 0.09", "28.34 ± 1.40"), "+Stage 1": ("20.16 ± 0.09", "31.01 ± 1.75"),
-                 "+Stage 2": ("19.94 ± 0.07", "25.66 ± 2.72"), "+Stage 3": ("20.27 ± 0.07", "33.75 ± 1.49")}},
+        "source": "MoLE paper, Tab. 2 (stages, COCO Human Prompts)",
+        "metrics": ["hps", "imagereward"],
+        "rows": {
+            "SD v1.5": ("19.91 ± 0.09", "28.34 ± 1.40"),
+            "+Stage 1": ("20.16 ± 0.09", "31.01 ± 1.75"),
+            "+Stage 2": ("19.94 ± 0.07", "25.66 ± 2.72"),
+            "+Stage 3": ("20.27 ± 0.07", "33.75 ± 1.49"),
+        },
+    },
     "mole-assignment": {
-        "source": "MoLE paper, Tab. 3 (assignment, COCO Human Prompts)", "metrics": ["hps", "imagereward"],
-        "rows": {"SD v1.5": ("19.91 ± 0.09", "28.34 ± 1.40"), "Local": ("20.19 ± 0.04", "31.98 ± 2.41"),
-                 "Global": ("20.20 ± 0.02", "32.20 ± 0.86"), "Both": ("20.27 ± 0.07", "33.75 ± 1.49")}},
-    "moa": {**moa_protocol.PAPER_TABLE,
-            "rows": {k: tuple(f"{v:.3f}" for v in vs) for k, vs in moa_protocol.PAPER_TABLE["rows"].items()}},
+        "source": "MoLE paper, Tab. 3 (assignment, COCO Human Prompts)",
+        "metrics": ["hps", "imagereward"],
+        "rows": {
+            "SD v1.5": ("19.91 ± 0.09", "28.34 ± 1.40"),
+            "Local": ("20.19 ± 0.04", "31.98 ± 2.41"),
+            "Global": ("20.20 ± 0.02", "32.20 ± 0.86"),
+            "Both": ("20.27 ± 0.07", "33.75 ± 1.49"),
+        },
+    },
+    "moa": {
+        **moa_protocol.PAPER_TABLE,
+        "rows": {k: tuple(f"{v:.3f}" for v in vs) for k, vs in moa_protocol.PAPER_TABLE["rows"].items()},
+    },
 }
 
 
@@ -94,8 +120,15 @@ def summarize(scores: list[dict]) -> list[dict]:
             if not values:
                 continue
             mean, low, high = interval(list(values.values()))
-            row = {"method": method, "metric": metric, "label": metric_defs.LABELS[metric], "n_prompts": len(values),
-                   "mean": mean, "ci_low": low, "ci_high": high}
+            row = {
+                "method": method,
+                "metric": metric,
+                "label": metric_defs.LABELS[metric],
+                "n_prompts": len(values),
+                "mean": mean,
+                "ci_low": low,
+                "ci_high": high,
+            }
             base = table.get((metric, "base"))
             if method != "base" and base:
                 shared = sorted(set(values) & set(base))
@@ -117,29 +150,42 @@ def markdown(rows: list[dict], paper: str | None, run: Path) -> str:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     by = {(r["method"], r["metric"]): r for r in rows}
     digits = {m: (2 if metric_defs.SCALES[m] != 1.0 else 3) for m in metrics}
-    lines = [f"# Quality of {Path(run).name}", "",
-             "Mean over prompts [95% interval]; each prompt's score is the mean over its seeds. "
-             "Δ: the paired difference from base.", "",
-             "| method | " + " | ".join(f"{metric_defs.LABELS[m]} | Δ {metric_defs.LABELS[m]}" for m in metrics) + " |",
-             "|---|" + "---|---|" * len(metrics)]
+    lines = [
+        f"# Quality of {Path(run).name}",
+        "",
+        "Mean over prompts [95% interval]; each prompt's score is the mean over its seeds. "
+        "Δ: the paired difference from base.",
+        "",
+        "| method | " + " | ".join(f"{metric_defs.LABELS[m]} | Δ {metric_defs.LABELS[m]}" for m in metrics) + " |",
+        "|---|" + "---|---|" * len(metrics),
+    ]
     for method in methods:
         cells = []
         for m in metrics:
             r = by.get((method, m))
             cells.append(_cell(r["mean"], r["ci_low"], r["ci_high"], digits[m]) if r else "")
-            cells.append(_cell(r["diff_vs_base"], r["diff_ci_low"], r["diff_ci_high"], digits[m])
-                         if r and "diff_vs_base" in r else "")
+            cells.append(
+                _cell(r["diff_vs_base"], r["diff_ci_low"], r["diff_ci_high"], digits[m])
+                if r and "diff_vs_base" in r
+                else ""
+            )
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     n = {r["n_prompts"] for r in rows}
     lines += ["", f"Prompts per cell: {', '.join(map(str, sorted(n)))}.", ""]
     if paper:
         table = PAPER_TABLES[paper]
-        lines += [f"## The paper's numbers ({table['source']})", "",
-                  "| method | " + " | ".join(metric_defs.LABELS[m] for m in table["metrics"]) + " |",
-                  "|---|" + "---|" * len(table["metrics"])]
+        lines += [
+            f"## The paper's numbers: {table['source']}",
+            "",
+            "| method | " + " | ".join(metric_defs.LABELS[m] for m in table["metrics"]) + " |",
+            "|---|" + "---|" * len(table["metrics"]),
+        ]
         lines += [f"| {name} | " + " | ".join(values) + " |" for name, values in table["rows"].items()]
-        note = ("mean ± standard error over three draws of 3k prompts" if paper.startswith("mole")
-                else "mean over 15 identities x 40 prompts x 4 images")
+        note = (
+            "mean ± standard error over three draws of 3k prompts"
+            if paper.startswith("mole")
+            else "mean over 15 identities x 40 prompts x 4 images"
+        )
         lines += ["", f"The paper's figures are the {note}; compare means, not interval widths.", ""]
     lines += ["Per-prompt differences from base: report_differences.png.", ""]
     return "\n".join(lines)
@@ -156,7 +202,9 @@ def plot(scores: list[dict], path: Path) -> Path | None:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return None
     table = per_prompt(scores)
-    metrics = [m for m in metric_defs.LOADERS if (m, "base") in table and any(k[0] == m and k[1] != "base" for k in table)]
+    metrics = [
+        m for m in metric_defs.LOADERS if (m, "base") in table and any(k[0] == m and k[1] != "base" for k in table)
+    ]
     if not metrics:
         return None
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
@@ -166,7 +214,9 @@ def plot(scores: list[dict], path: Path) -> Path | None:
             if m != metric or method == "base":
                 continue
             diffs = sorted(values[p] - base[p] for p in set(values) & set(base))
-            line = ax.plot(range(len(diffs)), diffs, marker=".", label=f"{method} (mean {sum(diffs) / len(diffs):+.3g})")
+            line = ax.plot(
+                range(len(diffs)), diffs, marker=".", label=f"{method} (mean {sum(diffs) / len(diffs):+.3g})"
+            )
             ax.axhline(sum(diffs) / len(diffs), color=line[0].get_color(), linestyle="--", linewidth=0.8)
         ax.axhline(0.0, color="black", linewidth=0.8)
         ax.set_title(f"{metric_defs.LABELS[metric]}: method - base")
@@ -183,8 +233,18 @@ def write_report(run: Path, paper: str | None = None) -> dict:
     scores = read_scores(run)
     rows = summarize(scores)
     with (run / "report.csv").open("w", newline="") as f:
-        fields = ["method", "metric", "label", "n_prompts", "mean", "ci_low", "ci_high", "diff_vs_base",
-                  "diff_ci_low", "diff_ci_high"]
+        fields = [
+            "method",
+            "metric",
+            "label",
+            "n_prompts",
+            "mean",
+            "ci_low",
+            "ci_high",
+            "diff_vs_base",
+            "diff_ci_low",
+            "diff_ci_high",
+        ]
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)

@@ -49,13 +49,22 @@ def score_run(run: Path, metrics: dict[str, metric_defs.Metric | None], device=N
             metric = metric or metric_defs.load(name, device=device, **(options or {}).get(name, {}))
             if metric.needs_reference and any(not r.get("reference") for r in todo):
                 missing = next(r for r in todo if not r.get("reference"))
-                raise ValueError(f"metric {name!r} needs a reference image per image; {missing['image']} has none "
-                                 "(render MoA protocol prompts, which name their subject)")
+                raise ValueError(
+                    f"metric {name!r} needs a reference image per image; {missing['image']} has none "
+                    "(render MoA protocol prompts, which name their subject)"
+                )
             for r in tqdm(todo, desc=name, unit="image", dynamic_ncols=True):
                 reference = run / r["reference"] if r.get("reference") else None
                 value = metric.score(run / r["image"], r["prompt"], reference)
-                writer.writerow({"id": r["id"], "method": r["method"], "seed": r["seed"], "metric": name,
-                                 "value": repr(float(value))})
+                writer.writerow(
+                    {
+                        "id": r["id"],
+                        "method": r["method"],
+                        "seed": r["seed"],
+                        "metric": name,
+                        "value": repr(float(value)),
+                    }
+                )
                 f.flush()
             del metric
     return path
@@ -66,8 +75,12 @@ def add_arguments(parser):
     parser.add_argument("--metric", action="append", choices=sorted(metric_defs.LOADERS), required=True)
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when there is one)")
     parser.add_argument("--hps-checkpoint", default=None, help="HPS_v2_compressed.pt, if not from the hub cache")
-    parser.add_argument("--hps-version", default="v2.0", choices=["v2.0", "v2.1"],
-                        help="v2.0: the MoLE paper's (2023) model; v2.1: the later one (not comparable)")
+    parser.add_argument(
+        "--hps-version",
+        default="v2.0",
+        choices=["v2.0", "v2.1"],
+        help="v2.0: the MoLE paper's (2023) model; v2.1: the later one (not comparable)",
+    )
 
 
 def main(args):
@@ -75,8 +88,9 @@ def main(args):
 
     options = {"hps": {"checkpoint": args.hps_checkpoint, "version": args.hps_version}}
     try:
-        path = score_run(args.run, {m: None for m in args.metric}, torch.device(args.device) if args.device else None,
-                         options)
+        path = score_run(
+            args.run, {m: None for m in args.metric}, torch.device(args.device) if args.device else None, options
+        )
     except (FileNotFoundError, ValueError, metric_defs.MetricUnavailable) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"scores: {path}")

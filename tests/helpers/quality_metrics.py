@@ -17,15 +17,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import hostenv
 import pytest
 import torch
 
-import hostenv
 from quality import metrics
 
-HPS_TINY = {"embed_dim": 32,
-            "vision_cfg": {"image_size": 224, "layers": 1, "width": 64, "head_width": 32, "patch_size": 32},
-            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+HPS_TINY = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 224, "layers": 1, "width": 64, "head_width": 32, "patch_size": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
 CPU = torch.device("cpu")
 
 
@@ -37,11 +39,24 @@ def tiny_clip() -> metrics.ClipScore:
     vocab = host / "comfy" / "sd1_tokenizer"
     torch.manual_seed(0)
     config = transformers.CLIPConfig(
-        text_config={"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "max_position_embeddings": 77},
-        vision_config={"image_size": 224, "patch_size": 32, "hidden_size": 32, "intermediate_size": 64,
-                       "num_hidden_layers": 1, "num_attention_heads": 2},
-        projection_dim=16)
+        text_config={
+            "vocab_size": 49408,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 77,
+        },
+        vision_config={
+            "image_size": 224,
+            "patch_size": 32,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+        },
+        projection_dim=16,
+    )
     tokenizer = transformers.CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"))
     return metrics.ClipScore(transformers.CLIPModel(config), tokenizer, transformers.CLIPImageProcessor(), CPU)
 

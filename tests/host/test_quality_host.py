@@ -11,13 +11,13 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-
 import hostenv
+import pytest
 from helpers import moa_weights as aw
 from helpers import mole_weights as mw
 from helpers import quality_metrics as qm
 from helpers import random_models as rm
+
 from quality import moa_protocol, prompts, report, score
 
 pytestmark = pytest.mark.slow
@@ -36,8 +36,11 @@ def setup(sd15, tmp_path_factory):
     mw.write_lora(root / "loras" / "hand.safetensors", layers, kohya, seed=42)
     mw.write_pack_gates(root / "mole" / "gates.safetensors", layers)
     (root / "extra_model_paths.yaml").write_text(
-        "quality_tests:\n  base_path: " + str(root) + "\n"
-        + "".join(f"  {f}: {f}\n" for f in ("checkpoints", "loras", "mole", "moa", "clip_vision")))
+        "quality_tests:\n  base_path: "
+        + str(root)
+        + "\n"
+        + "".join(f"  {f}: {f}\n" for f in ("checkpoints", "loras", "mole", "moa", "clip_vision"))
+    )
     (root / "refs" / "000001").mkdir(parents=True)
     shutil.copyfile(qm.face_photo(), root / "refs" / "000001" / "0.jpg")  # a real face: the face metric needs one
     prompts.write_jsonl(moa_protocol.single_subject_prompts({"000001": "man"})[:2], root / "prompts.jsonl")
@@ -45,12 +48,44 @@ def setup(sd15, tmp_path_factory):
 
 
 def generate(root, *extra):
-    command = [sys.executable, "-m", "quality", "generate", root / "prompts.jsonl", "--out", root / "run",
-               "--checkpoint", "sd15.safetensors", "--method", "base", "--method", "mole", "--method", "moa",
-               "--mole-expert", "face.safetensors=face", "--mole-expert", "hand.safetensors=hand",
-               "--mole-gates", "gates.safetensors", "--moa", "moa.safetensors", "--clip-vision", "vit_l14.safetensors",
-               "--reference-dir", root / "refs", "--width", "64", "--height", "64", "--seeds", "7",
-               "--extra-model-paths-config", root / "extra_model_paths.yaml", *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "quality",
+        "generate",
+        root / "prompts.jsonl",
+        "--out",
+        root / "run",
+        "--checkpoint",
+        "sd15.safetensors",
+        "--method",
+        "base",
+        "--method",
+        "mole",
+        "--method",
+        "moa",
+        "--mole-expert",
+        "face.safetensors=face",
+        "--mole-expert",
+        "hand.safetensors=hand",
+        "--mole-gates",
+        "gates.safetensors",
+        "--moa",
+        "moa.safetensors",
+        "--clip-vision",
+        "vit_l14.safetensors",
+        "--reference-dir",
+        root / "refs",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--seeds",
+        "7",
+        "--extra-model-paths-config",
+        root / "extra_model_paths.yaml",
+        *extra,
+    ]
     return subprocess.run(list(map(str, command)), cwd=hostenv.REPO, capture_output=True, text=True, timeout=900)
 
 
@@ -62,8 +97,11 @@ def test_generate_resume_score_report(setup):
     assert "rendering: 100%" in first.stderr and "1/1 [" in first.stderr  # the progress bar, with its times
     manifest = [json.loads(line) for line in (run / "manifest.jsonl").read_text().splitlines()]
     assert [(r["id"], r["method"], r["seed"]) for r in manifest] == [
-        ("subject_0000_prompt_0000", m, 7) for m in ("base", "mole", "moa")]
-    assert all(r["reference"] == "inputs/subject_000001.jpg" and r["prompt"] == "a man wearing a red hat" for r in manifest)
+        ("subject_0000_prompt_0000", m, 7) for m in ("base", "mole", "moa")
+    ]
+    assert all(
+        r["reference"] == "inputs/subject_000001.jpg" and r["prompt"] == "a man wearing a red hat" for r in manifest
+    )
     pixels = {r["method"]: (run / r["image"]).read_bytes() for r in manifest}
     assert pixels["mole"] != pixels["base"] and pixels["moa"] != pixels["base"]  # each method acted
     stamp = (run / manifest[0]["image"]).stat().st_mtime_ns

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import quality_metrics as qm
 from PIL import Image
 
-from helpers import quality_metrics as qm
 from quality import metrics
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,9 @@ def test_clip_score_is_clips_image_text_cosine():
         img = clip.model.visual_projection(clip.model.vision_model(pixel_values=pixels).pooler_output)
     assert score == pytest.approx(torch.nn.functional.cosine_similarity(text, img).item(), abs=1e-5)
     assert clip.score(image, "a watercolor painting of a woman") != pytest.approx(score, abs=1e-6)
-    assert isinstance(clip.score(image, "word " * 200), float)  # longer than 77 tokens: truncated, as clip.tokenize(truncate)
+    assert isinstance(
+        clip.score(image, "word " * 200), float
+    )  # longer than 77 tokens: truncated, as clip.tokenize(truncate)
 
 
 def test_hps_is_open_clips_feature_dot_product_and_loads_the_hps_file_layout(tmp_path):

@@ -8,9 +8,9 @@ import json
 import subprocess
 import sys
 
+import hostenv
 import pytest
 
-import hostenv
 from quality import moa_protocol
 from quality import prompts as ps
 
@@ -21,8 +21,13 @@ def test_coco_human_prompts_keep_human_captions_once_with_their_ids():
     rows = ps.coco_human_prompts(SAMPLES / "coco_captions_sample.json")
     assert [r["source_id"] for r in rows] == [101, 103, 106, 107, 109, 111, 112, 114, 116]
     # 102 (a surfer), 105 (food), 110 ("mango"), 108/113/115: no human word; 104: 103 again (spaces, no period)
-    assert rows[1] == {"id": "coco-103", "prompt": "Two women sitting on a bench eating sandwiches.",
-                       "source": "coco-captions", "source_id": 103, "image_id": 9002}
+    assert rows[1] == {
+        "id": "coco-103",
+        "prompt": "Two women sitting on a bench eating sandwiches.",
+        "source": "coco-captions",
+        "source_id": 103,
+        "image_id": 9002,
+    }
     assert "A BOY and his father playing frisbee." in [r["prompt"] for r in rows]  # any case
 
 
@@ -39,7 +44,11 @@ def test_diffusiondb_filters_nsfw_special_symbols_and_non_human(tmp_path):
     # 0003 "(...)", 0005 "[...]", 0008 "{...}", 0011 "|": special symbols; 0006: prompt_nsfw 0.91;
     # 0013: no NSFW score; 0009: 0002 again; 0004, 0012: no human word.
     assert [r["id"] for r in ps.diffusiondb_human_prompts(parquet, nsfw_threshold=0.95, special="")][:4] == [
-        "diffusiondb-a1b2-0001", "diffusiondb-a1b2-0002", "diffusiondb-a1b2-0003", "diffusiondb-a1b2-0005"]
+        "diffusiondb-a1b2-0001",
+        "diffusiondb-a1b2-0002",
+        "diffusiondb-a1b2-0003",
+        "diffusiondb-a1b2-0005",
+    ]
 
 
 def test_bad_inputs_name_the_file(tmp_path):
@@ -62,8 +71,25 @@ def test_sample_is_seeded_and_the_command_writes_jsonl(tmp_path):
     a, b, c = ps.sample(rows, 4, 0), ps.sample(rows, 4, 0), ps.sample(rows, 4, 1)
     assert a == b and a != c and len(a) == 4 and all(r in rows for r in a)
     out = tmp_path / "coco_human.jsonl"
-    done = subprocess.run([sys.executable, "-m", "quality", "prompts", "coco", SAMPLES / "coco_captions_sample.json",
-                           "--out", out, "--sample", "4", "--seed", "0"], cwd=hostenv.REPO, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "quality",
+            "prompts",
+            "coco",
+            SAMPLES / "coco_captions_sample.json",
+            "--out",
+            out,
+            "--sample",
+            "4",
+            "--seed",
+            "0",
+        ],
+        cwd=hostenv.REPO,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert ps.read_jsonl(out) == a
     assert "9 human-centric prompts; 4 written" in done.stdout
@@ -73,9 +99,14 @@ def test_moa_protocol_is_fastcomposers(tmp_path):
     rows = moa_protocol.single_subject_prompts()
     assert len(rows) == 15 * 40 and len(moa_protocol.IDENTITIES) == 15
     # FastComposer's file names: subject_{case:04d}_prompt_{prompt:04d}, identities in sorted order.
-    assert rows[0] == {"id": "subject_0000_prompt_0000", "prompt": "a man wearing a red hat",
-                       "source": "fastcomposer-single-subject", "source_id": "000001/0",
-                       "subject": "000001", "subject_word": "man"}
+    assert rows[0] == {
+        "id": "subject_0000_prompt_0000",
+        "prompt": "a man wearing a red hat",
+        "source": "fastcomposer-single-subject",
+        "source_id": "000001/0",
+        "subject": "000001",
+        "subject_word": "man",
+    }
     assert rows[40 * 3 + 39]["prompt"] == "a woman on top of a purple rug in a forest"  # 000612, last context prompt
     assert rows[40 * 3 + 39]["subject"] == "000612"
     for identity in ("000001", "000612"):

@@ -21,7 +21,9 @@ def scores_csv(path, rows):
 def test_interval_is_a_t_interval():
     mean, low, high = report.interval([1.0, 2.0, 3.0, 4.0])
     # sd = 1.2910, t(0.975, 3) = 3.1824: half width 2.0543
-    assert mean == 2.5 and low == pytest.approx(2.5 - 2.0543, abs=1e-4) and high == pytest.approx(2.5 + 2.0543, abs=1e-4)
+    assert (
+        mean == 2.5 and low == pytest.approx(2.5 - 2.0543, abs=1e-4) and high == pytest.approx(2.5 + 2.0543, abs=1e-4)
+    )
     assert math.isnan(report.interval([5.0])[1])
 
 
