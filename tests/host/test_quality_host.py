@@ -1,6 +1,7 @@
 """The quality pipeline end to end on the real host: `python3 -m quality generate` renders the MoA
 protocol's prompts for base, MoLE and MoA through ComfyUI's executor (random-weight SD1.5 and
-random MoLE/MoA files, 64x64, 1 step), resumes a stopped run, refuses one with other settings;
+random MoLE/MoA files, 64x64, 1 step) and resumes a stopped run (a run with other settings is refused:
+tests/quality/test_generate_settings.py);
 then the run is scored (random-weight CLIP and FaceNet of the real architectures; MTCNN's real
 weights) and reported."""
 
@@ -12,6 +13,7 @@ import subprocess
 import sys
 
 import hostenv
+import numpy as np
 import pytest
 from helpers import moa_weights as aw
 from helpers import mole_weights as mw
@@ -90,31 +92,45 @@ def generate(root, *extra):
 
 
 def test_generate_resume_score_report(setup):
+    """One runner process; the run folder already holds one finished image (a stopped run): the
+    runner renders everything else, in one graph per (prompt, seed), and leaves that one alone."""
+    from PIL import Image
+
     root, run = setup, setup / "run"
-    first = generate(root, "--steps", "1", "--limit", "1")
-    assert first.returncode == 0, first.stderr[-4000:]
-    assert "0 of 1 (prompt, seed) pairs already rendered; 1 to go" in first.stdout
-    assert "rendering: 100%" in first.stderr and "1/1 [" in first.stderr  # the progress bar, with its times
+    done = {
+        "id": "subject_0000_prompt_0001",
+        "prompt": "a man wearing a santa hat",
+        "seed": 7,
+        "method": "mole",
+        "image": "images/mole/subject_0000_prompt_0001_s7.png",
+        "subject": "000001",
+        "reference": "inputs/subject_000001.jpg",
+    }
+    (run / "images" / "mole").mkdir(parents=True)
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(run / done["image"])
+    (run / "manifest.jsonl").write_text(json.dumps(done) + "\n")
+    before = (run / done["image"]).read_bytes()
+
+    rendered = generate(root, "--steps", "1")
+    assert rendered.returncode == 0, rendered.stderr[-4000:]
+    assert "0 of 2 (prompt, seed) pairs already rendered; 2 to go" in rendered.stdout
+    assert "rendering: 100%" in rendered.stderr and "2/2 [" in rendered.stderr  # the progress bar, with its times
     manifest = [json.loads(line) for line in (run / "manifest.jsonl").read_text().splitlines()]
-    assert [(r["id"], r["method"], r["seed"]) for r in manifest] == [
-        ("subject_0000_prompt_0000", m, 7) for m in ("base", "mole", "moa")
+    assert [(r["id"][-4:], r["method"], r["seed"]) for r in manifest] == [
+        ("0001", "mole", 7),
+        ("0000", "base", 7),
+        ("0000", "mole", 7),
+        ("0000", "moa", 7),
+        ("0001", "base", 7),
+        ("0001", "moa", 7),
     ]
-    assert all(
-        r["reference"] == "inputs/subject_000001.jpg" and r["prompt"] == "a man wearing a red hat" for r in manifest
-    )
-    pixels = {r["method"]: (run / r["image"]).read_bytes() for r in manifest}
-    assert pixels["mole"] != pixels["base"] and pixels["moa"] != pixels["base"]  # each method acted
-    stamp = (run / manifest[0]["image"]).stat().st_mtime_ns
-
-    second = generate(root, "--steps", "1")  # the whole set: only the missing prompt is rendered
-    assert second.returncode == 0, second.stderr[-4000:]
-    assert "1 of 2 (prompt, seed) pairs already rendered; 1 to go" in second.stdout
-    manifest = [json.loads(line) for line in (run / "manifest.jsonl").read_text().splitlines()]
-    assert len(manifest) == 6 and (run / manifest[0]["image"]).stat().st_mtime_ns == stamp
+    assert (run / done["image"]).read_bytes() == before  # not rendered again
+    assert all(r["reference"] == "inputs/subject_000001.jpg" for r in manifest)
+    assert manifest[1]["prompt"] == "a man wearing a red hat"
+    pixels = {r["method"]: np.asarray(Image.open(run / r["image"])) for r in manifest[1:4]}
+    assert pixels["base"].shape == (64, 64, 3)
+    assert not np.array_equal(pixels["mole"], pixels["base"]) and not np.array_equal(pixels["moa"], pixels["base"])
     assert all((run / r["image"]).is_file() for r in manifest) and not (run / "_render").exists()
-
-    other = generate(root, "--steps", "2")
-    assert other.returncode != 0 and "other settings (steps differ" in other.stderr
 
     score.score_run(run, {"clip": qm.tiny_clip(), "face": qm.random_face()})
     scored = report.read_scores(run)
