@@ -287,15 +287,18 @@ class FaceSimilarity(Metric):
         return self.embedder(faces[:1].to(self.device).reshape(1, 3, 160, 160)).float()
 
     def reference_embedding(self, reference):
-        key = str(reference)
-        if key not in self._references:
-            embedding = self._embed(reference)
-            if embedding is None:
-                raise ValueError(
-                    f"{reference}: no face found in the reference image (MTCNN); use a photo with a clear, frontal face"
-                )
+        """Embedded once per reference file (a run compares thousands of images with 15 references)."""
+        key = str(reference) if isinstance(reference, (str, Path)) else None
+        if key in self._references:
+            return self._references[key]
+        embedding = self._embed(reference)
+        if embedding is None:
+            raise ValueError(
+                f"{reference}: no face found in the reference image (MTCNN); use a photo with a clear, frontal face"
+            )
+        if key is not None:
             self._references[key] = embedding
-        return self._references[key]
+        return embedding
 
     def score(self, image, prompt=None, reference=None):
         if reference is None:
