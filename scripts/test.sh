@@ -9,6 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q -r requirements-dev.txt 2>&1 | grep -vi "running pip as the 'root'\|is ignored" || true
+# Without their dependencies: their pins (torch<2.3, timm==0.6.13) would replace the host's packages.
+python3 -m pip install -q --no-deps facenet-pytorch==2.6.0 image-reward==1.5 2>&1 | grep -vi "running pip as the 'root'\|is ignored" || true
 args=()
 for arg in "$@"; do
     if [[ "$arg" == "--fast" ]]; then

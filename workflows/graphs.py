@@ -103,8 +103,9 @@ def latent(g: Graph, width=512, height=512, batch=1):
     return g.add("EmptyLatentImage", width=width, height=height, batch_size=batch)[0]
 
 
-def sample(g: Graph, model, positive, negative, latent_image, vae, title: str, steps=30, cfg=7.0, seed=SEED):
-    samples = g.add("KSampler", title, seed=seed, steps=steps, cfg=cfg, sampler_name="euler", scheduler="normal",
+def sample(g: Graph, model, positive, negative, latent_image, vae, title: str, steps=30, cfg=7.0, seed=SEED,
+           sampler="euler", scheduler="normal"):
+    samples = g.add("KSampler", title, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler, scheduler=scheduler,
                     denoise=1.0, model=model, positive=positive, negative=negative, latent_image=latent_image)[0]
     return g.add("VAEDecode", samples=samples, vae=vae)[0]
 

@@ -194,39 +194,56 @@ def start_host(extra_model_paths: list[str], input_dir: str | None, output_dir: 
 
 def run(paths: list[Path], out: Path, smoke_run: bool, extra_model_paths: list[str], input_dir: str | None) -> dict:
     node_classes = start_host(extra_model_paths, input_dir, str(out))
+    prompts = {path: read_prompt(path, node_classes) for path in paths}
+    check_files({path.name: prompt for path, prompt in prompts.items()})
+    executor = new_executor()
+    results = {}
+    for path, prompt in prompts.items():
+        images = execute(executor, smoke(prompt) if smoke_run else prompt, path.name)
+        results[path.name] = [path for paths in images.values() for path in paths]
+        print(f"{path.name}: {len(results[path.name])} image(s) in {out}")
+    return results
+
+
+def check_files(prompts: dict) -> None:
+    """Stop, naming every missing model file and input image by folder, before anything runs."""
+    import folder_paths
+
+    lines = ["missing files (nothing was run):"]
+    for name, prompt in prompts.items():
+        for file, folder in missing_files(prompt):
+            where = folder_paths.get_input_directory() if folder == "input" else ", ".join(folder_paths.get_folder_paths(folder))
+            lines.append(f"  {name}: {file} in {folder}/ (looked in {where})")
+    if len(lines) > 1:
+        raise SystemExit("\n".join(lines))
+
+
+def new_executor():
+    """The host's PromptExecutor; its default cache keeps the outputs of nodes whose inputs did not
+    change (a checkpoint is loaded once for many prompts)."""
+    import execution
+
+    return execution.PromptExecutor(_Server(), cache_args={"lru": 0, "ram": 0})
+
+
+def execute(executor, prompt: dict, name: str) -> dict[str, list[Path]]:
+    """Validate and run one API-format prompt: {SaveImage node id: [image paths]}."""
     import execution
     import folder_paths
 
-    prompts = {path: read_prompt(path, node_classes) for path in paths}
-    missing = {path: missing_files(prompt) for path, prompt in prompts.items()}
-    if any(missing.values()):
-        lines = ["missing files (nothing was run):"]
-        for path, files in missing.items():
-            for name, folder in files:
-                where = folder_paths.get_input_directory() if folder == "input" else ", ".join(folder_paths.get_folder_paths(folder))
-                lines.append(f"  {path.name}: {name} in {folder}/ (looked in {where})")
-        raise SystemExit("\n".join(lines))
-
-    executor = execution.PromptExecutor(_Server(), cache_args={"lru": 0, "ram": 0})
-    results = {}
-    for path, prompt in prompts.items():
-        prompt = smoke(prompt) if smoke_run else prompt
-        prompt_id = str(uuid.uuid4())
-        valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
-        if not valid:
-            details = "; ".join(f"node {k} ({v['class_type']}): " + ", ".join(f"{e['message']}: {e['details']}" for e in v["errors"])
-                                for k, v in node_errors.items())
-            raise SystemExit(f"error: {path.name} does not validate: {error['message']}: {error['details']} {details}")
-        executor.execute(prompt, prompt_id, {}, outputs)
-        if not executor.success:
-            errors = [d for event, d in executor.status_messages if event == "execution_error"]
-            message = errors[0]["exception_message"] if errors else "see the log"
-            raise SystemExit(f"error: {path.name} failed: {message}")
-        images = [Path(folder_paths.get_output_directory()) / i.get("subfolder", "") / i["filename"]
-                  for o in executor.history_result["outputs"].values() for i in o.get("images", [])]
-        results[path.name] = images
-        print(f"{path.name}: {len(images)} image(s) in {out}")
-    return results
+    prompt_id = str(uuid.uuid4())
+    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+    if not valid:
+        details = "; ".join(f"node {k} ({v['class_type']}): " + ", ".join(f"{e['message']}: {e['details']}" for e in v["errors"])
+                            for k, v in node_errors.items())
+        raise SystemExit(f"error: {name} does not validate: {error['message']}: {error['details']} {details}")
+    executor.execute(prompt, prompt_id, {}, outputs)
+    if not executor.success:
+        errors = [d for event, d in executor.status_messages if event == "execution_error"]
+        message = errors[0]["exception_message"] if errors else "see the log"
+        raise SystemExit(f"error: {name} failed: {message}")
+    return {node: [Path(folder_paths.get_output_directory()) / i.get("subfolder", "") / i["filename"] for i in o.get("images", [])]
+            for node, o in executor.history_result["outputs"].items()}
 
 
 def main(argv=None):

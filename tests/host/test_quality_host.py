@@ -1,0 +1,145 @@
+"""The quality pipeline end to end on the real host: `python3 -m quality generate` renders the MoA
+protocol's prompts for base, MoLE and MoA through ComfyUI's executor (random-weight SD1.5 and
+random MoLE/MoA files, 64x64, 1 step) and resumes a stopped run (a run with other settings is refused:
+tests/quality/test_generate_settings.py);
+then the run is scored (random-weight CLIP and FaceNet of the real architectures; MTCNN's real
+weights) and reported."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import hostenv
+import numpy as np
+import pytest
+from helpers import moa_weights as aw
+from helpers import mole_weights as mw
+from helpers import quality_metrics as qm
+from helpers import random_models as rm
+
+from quality import moa_protocol, prompts, report, score
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def setup(sd15, tmp_path_factory):
+    root = tmp_path_factory.mktemp("quality")
+    for folder in ("checkpoints", "loras", "mole", "moa", "clip_vision"):
+        (root / folder).mkdir()
+    (root / "checkpoints" / "sd15.safetensors").symlink_to(rm.sd15_checkpoint())
+    (root / "clip_vision" / "vit_l14.safetensors").symlink_to(rm.clip_vision_vit_l14())
+    (root / "moa" / "moa.safetensors").symlink_to(aw.cached_moa_file(sd15.model, seed=11))
+    layers, kohya = mw.target_layers(sd15.model), mw.kohya_names(sd15.model, "diffusers")
+    mw.write_lora(root / "loras" / "face.safetensors", layers, kohya, seed=41)
+    mw.write_lora(root / "loras" / "hand.safetensors", layers, kohya, seed=42)
+    mw.write_pack_gates(root / "mole" / "gates.safetensors", layers)
+    (root / "extra_model_paths.yaml").write_text(
+        "quality_tests:\n  base_path: "
+        + str(root)
+        + "\n"
+        + "".join(f"  {f}: {f}\n" for f in ("checkpoints", "loras", "mole", "moa", "clip_vision"))
+    )
+    (root / "refs" / "000001").mkdir(parents=True)
+    shutil.copyfile(qm.face_photo(), root / "refs" / "000001" / "0.jpg")  # a real face: the face metric needs one
+    prompts.write_jsonl(moa_protocol.single_subject_prompts({"000001": "man"})[:2], root / "prompts.jsonl")
+    return root
+
+
+def generate(root, *extra):
+    command = [
+        sys.executable,
+        "-m",
+        "quality",
+        "generate",
+        root / "prompts.jsonl",
+        "--out",
+        root / "run",
+        "--checkpoint",
+        "sd15.safetensors",
+        "--method",
+        "base",
+        "--method",
+        "mole",
+        "--method",
+        "moa",
+        "--mole-expert",
+        "face.safetensors=face",
+        "--mole-expert",
+        "hand.safetensors=hand",
+        "--mole-gates",
+        "gates.safetensors",
+        "--moa",
+        "moa.safetensors",
+        "--clip-vision",
+        "vit_l14.safetensors",
+        "--reference-dir",
+        root / "refs",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--seeds",
+        "7",
+        "--extra-model-paths-config",
+        root / "extra_model_paths.yaml",
+        *extra,
+    ]
+    return subprocess.run(list(map(str, command)), cwd=hostenv.REPO, capture_output=True, text=True, timeout=900)
+
+
+def test_generate_resume_score_report(setup):
+    """One runner process; the run folder already holds one finished image (a stopped run): the
+    runner renders everything else, in one graph per (prompt, seed), and leaves that one alone."""
+    from PIL import Image
+
+    root, run = setup, setup / "run"
+    done = {
+        "id": "subject_0000_prompt_0001",
+        "prompt": "a man wearing a santa hat",
+        "seed": 7,
+        "method": "mole",
+        "image": "images/mole/subject_0000_prompt_0001_s7.png",
+        "subject": "000001",
+        "reference": "inputs/subject_000001.jpg",
+    }
+    (run / "images" / "mole").mkdir(parents=True)
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(run / done["image"])
+    (run / "manifest.jsonl").write_text(json.dumps(done) + "\n")
+    before = (run / done["image"]).read_bytes()
+
+    rendered = generate(root, "--steps", "1")
+    assert rendered.returncode == 0, rendered.stderr[-4000:]
+    assert "0 of 2 (prompt, seed) pairs already rendered; 2 to go" in rendered.stdout
+    assert "rendering: 100%" in rendered.stderr and "2/2 [" in rendered.stderr  # the progress bar, with its times
+    manifest = [json.loads(line) for line in (run / "manifest.jsonl").read_text().splitlines()]
+    assert [(r["id"][-4:], r["method"], r["seed"]) for r in manifest] == [
+        ("0001", "mole", 7),
+        ("0000", "base", 7),
+        ("0000", "mole", 7),
+        ("0000", "moa", 7),
+        ("0001", "base", 7),
+        ("0001", "moa", 7),
+    ]
+    assert (run / done["image"]).read_bytes() == before  # not rendered again
+    assert all(r["reference"] == "inputs/subject_000001.jpg" for r in manifest)
+    assert manifest[1]["prompt"] == "a man wearing a red hat"
+    pixels = {r["method"]: np.asarray(Image.open(run / r["image"])) for r in manifest[1:4]}
+    assert pixels["base"].shape == (64, 64, 3)
+    assert not np.array_equal(pixels["mole"], pixels["base"]) and not np.array_equal(pixels["moa"], pixels["base"])
+    assert all((run / r["image"]).is_file() for r in manifest) and not (run / "_render").exists()
+
+    score.score_run(run, {"clip": qm.tiny_clip(), "face": qm.random_face()})
+    scored = report.read_scores(run)
+    assert len(scored) == 12
+    assert all(0.0 <= r["value"] <= 1.0 for r in scored if r["metric"] == "face")  # clipped at 0
+    score.score_run(run, {"clip": None, "face": None})  # all scored: nothing is loaded again
+    assert len(report.read_scores(run)) == 12
+    out = report.write_report(run, paper="moa")
+    md = out["markdown"].read_text()
+    for method in ("base", "mole", "moa"):
+        assert f"| {method} |" in md
+    assert "| Mixture-of-Attention | 0.555 | 0.202 |" in md
