@@ -75,7 +75,8 @@ def main():
             for path in files.values():
                 with safe_open(str(path), "pt") as f:
                     for key in f.keys():
-                        f.get_tensor(key)
+                        tensor = f.get_tensor(key)
+                        torch.empty_like(tensor).copy_(tensor)  # touch every byte (get_tensor may map lazily)
             read_times.append(time.perf_counter() - start)
             start = time.perf_counter()
             experts = mole.LoadMoLEExperts.execute(files["face"].name, "face", 1.0, files["hand"].name, "hand",

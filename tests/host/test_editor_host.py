@@ -115,7 +115,9 @@ def test_file_lists_offer_only_safetensors(mods, tmp_path):
         for node in (mods["mole_nodes"].LoadMoLEExperts, mods["mole_nodes"].ApplyMoLEGating,
                      mods["moa_nodes"].LoadMoARouter):
             info = node.GET_NODE_INFO_V1()["input"]["required"]
-            lists = [spec[0] for spec in info.values() if isinstance(spec[0], list)]
+            # A combo's options: the spec's first item (V1 style) or its "options" (V3's COMBO).
+            lists = [spec[0] if isinstance(spec[0], list) else spec[1].get("options") or [] for spec in info.values()
+                     if isinstance(spec[0], list) or spec[0] == "COMBO"]
             files = {f for options in lists for f in options if "." in f}
             assert "ok.safetensors" in files, node
             assert not {f for f in files if not f.endswith(".safetensors")}, (node, files)
