@@ -18,14 +18,38 @@ REPO = Path(__file__).resolve().parent
 PACK_MODULE = "comfyui_mole_moa"
 
 
+HOST_RECORD = REPO / ".comfyui_host"  # written by scripts/run_comfyui.sh when it links the pack
+
+
+def holding_hosts() -> list[Path]:
+    """ComfyUI folders whose custom_nodes/ holds this pack: the checkout itself lying in
+    custom_nodes/ (git clone there), the folder it was entered through ($PWD, when that is
+    custom_nodes/<link> to this checkout), and the ComfyUI scripts/run_comfyui.sh linked it into."""
+    found = []
+    if REPO.parent.name == "custom_nodes":
+        found.append(REPO.parent.parent)
+    logical = Path(os.environ.get("PWD", "."))
+    for folder in (logical, *logical.parents):
+        if folder.parent.name == "custom_nodes" and folder.resolve() == REPO:
+            found.append(folder.parent.parent)
+            break
+    try:
+        recorded = Path(HOST_RECORD.read_text().strip())
+    except OSError:
+        recorded = None
+    if recorded is not None and any(entry.resolve() == REPO for entry in (recorded / "custom_nodes").glob("*")):
+        found.append(recorded)
+    return found
+
+
 def find_host() -> tuple[Path | None, str]:
     """(host path, reason): the path of a usable ComfyUI checkout, or None and why not."""
     tried = []
     env = os.environ.get("COMFYUI_PATH")
     if env:
         tried.append(("COMFYUI_PATH", Path(env)))
-    if REPO.parent.name == "custom_nodes":
-        tried.append(("the ComfyUI holding this pack", REPO.parent.parent))
+    for holder in holding_hosts():
+        tried.append(("the ComfyUI holding this pack", holder))
     tried.append(("the default", Path.home() / "comfy" / "ComfyUI"))
     for _, path in tried:
         if (path / "comfy" / "model_patcher.py").is_file() and (path / "nodes.py").is_file():
@@ -54,7 +78,7 @@ def import_host() -> Path:
     import torch
     from comfy.cli_args import args
 
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not torch.backends.mps.is_available():
         args.cpu = True  # as `main.py --cpu`: this machine has no accelerator
     import comfy.model_management  # noqa: F401  (selects the device)
     return host

@@ -20,6 +20,8 @@ from comfy_api.latest import io
 
 from ..mixture_core import ddim
 
+_STEPS_TIP = "DDIM steps (more: a more exact inversion, slower)"
+
 
 def require_epsilon_model(model) -> None:
     """DDIM here assumes noise prediction on a discrete schedule (SD1.x, SDXL base)."""
@@ -112,14 +114,14 @@ class DDIMInvert(io.ComfyNode):
             description="Maps a clean latent (VAE Encode of a real photo) to the noise latent that DDIM sampling "
             "with the same model, prompt and steps turns back into it.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The plain model (prior) to invert with"),
                 io.Conditioning.Input("positive", tooltip="The prompt that describes the photo, e.g. 'a person'"),
-                io.Latent.Input("latent"),
-                io.Int.Input("steps", default=50, min=1, max=999),
+                io.Latent.Input("latent", tooltip="The clean latent of the photo (VAE Encode)"),
+                io.Int.Input("steps", default=50, min=1, max=999, tooltip=_STEPS_TIP),
                 io.Float.Input("cfg", default=1.0, min=0.0, max=30.0, step=0.1, tooltip="1 is exact and cheapest"),
                 io.Int.Input("refine_iters", default=0, min=0, max=10,
                              tooltip="Extra model calls per step that make the inversion more exact"),
-                io.Conditioning.Input("negative", optional=True),
+                io.Conditioning.Input("negative", optional=True, tooltip="Negative prompt, used when cfg is not 1"),
             ],
             outputs=[io.Latent.Output(display_name="noise_latent")],
         )
@@ -145,12 +147,14 @@ class MoADDIMSwap(io.ComfyNode):
                 io.Model.Input("model", tooltip="The plain model (prior), used for the inversion"),
                 io.Model.Input("moa_model", tooltip="The model from MoA Subject Inject"),
                 io.Conditioning.Input("positive", tooltip="From MoA Subject Inject (prompt such as 'a person')"),
-                io.Conditioning.Input("negative"),
-                io.Vae.Input("vae"),
+                io.Conditioning.Input("negative", tooltip="Negative prompt of the regeneration (and of the "
+                                      "inversion when inversion_cfg is not 1)"),
+                io.Vae.Input("vae", tooltip="The checkpoint's VAE: encodes the photo, decodes the result"),
                 io.Image.Input("image", tooltip="The real photo; width and height multiples of 8"),
-                io.Int.Input("steps", default=50, min=1, max=999),
+                io.Int.Input("steps", default=50, min=1, max=999, tooltip=_STEPS_TIP),
                 io.Float.Input("cfg", default=1.0, min=0.0, max=30.0, step=0.1, tooltip="cfg of the regeneration"),
-                io.Float.Input("inversion_cfg", default=1.0, min=0.0, max=30.0, step=0.1),
+                io.Float.Input("inversion_cfg", default=1.0, min=0.0, max=30.0, step=0.1,
+                               tooltip="cfg of the inversion; 1 is exact and cheapest"),
             ],
             outputs=[io.Image.Output(), io.Latent.Output()],
         )

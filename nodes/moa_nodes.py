@@ -26,7 +26,7 @@ from ..mixture_core.errors import WeightFileError
 from ..mixture_core.moa import MoAModel, SubjectBinding, morph_embeddings, timelapse_tokens
 from ..mixture_core.moa_files import check_against_model, load_moa_file
 from ..mixture_core.subjects import SubjectOptions, SubjectWord, Vocabulary, find_subject_tokens
-from .model_folders import files_in, full_path
+from .model_folders import file_fingerprint, full_path, safetensors_in
 from .moa_patch import MoASettings, SubjectsMark, apply_moa, attention_shapes, mark_conditioning
 from .patching import weights_patcher
 from .unet_layers import model_family
@@ -261,13 +261,21 @@ class LoadMoARouter(io.ComfyNode):
             category="MoA",
             description="Loads a MoA file from models/moa: the personalized attentions, the routers that mix them with "
             "the model's own attention per pixel, and the fusion of subject images into prompt tokens.",
-            inputs=[io.Combo.Input("moa_name", options=files_in("moa"), tooltip="MoA file (.safetensors) in models/moa")],
+            inputs=[io.Combo.Input("moa_name", options=safetensors_in("moa"),
+                                   tooltip="MoA file (.safetensors) in models/moa")],
             outputs=[MoAWeights.Output(display_name="moa")],
         )
 
     @classmethod
+    def fingerprint_inputs(cls, moa_name=None, **_) -> tuple:
+        return file_fingerprint("moa", moa_name)
+
+    @classmethod
     def execute(cls, moa_name) -> io.NodeOutput:
         return io.NodeOutput(load_router(moa_name))
+
+
+_MORE_IMAGES_TIP = "More subject images, after image_1's (see image_1)"
 
 
 class MoASubjectInject(io.ComfyNode):
@@ -280,7 +288,7 @@ class MoASubjectInject(io.ComfyNode):
             description="Personalizes the model with MoA: each subject image is bound to a word of the prompt. Returns the "
             "patched model and the prompt's conditioning (as CLIP Text Encode makes it): wire both to the sampler.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The model to personalize (not changed: a patched clone is returned)"),
                 MoAWeights.Input("moa", tooltip="From Load MoA Router"),
                 io.Clip.Input("clip", tooltip="The checkpoint's CLIP (SD1.5)"),
                 io.ClipVision.Input("clip_vision", tooltip="CLIP ViT-L/14 vision model (Load CLIP Vision)"),
@@ -301,9 +309,9 @@ class MoASubjectInject(io.ComfyNode):
                                tooltip="MoA acts from this point of sampling (the model's own attention only before)"),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
                                tooltip="MoA acts until this point of sampling (the model's own attention only after)"),
-                io.Image.Input("image_2", optional=True),
-                io.Image.Input("image_3", optional=True),
-                io.Image.Input("image_4", optional=True),
+                io.Image.Input("image_2", optional=True, tooltip=_MORE_IMAGES_TIP),
+                io.Image.Input("image_3", optional=True, tooltip=_MORE_IMAGES_TIP),
+                io.Image.Input("image_4", optional=True, tooltip=_MORE_IMAGES_TIP),
                 io.Int.Input("edit_subject", default=1, min=1, max=16, optional=True,
                              tooltip="The subject (1 = the first word) that morph and time lapse act on"),
                 io.Image.Input("morph_image", optional=True,

@@ -28,6 +28,23 @@ def files_in(folder: str) -> list[str]:
     return folder_paths.get_filename_list(folder)
 
 
+def safetensors_in(folder: str) -> list[str]:
+    """The files of a folder the pack can read: only .safetensors (pickles are refused, since
+    loading one can run code), so lists do not offer files that would fail at run time."""
+    return [name for name in files_in(folder) if name.lower().endswith(".safetensors")]
+
+
+def file_fingerprint(folder: str, *names) -> tuple:
+    """(name, size, mtime) of each named file: the value a loader's fingerprint_inputs (V3's
+    IS_CHANGED) returns, so a file overwritten under the same name is read again on the next run."""
+    out = []
+    for name in names:
+        path = folder_paths.get_full_path(folder, name) if isinstance(name, str) else None
+        stat = os.stat(path) if path else None
+        out.append((name, stat.st_size, stat.st_mtime_ns) if stat else (name, None, None))
+    return tuple(out)
+
+
 def full_path(folder: str, filename: str) -> str:
     """The path of a file picked in a node's list, or a clear error naming the folders searched."""
     path = folder_paths.get_full_path(folder, filename)

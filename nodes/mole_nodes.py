@@ -13,7 +13,7 @@ from ..mixture_core.lora_format import parse_lora_state_dict
 from ..mixture_core.mole import MODES, MoLEForward, wrap_forward
 from ..mixture_core.mole_files import Expert, build_mole_layers, read_gate_file
 from ..mixture_core.safetensors_io import SafetensorsFile
-from .model_folders import files_in, full_path, load_from_folder
+from .model_folders import file_fingerprint, full_path, load_from_folder, safetensors_in
 from .patching import attach_weights, chain_forward
 from .unet_layers import layer_resolver, model_family, module_widths
 
@@ -77,6 +77,23 @@ def find_mole_layers(model) -> dict[str, MoLEForward]:
     return {key: f for key, f in model.object_patches.items() if isinstance(f, MoLEForward)}
 
 
+def with_progress(read_pair, total: int):
+    """read_pair that moves ComfyUI's progress bar (one tick per expert layer read) and stops at
+    Cancel; the model is patched only after every layer is built, so a cancel applies nothing."""
+    import comfy.model_management
+    import comfy.utils
+
+    bar = comfy.utils.ProgressBar(total)
+
+    def read(expert, pair):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        out = read_pair(expert, pair)
+        bar.update(1)
+        return out
+
+    return read
+
+
 def apply_mole(model, experts: LoadedExperts, gate_filename: str, mode: str = "both", strength: float = 1.0):
     """A clone of `model` with MoLE on every layer the experts and gates cover. `model` itself is
     never changed; every check runs before the clone is patched, so a failure applies nothing."""
@@ -90,15 +107,16 @@ def apply_mole(model, experts: LoadedExperts, gate_filename: str, mode: str = "b
     if gate.base_family is not None and gate.base_family != family:
         raise WeightFileError(gate_path, f"its gates are for a {gate.base_family} model, but this model is {family}")
     dtype = model.model.manual_cast_dtype or model.model_dtype()
+    layouts = [expert_layout(e) for e in experts.experts]
     layers = build_mole_layers(
-        [expert_layout(e) for e in experts.experts],
+        layouts,
         gate,
         layer_resolver(model),
         mode=mode,
         strength=strength,
         dtype=dtype,
         module_widths=module_widths(model),
-        read_pair=pair_reader(experts.experts),
+        read_pair=with_progress(pair_reader(experts.experts), sum(len(e.layers) for e in layouts)),
     )
     patched = model.clone()
     for module_path, layer in layers.items():
@@ -111,7 +129,7 @@ def apply_mole(model, experts: LoadedExperts, gate_filename: str, mode: str = "b
 class LoadMoLEExperts(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        loras = files_in("loras")
+        loras = safetensors_in("loras")
         return io.Schema(
             node_id="MoLE_LoadExperts",
             display_name="Load MoLE Experts",
@@ -122,14 +140,20 @@ class LoadMoLEExperts(io.ComfyNode):
             inputs=[
                 io.Combo.Input("expert_1", options=loras, tooltip="LoRA file of the first expert"),
                 io.String.Input("name_1", default="face", tooltip="Expert name, as the gate file names its experts"),
-                io.Float.Input("strength_1", default=1.0, min=-4.0, max=4.0, step=0.05),
+                io.Float.Input("strength_1", default=1.0, min=-4.0, max=4.0, step=0.05,
+                               tooltip="Weight w_1 of the first expert's refinement"),
                 io.Combo.Input("expert_2", options=[NONE] + loras, tooltip="LoRA file of the second expert"),
-                io.String.Input("name_2", default="hand"),
-                io.Float.Input("strength_2", default=1.0, min=-4.0, max=4.0, step=0.05),
+                io.String.Input("name_2", default="hand", tooltip="Expert name, as the gate file names its experts"),
+                io.Float.Input("strength_2", default=1.0, min=-4.0, max=4.0, step=0.05,
+                               tooltip="Weight w_2 of the second expert's refinement"),
                 MoLEExperts.Input("previous", optional=True, tooltip="Experts loaded by another node, placed first"),
             ],
             outputs=[MoLEExperts.Output(display_name="experts")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, expert_1=None, expert_2=None, **_) -> tuple:
+        return file_fingerprint("loras", expert_1, expert_2)
 
     @classmethod
     def execute(cls, expert_1, name_1, strength_1, expert_2, name_2, strength_2, previous=None) -> io.NodeOutput:
@@ -150,9 +174,10 @@ class ApplyMoLEGating(io.ComfyNode):
             description="Applies the experts to every layer they cover through MoLE's soft gates "
             "(gate file from models/mole): F(X) + sum_i g_i * s_i * E_i(X).",
             inputs=[
-                io.Model.Input("model"),
-                MoLEExperts.Input("experts"),
-                io.Combo.Input("gates", options=files_in("mole"), tooltip="MoLE gate file (released MoLE format or this pack's)"),
+                io.Model.Input("model", tooltip="The model to refine (not changed: a patched clone is returned)"),
+                MoLEExperts.Input("experts", tooltip="From Load MoLE Experts"),
+                io.Combo.Input("gates", options=safetensors_in("mole"),
+                               tooltip="MoLE gate file (released MoLE format or this pack's)"),
                 io.Combo.Input(
                     "mode",
                     options=list(MODES),
@@ -163,6 +188,11 @@ class ApplyMoLEGating(io.ComfyNode):
             ],
             outputs=[io.Model.Output()],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, gates=None, **_) -> tuple:
+        # A changed expert file changes Load MoLE Experts' fingerprint, and with it this node's cache key.
+        return file_fingerprint("mole", gates)
 
     @classmethod
     def execute(cls, model, experts, gates, mode, strength) -> io.NodeOutput:

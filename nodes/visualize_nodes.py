@@ -13,7 +13,7 @@ import functools
 import comfy.patcher_extension
 import numpy
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 from PIL import Image, ImageDraw, ImageFont
 
 from ..mixture_core.recording import GateRecording, RouterRecording, overlay, pick_steps
@@ -196,6 +196,17 @@ def draw_router_maps(model, images: torch.Tensor, layers: str, steps: str, sampl
 
 # ---- nodes --------------------------------------------------------------------------------
 
+
+def preview(cls, *batches) -> ui.PreviewImage:
+    """The pictures shown in the node, as core's Preview Image shows them (temp files); batches
+    of different sizes (the plot and the maps) are saved one after the other."""
+    shown = ui.PreviewImage(batches[0], cls=cls)
+    for batch in batches[1:]:
+        shown.values += ui.PreviewImage(batch, cls=cls).values
+    return shown
+
+
+_OPACITY_TIP = "How strongly the maps cover the image (0: image only, 1: maps only)"
 _STEPS_TIP = "Steps to draw: numbers (0 first, -1 last) or first/middle/last, comma separated"
 
 
@@ -230,14 +241,15 @@ class MoLEGateMaps(io.ComfyNode):
                 io.Image.Input("images", tooltip="The decoded images of that run (the maps are drawn over them)"),
                 io.String.Input("steps", default="first, middle, last", tooltip=_STEPS_TIP),
                 io.Int.Input("sample", default=0, min=0, max=63, tooltip="Which image of the batch"),
-                io.Float.Input("opacity", default=0.6, min=0.0, max=1.0, step=0.05),
+                io.Float.Input("opacity", default=0.6, min=0.0, max=1.0, step=0.05, tooltip=_OPACITY_TIP),
             ],
             outputs=[io.Image.Output(display_name="global_gates_plot"), io.Image.Output(display_name="local_gate_maps")],
         )
 
     @classmethod
     def execute(cls, model, images, steps, sample, opacity) -> io.NodeOutput:
-        return io.NodeOutput(*draw_gate_maps(model, images, steps, sample, opacity))
+        plot, maps = draw_gate_maps(model, images, steps, sample, opacity)
+        return io.NodeOutput(plot, maps, ui=preview(cls, plot, maps))
 
 
 class MoARecordRouter(io.ComfyNode):
@@ -272,14 +284,15 @@ class MoARouterMaps(io.ComfyNode):
                 io.String.Input("layers", default="mean", tooltip="mean (of all layers), all, or layer numbers such as '0, 8, 15'"),
                 io.String.Input("steps", default="first, middle, last", tooltip=_STEPS_TIP),
                 io.Int.Input("sample", default=0, min=0, max=63, tooltip="Which image of the batch"),
-                io.Float.Input("opacity", default=0.6, min=0.0, max=1.0, step=0.05),
+                io.Float.Input("opacity", default=0.6, min=0.0, max=1.0, step=0.05, tooltip=_OPACITY_TIP),
             ],
             outputs=[io.Image.Output(display_name="router_maps")],
         )
 
     @classmethod
     def execute(cls, model, images, layers, steps, sample, opacity) -> io.NodeOutput:
-        return io.NodeOutput(draw_router_maps(model, images, layers, steps, sample, opacity))
+        maps = draw_router_maps(model, images, layers, steps, sample, opacity)
+        return io.NodeOutput(maps, ui=preview(cls, maps))
 
 
 NODES = [MoLERecordGates, MoLEGateMaps, MoARecordRouter, MoARouterMaps]

@@ -97,27 +97,16 @@ def image_path(method: str, item_id: str, seed: int) -> str:
 def build_graph(item: dict, seed: int, methods: list[str], settings: dict, reference: str | None):
     """One API-format graph rendering `item` at `seed` with each method: {SaveImage id: method}."""
     graphs = _graphs()
-    g = graphs.Graph(f"{item['id']}_s{seed}", "quality", "", "")
+    sampling = graphs.Settings(settings["sampler"], settings["scheduler"], settings["steps"], settings["cfg"],
+                               settings["width"], "the quality run's settings (run.json)")
+    g = graphs.Graph(f"{item['id']}_s{seed}", "quality", "", "", sampling)
     ckpt = g.add("CheckpointLoaderSimple", ckpt_name=settings["checkpoint"])
     model, clip, vae = ckpt[0], ckpt[1], ckpt[2]
     negative = graphs.encode(g, clip, settings["negative"], "negative")
-    empty = graphs.latent(g, settings["width"], settings["height"])
+    empty = g.add("EmptyLatentImage", width=settings["width"], height=settings["height"], batch_size=1)[0]
 
     def render(method, patched, positive):
-        images = graphs.sample(
-            g,
-            patched,
-            positive,
-            negative,
-            empty,
-            vae,
-            method,
-            steps=settings["steps"],
-            cfg=settings["cfg"],
-            seed=seed,
-            sampler=settings["sampler"],
-            scheduler=settings["scheduler"],
-        )
+        images = graphs.sample(g, patched, positive, negative, empty, vae, method, seed=seed)
         return g.add("SaveImage", f"Save: {method}", images=images, filename_prefix=f"quality/{method}").node_id
 
     saves = {}

@@ -8,6 +8,6 @@ _REPO = str(Path(__file__).resolve().parents[1])
 if _REPO not in sys.path:
     sys.path.append(_REPO)  # last: ComfyUI's own `nodes` module must never be shadowed by the pack's nodes/
 
-from comfyui_host import PACK_MODULE, REPO, find_host, import_host, import_pack  # noqa: E402
+from comfyui_host import HOST_RECORD, PACK_MODULE, REPO, find_host, holding_hosts, import_host, import_pack  # noqa: E402
 
-__all__ = ["PACK_MODULE", "REPO", "find_host", "import_host", "import_pack"]
+__all__ = ["HOST_RECORD", "PACK_MODULE", "REPO", "find_host", "holding_hosts", "import_host", "import_pack"]

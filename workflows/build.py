@@ -25,6 +25,7 @@ import urllib.request
 from pathlib import Path
 
 from .graphs import all_graphs
+from .schema import workflow_errors
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -41,10 +42,9 @@ def write_api() -> list:
 
 
 def start_comfyui(port: int, workdir: Path) -> subprocess.Popen:
-    sys.path.insert(0, str(REPO / "tests"))
-    import hostenv
+    import comfyui_host
 
-    host, reason = hostenv.find_host()
+    host, reason = comfyui_host.find_host()
     if host is None:
         raise SystemExit(f"error: {reason}")
     custom = workdir / "custom_nodes"
@@ -77,6 +77,23 @@ async ([api, note, name]) => {
   const nodes = app.graph._nodes;
   // The figures compare images at one seed: keep it fixed when the graph is queued again.
   for (const n of nodes) for (const w of n.widgets ?? []) if (w.name === "control_after_generate") w.value = "fixed";
+  // Widen nodes whose widgets would show a cut label ("ex... file.safetensors"): label and value
+  // both fit, then lay the graph out again with the new widths.
+  // Measured in a font a little larger than the widgets' own, so that the estimate errs wide.
+  const ctx = app.canvas.ctx;
+  ctx.save();
+  ctx.font = "14px Arial";
+  let widened = false;
+  for (const n of nodes) {
+    for (const w of n.widgets ?? []) {
+      if (typeof w.value !== "string" || w.type === "customtext" || w.options?.multiline) continue;
+      const label = w.label ?? w.name;
+      const need = ctx.measureText(label).width + ctx.measureText(w.value).width + 100;
+      if (need > n.size[0]) { n.setSize([Math.min(need, 640), n.size[1]]); widened = true; }
+    }
+  }
+  ctx.restore();
+  if (widened) app.graph.arrange();
   let minX = Infinity, minY = Infinity;
   for (const n of nodes) { minX = Math.min(minX, n.pos[0]); minY = Math.min(minY, n.pos[1]); }
   const memo = LiteGraph.createNode("MarkdownNote");
@@ -96,9 +113,29 @@ async ([api, note, name]) => {
   ds.scale = Math.min(w / (x1 - x0), h / (y1 - y0), 1.0);
   ds.offset = [-x0 + 100 / ds.scale, -y0 + 110 / ds.scale];
   app.canvas.setDirty(true, true);
-  return app.graph.serialize();
+  // Saved as the editor saves a file (JSON.stringify): keys whose value is undefined are left
+  // out. Handing the object to Python instead turns them into null, which the editor's schema
+  // refuses on opening (floatingLinks, extra.reroutes, definitions, slot_index, ...).
+  // Where the graph is on the page, for the template browser's card picture.
+  const r = app.canvas.canvas.getBoundingClientRect();
+  const box = [x0, y0, x1, y1].map((v, i) => (i % 2 ? r.top : r.left) + (v + ds.offset[i % 2]) * ds.scale);
+  return JSON.stringify({workflow: app.graph.serialize(), box});
 }
 """
+
+# Opens a saved file as the editor opens a file from disk (schema check included); answers the
+# texts of any toast or alert the editor shows.
+OPEN_FILE = """
+async ([workflow, name]) => {
+  const app = window.comfyAPI.app.app;
+  for (const el of document.querySelectorAll('.p-toast-message')) el.remove();
+  await app.loadGraphData(workflow, true, true, name);
+  await new Promise((r) => setTimeout(r, 800));
+  const shown = document.querySelectorAll('.p-toast-message, [role=alert]');
+  return [...shown].map((e) => e.innerText.trim()).filter(Boolean);
+}
+"""
+
 
 
 def quiet_editor(port: int) -> None:
@@ -135,12 +172,47 @@ def build_ui(graphs, port: int) -> None:
         page.keyboard.press("Escape")  # the first-run templates dialog
         page.wait_for_timeout(500)
         for g in graphs:
-            ui = page.evaluate(LOAD_GRAPH, [g.nodes, g.note(), g.name])
+            loaded = json.loads(page.evaluate(LOAD_GRAPH, [g.nodes, g.note(), g.name]))
+            ui = loaded["workflow"]
+            errors = workflow_errors(ui)
+            if errors:
+                raise SystemExit(f"{g.name}: the saved graph breaks the editor's schema: {errors[:5]}")
             page.wait_for_timeout(1500)
             (HERE / f"{g.name}.json").write_text(json.dumps(ui, indent=2) + "\n")
             page.screenshot(path=str(SHOTS / f"{g.name}.png"))
+            write_thumbnail(SHOTS / f"{g.name}.png", HERE / f"{g.name}.jpg", loaded["box"])
             print(f"{g.name}: {len(ui['nodes'])} nodes")
+        check_files_open_cleanly(page, graphs)
         browser.close()
+
+
+def write_thumbnail(screenshot: Path, jpg: Path, box) -> None:
+    """The template browser's card picture: the graph, cut from the screenshot at its box (page
+    pixels). ComfyUI serves workflows/<name>.jpg beside the file (/api/workflow_templates/<pack>/
+    <name>.jpg), and that is the name the frontend asks for."""
+    from PIL import Image
+
+    with Image.open(screenshot) as image:
+        x0, y0, x1, y1 = box
+        margin = 20
+        crop = (max(int(x0) - margin, 0), max(int(y0) - margin, 0), min(int(x1) + margin, image.width),
+                min(int(y1) + margin, image.height))
+        image = image.convert("RGB").crop(crop)
+        image.thumbnail((800, 800))
+        image.save(jpg, quality=85)
+
+
+def check_files_open_cleanly(page, graphs) -> None:
+    """Each written file, opened as a user opens it, raises no alert or toast. First a copy of one
+    with a null where the schema wants an array must raise the alert (the check can fail)."""
+    broken = json.loads((HERE / f"{graphs[0].name}.json").read_text()) | {"floatingLinks": None}
+    if not page.evaluate(OPEN_FILE, [broken, "broken"]):
+        raise SystemExit("the editor showed no alert for a broken workflow: the alert check cannot see alerts")
+    for g in graphs:
+        shown = page.evaluate(OPEN_FILE, [json.loads((HERE / f"{g.name}.json").read_text()), g.name])
+        if shown:
+            raise SystemExit(f"{g.name}.json opens with an alert or toast: {shown}")
+    print(f"the {len(graphs)} workflow files open without alert or toast")
 
 
 def main():

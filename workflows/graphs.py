@@ -24,19 +24,36 @@ POSE = ("input", "pose.png")
 PHOTO_ONE = ("input", "photo_one_person.png")
 PHOTO_TWO = ("input", "photo_two_persons.png")
 KEEP_PERSON = ("input", "keep_person.png")
+# SDXL MoLE: SDXL base 1.0 and the MoLE authors' released MoLE-SDXL files. The names of the files
+# in that release are not known here: these are the names the graphs expect (rename the
+# downloads, or pick the files in the loader nodes).
+SDXL_CHECKPOINT = ("checkpoints", "sd_xl_base_1.0.safetensors")
+SDXL_FACE_EXPERT = ("loras", "mole_sdxl_face.safetensors")
+SDXL_HAND_EXPERT = ("loras", "mole_sdxl_hand.safetensors")
+SDXL_GATES = ("mole", "mole_sdxl_gates.safetensors")
+MOLE_SDXL_URL = "https://huggingface.co/jiezhueval/MoLE-SDXL/tree/main"
+SDXL_NAMES_NOTE = ("The file names inside the MoLE-SDXL release are not known to this pack: the names above are "
+                   "the ones the graph expects. Rename the downloads to them, or pick the files in Load MoLE Experts "
+                   "(face expert in expert_1 with name `face`, hand expert in expert_2 with name `hand`) and Apply "
+                   "MoLE Gating (gates).")
 
 SEED = 42
 NEGATIVE = "lowres, blurry, bad anatomy, bad hands, extra fingers, deformed face"
 
 WHERE = {
     CHECKPOINT: "any SD1.5 checkpoint (the papers' base model is Stable Diffusion 1.5)",
-    FACE_EXPERT: "MoLE face expert: training/mole_expert.py --part face (kohya LoRA)",
-    HAND_EXPERT: "MoLE hand expert: training/mole_expert.py --part hand (kohya LoRA)",
-    GATES: "MoLE gates: training/mole_gates.py",
+    FACE_EXPERT: "MoLE face expert, made with training/mole_expert.py --part face (kohya LoRA; no SD1.5 MoLE "
+                 "weights are published); name field `face`",
+    HAND_EXPERT: "MoLE hand expert, made with training/mole_expert.py --part hand (kohya LoRA); name field `hand`",
+    GATES: "MoLE gates, made with training/mole_gates.py (see training/README.md)",
     MOA: "MoA weights: training/moa_train.py",
     CLIP_VISION: "CLIP ViT-L/14 vision model (openai/clip-vit-large-patch14), as FastComposer",
     OPENPOSE: "ControlNet v1.1 OpenPose for SD1.5",
     STYLE_LORA: "any SD1.5 style LoRA",
+    SDXL_CHECKPOINT: "SDXL base 1.0 (https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0)",
+    SDXL_FACE_EXPERT: f"the MoLE-SDXL face expert (kohya LoRA, rank 256), {MOLE_SDXL_URL}; name field `face`",
+    SDXL_HAND_EXPERT: f"the MoLE-SDXL hand expert (kohya LoRA, rank 256), {MOLE_SDXL_URL}; name field `hand`",
+    SDXL_GATES: f"the MoLE-SDXL gate file (released MoLE format, `moe_...softmoe...` keys), {MOLE_SDXL_URL}",
     SUBJECTS[0]: "a photo of subject 1 (a face crop works best)",
     SUBJECTS[1]: "a photo of subject 2",
     SUBJECTS[2]: "a photo of subject 3",
@@ -47,12 +64,57 @@ WHERE = {
 }
 
 
+@dataclass(frozen=True)
+class Settings:
+    """How a figure's images are sampled, and where that comes from (said in the graph's note)."""
+
+    sampler: str
+    scheduler: str
+    steps: int
+    cfg: float
+    size: int
+    source: str
+    suffix: str = ""  # appended to every positive prompt
+    negative_suffix: str = ""  # appended to every negative prompt
+
+
+# The MoLE authors' generation scripts (SD1.5: sd-scripts-v1.5/gen_img_diffusers_moe.py with
+# gen_command/gen_mole.sh; SDXL: sd-scripts-xl/moe_sdxl_gen_img.py with
+# gen_command/moe_sdxl_gen-id0-llava.sh): DDIM, 50 steps, guidance scale 7.5, 512x512 (SD1.5) or
+# the script's default 1024x1024 (SDXL), and the script appends " best quality, 8K" to every
+# prompt and " poor quality, unclear hand, bad face" to every negative prompt.
+_MOLE_SOURCE = ("the MoLE authors' released generation settings ({script}, {command}): DDIM sampler, "
+                "50 steps, cfg 7.5, {size}x{size}, \" best quality, 8K\" appended to the prompt and \" poor quality, "
+                "unclear hand, bad face\" to the negative prompt. ComfyUI's `ddim` sampler with the `ddim_uniform` "
+                "scheduler stands in for the script's diffusers DDIMScheduler")
+MOLE_SD15 = Settings("ddim", "ddim_uniform", 50, 7.5, 512, _MOLE_SOURCE.format(
+    script="sd-scripts-v1.5/gen_img_diffusers_moe.py", command="gen_command/gen_mole.sh", size=512),
+    " best quality, 8K", " poor quality, unclear hand, bad face")
+MOLE_SDXL = Settings("ddim", "ddim_uniform", 50, 7.5, 1024, _MOLE_SOURCE.format(
+    script="sd-scripts-xl/moe_sdxl_gen_img.py", command="gen_command/moe_sdxl_gen-id0-llava.sh", size=1024),
+    " best quality, 8K", " poor quality, unclear hand, bad face")
+# MoA Sec. 4.1: "During inference, we use the UniPC sampler"; steps and guidance are not given.
+MOA_UNIPC = Settings("uni_pc", "normal", 30, 7.0, 512, "the MoA paper's sampler, UniPC (Sec. 4.1); the paper gives no "
+               "step count or cfg: 30 steps, cfg 7")
+
+# MoA Fig. 13 (real-photo swap): DDIM inversion of the photo, then DDIM regeneration with MoA, as
+# the paper's Sec. "real-image editing" describes; it gives no step count: 50 steps, cfg 1 (exact).
+MOA_DDIM = Settings("ddim", "ddim_uniform", 50, 1.0, 512, "DDIM inversion of the photo, then DDIM regeneration "
+                    "with MoA, as the MoA paper's real-photo swap does; the paper gives no step count: 50 steps, "
+                    "cfg 1 for both passes (the exact, cheapest inversion)")
+
+
 @dataclass
 class Graph:
     name: str
     title: str
     figure: str
     shows: str
+    settings: Settings
+    base: str = "SD1.5"
+    checkpoint: tuple = CHECKPOINT
+    mole_files: tuple = (FACE_EXPERT, HAND_EXPERT, GATES)  # face expert, hand expert, gates
+    files_note: str = ""
     nodes: dict = field(default_factory=dict)
     files: list = field(default_factory=list)
 
@@ -70,10 +132,13 @@ class Graph:
         return entry[1]
 
     def note(self) -> str:
-        lines = [f"# {self.title}", "", f"Reproduces {self.figure}. {self.shows}", "", "## Files it needs", ""]
+        lines = [f"# {self.title}", "", f"Reproduces {self.figure}. {self.shows}", "",
+                 f"Sampling: {self.settings.source}.", "", "## Files it needs", ""]
         for folder, name in self.files:
             where = "ComfyUI/input/" if folder == "input" else f"ComfyUI/models/{folder}/"
             lines.append(f"- `{name}` in `{where}`: {WHERE[(folder, name)]}")
+        if self.files_note:
+            lines += ["", self.files_note]
         lines += ["", "Names can be changed in the loader nodes. Run headless: "
                   f"`python3 -m workflows.run workflows/{self.name}.json --out OUT` from the pack's folder."]
         return "\n".join(lines)
@@ -91,22 +156,29 @@ class Ref:
 
 
 def checkpoint(g: Graph):
-    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=g.file(CHECKPOINT))
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=g.file(g.checkpoint))
     return ckpt[0], ckpt[1], ckpt[2]
 
 
 def encode(g: Graph, clip, text: str, title: str | None = None):
-    return g.add("CLIPTextEncode", title, text=text, clip=clip)[0]
+    """A positive prompt, with the suffix the figure's generation script appends."""
+    return g.add("CLIPTextEncode", title, text=text + g.settings.suffix, clip=clip)[0]
 
 
-def latent(g: Graph, width=512, height=512, batch=1):
-    return g.add("EmptyLatentImage", width=width, height=height, batch_size=batch)[0]
+def negative(g: Graph, clip):
+    return g.add("CLIPTextEncode", "negative", text=NEGATIVE + g.settings.negative_suffix, clip=clip)[0]
 
 
-def sample(g: Graph, model, positive, negative, latent_image, vae, title: str, steps=30, cfg=7.0, seed=SEED,
-           sampler="euler", scheduler="normal"):
-    samples = g.add("KSampler", title, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler, scheduler=scheduler,
-                    denoise=1.0, model=model, positive=positive, negative=negative, latent_image=latent_image)[0]
+def latent(g: Graph, batch=1):
+    size = g.settings.size
+    return g.add("EmptyLatentImage", width=size, height=size, batch_size=batch)[0]
+
+
+def sample(g: Graph, model, positive, negative, latent_image, vae, title: str, seed=SEED):
+    s = g.settings
+    samples = g.add("KSampler", title, seed=seed, steps=s.steps, cfg=s.cfg, sampler_name=s.sampler,
+                    scheduler=s.scheduler, denoise=1.0, model=model, positive=positive, negative=negative,
+                    latent_image=latent_image)[0]
     return g.add("VAEDecode", samples=samples, vae=vae)[0]
 
 
@@ -123,12 +195,14 @@ def save(g: Graph, images, prefix: str):
 
 
 def mole_experts(g: Graph):
-    return g.add("MoLE_LoadExperts", expert_1=g.file(FACE_EXPERT), name_1="face", strength_1=1.0,
-                 expert_2=g.file(HAND_EXPERT), name_2="hand", strength_2=1.0)[0]
+    face, hand, _ = g.mole_files
+    return g.add("MoLE_LoadExperts", expert_1=g.file(face), name_1="face", strength_1=1.0,
+                 expert_2=g.file(hand), name_2="hand", strength_2=1.0)[0]
 
 
 def mole(g: Graph, model, experts, mode="both", title=None):
-    return g.add("MoLE_ApplyGating", title, model=model, experts=experts, gates=g.file(GATES), mode=mode, strength=1.0)[0]
+    return g.add("MoLE_ApplyGating", title, model=model, experts=experts, gates=g.file(g.mole_files[2]), mode=mode,
+                 strength=1.0)[0]
 
 
 def moa_inputs(g: Graph):
@@ -152,15 +226,24 @@ def inject(g: Graph, model, moa, clip, clip_vision, text, words, images, title=N
 
 # ---- MoLE ---------------------------------------------------------------------------------
 
+def mole_graph(name: str, title: str, figure: str, shows: str, sdxl: bool) -> Graph:
+    """A MoLE figure's graph on SD1.5 (weights made with training/) or on SDXL with the released
+    MoLE-SDXL files (name + "_sdxl"), at the released generation settings for that base."""
+    if sdxl:
+        return Graph(f"{name}_sdxl", f"{title} (SDXL, released weights)", figure, shows, MOLE_SDXL, "SDXL",
+                     SDXL_CHECKPOINT, (SDXL_FACE_EXPERT, SDXL_HAND_EXPERT, SDXL_GATES), files_note=SDXL_NAMES_NOTE)
+    return Graph(name, title, figure, shows, MOLE_SD15)
+
+
 MOLE_PROMPT = "photo of a young woman waving at the camera, upper body, detailed face and hands"
 
 
 def mole_fig1_lora_refinement() -> Graph:
-    g = Graph("mole_fig1_lora_refinement", "MoLE Fig. 1: low-rank refinement", "MoLE Fig. 1",
-              "Each close-up expert applied as a plain LoRA at scales 0, 0.5 and 1, same seed: the face "
-              "expert refines faces, the hand expert hands.")
+    g = mole_graph("mole_fig1_lora_refinement", "MoLE Fig. 1: low-rank refinement", "MoLE Fig. 1",
+                   "Each close-up expert applied as a plain LoRA at scales 0, 0.5 and 1, same seed: the face "
+                   "expert refines faces, the hand expert hands.", sdxl=False)
     model, clip, vae = checkpoint(g)
-    pos, neg, empty = encode(g, clip, MOLE_PROMPT), encode(g, clip, NEGATIVE, "negative"), latent(g)
+    pos, neg, empty = encode(g, clip, MOLE_PROMPT), negative(g, clip), latent(g)
     base = sample(g, model, pos, neg, empty, vae, "scale 0 (base)")
     for expert, part in ((FACE_EXPERT, "face"), (HAND_EXPERT, "hand")):
         row = [base]
@@ -171,23 +254,24 @@ def mole_fig1_lora_refinement() -> Graph:
     return g
 
 
-def mole_fig8_9_comparison() -> Graph:
-    g = Graph("mole_fig8_9_comparison", "MoLE Fig. 8 / 9: base model vs MoLE", "MoLE Fig. 8 and 9",
-              "Base SD1.5 and MoLE on the same two seeds (one batch), side by side.")
+def mole_fig8_9_comparison(sdxl: bool = False) -> Graph:
+    g = mole_graph("mole_fig8_9_comparison", "MoLE Fig. 8 / 9: base model vs MoLE", "MoLE Fig. 8 and 9",
+                   f"Base {'SDXL' if sdxl else 'SD1.5'} and MoLE on the same two seeds (one batch), side by side.",
+                   sdxl)
     model, clip, vae = checkpoint(g)
     pos = encode(g, clip, "a man playing the guitar on a street, upper body, detailed face and hands")
-    neg, empty = encode(g, clip, NEGATIVE, "negative"), latent(g, batch=2)
+    neg, empty = negative(g, clip), latent(g, batch=2)
     gated = mole(g, model, mole_experts(g))
-    save(g, sample(g, model, pos, neg, empty, vae, "base SD1.5"), "base")
+    save(g, sample(g, model, pos, neg, empty, vae, f"base {g.base}"), "base")
     save(g, sample(g, gated, pos, neg, empty, vae, "MoLE"), "mole")
     return g
 
 
-def mole_table3_assignment_ablation() -> Graph:
-    g = Graph("mole_table3_assignment_ablation", "MoLE Table 3: assignment ablation", "MoLE Table 3",
-              "Base, local gates only, global gates only and both, on the same seed.")
+def mole_table3_assignment_ablation(sdxl: bool = False) -> Graph:
+    g = mole_graph("mole_table3_assignment_ablation", "MoLE Table 3: assignment ablation", "MoLE Table 3",
+                   "Base, local gates only, global gates only and both, on the same seed.", sdxl)
     model, clip, vae = checkpoint(g)
-    pos, neg, empty = encode(g, clip, MOLE_PROMPT), encode(g, clip, NEGATIVE, "negative"), latent(g)
+    pos, neg, empty = encode(g, clip, MOLE_PROMPT), negative(g, clip), latent(g)
     experts = mole_experts(g)
     row = [sample(g, model, pos, neg, empty, vae, "base")]
     for mode in ("local", "global", "both"):
@@ -196,12 +280,12 @@ def mole_table3_assignment_ablation() -> Graph:
     return g
 
 
-def mole_fig7_gates() -> Graph:
-    g = Graph("mole_fig7_gates", "MoLE Fig. 7: the gates at work", "MoLE Fig. 7",
-              "The global gate of each expert per sampling step (plot) and each expert's local gate over the "
-              "image (heat maps, bright = high) at the first, middle and last steps.")
+def mole_fig7_gates(sdxl: bool = False) -> Graph:
+    g = mole_graph("mole_fig7_gates", "MoLE Fig. 7: the gates at work", "MoLE Fig. 7",
+                   "The global gate of each expert per sampling step (plot) and each expert's local gate over the "
+                   "image (heat maps, bright = high) at the first, middle and last steps.", sdxl)
     model, clip, vae = checkpoint(g)
-    pos, neg = encode(g, clip, MOLE_PROMPT), encode(g, clip, NEGATIVE, "negative")
+    pos, neg = encode(g, clip, MOLE_PROMPT), negative(g, clip)
     recorded = g.add("MoLE_RecordGates", model=mole(g, model, mole_experts(g)))[0]
     images = sample(g, recorded, pos, neg, latent(g), vae, "MoLE (recorded)")
     maps = g.add("MoLE_GateMaps", model=recorded, images=images, steps="first, middle, last", sample=0, opacity=0.6)
@@ -217,11 +301,11 @@ def mole_fig7_gates() -> Graph:
 def moa_fig7_subject_swap() -> Graph:
     g = Graph("moa_fig7_subject_swap", "MoA Fig. 7: subject swap at a fixed seed", "MoA Fig. 7",
               "One prompt and seed, three subject images: only the subject changes; layout and background "
-              "come from the prior (first image: the prior alone).")
+              "come from the prior (first image: the prior alone).", MOA_UNIPC)
     model, clip, vae = checkpoint(g)
     moa, clip_vision = moa_inputs(g)
     text = "a man sitting at a cafe table, smiling"
-    neg, empty = encode(g, clip, NEGATIVE, "negative"), latent(g)
+    neg, empty = negative(g, clip), latent(g)
     row = [sample(g, model, encode(g, clip, text, "prompt (prior)"), neg, empty, vae, "prior only")]
     for i, entry in enumerate(SUBJECTS, 1):
         patched, pos = inject(g, model, moa, clip, clip_vision, text, "man", [load_image(g, entry)], f"subject {i}")
@@ -244,11 +328,11 @@ COUPLE_PROMPTS = [
 def moa_fig8_couples() -> Graph:
     g = Graph("moa_fig8_couples", "MoA Fig. 8: two-subject couples", "MoA Fig. 8",
               "Subject 1 as 'man' and subject 2 as 'woman' in the paper's scenes: sofa, book, Paris, mountain, "
-              "running, lavender farm, Van Gogh.")
+              "running, lavender farm, Van Gogh.", MOA_UNIPC)
     model, clip, vae = checkpoint(g)
     moa, clip_vision = moa_inputs(g)
     man, woman = load_image(g, SUBJECTS[0], "man"), load_image(g, SUBJECTS[1], "woman")
-    neg, empty = encode(g, clip, NEGATIVE, "negative"), latent(g)
+    neg, empty = negative(g, clip), latent(g)
     row = []
     for text in COUPLE_PROMPTS:
         scene = text.split(" ", 5)[-1]
@@ -260,13 +344,14 @@ def moa_fig8_couples() -> Graph:
 
 def moa_fig11_controlnet_pose() -> Graph:
     g = Graph("moa_fig11_controlnet_pose", "MoA Fig. 11: pose control with ControlNet", "MoA Fig. 11",
-              "An OpenPose ControlNet fixes the pose at a fixed seed while the subject is swapped (first image: the prior).")
+              "An OpenPose ControlNet fixes the pose at a fixed seed while the subject is swapped (first image: the "
+              "prior).", MOA_UNIPC)
     model, clip, vae = checkpoint(g)
     moa, clip_vision = moa_inputs(g)
     control = g.add("ControlNetLoader", control_net_name=g.file(OPENPOSE))[0]
     pose = load_image(g, POSE, "pose")
     text = "a man standing on a beach"
-    neg, empty = encode(g, clip, NEGATIVE, "negative"), latent(g)
+    neg, empty = negative(g, clip), latent(g)
 
     def posed(positive, title):
         applied = g.add("ControlNetApplyAdvanced", title, positive=positive, negative=neg, control_net=control, image=pose,
@@ -285,12 +370,12 @@ def moa_fig11_controlnet_pose() -> Graph:
 
 def moa_fig12_morphing() -> Graph:
     g = Graph("moa_fig12_morphing", "MoA Fig. 12: subject morphing", "MoA Fig. 12",
-              "Subject 1 morphed into subject 2 in four steps (image embeddings interpolated), same seed.")
+              "Subject 1 morphed into subject 2 in four steps (image embeddings interpolated), same seed.", MOA_UNIPC)
     model, clip, vae = checkpoint(g)
     moa, clip_vision = moa_inputs(g)
     first, second = load_image(g, SUBJECTS[0], "from"), load_image(g, SUBJECTS[1], "to")
     text = "a close-up photo of a man, studio light"
-    neg, empty = encode(g, clip, NEGATIVE, "negative"), latent(g)
+    neg, empty = negative(g, clip), latent(g)
     row = []
     for morph in (0.0, 0.33, 0.67, 1.0):
         patched, pos = inject(g, model, moa, clip, clip_vision, text, "man", [first], f"morph {morph}",
@@ -304,20 +389,22 @@ def moa_fig13_real_photo_swap() -> Graph:
     g = Graph("moa_fig13_real_photo_swap", "MoA Fig. 13: subject swap in real photos", "MoA Fig. 13",
               "DDIM inversion of a real photo with the prior ('a person'), regenerated with MoA injecting the new "
               "subject: one person; two persons ('a person and a person': the kept person's crop in the first "
-              "token, the new subject in the second). Limits: small faces and many people swap poorly.")
+              "token, the new subject in the second). Limits: small faces and many people swap poorly.", MOA_DDIM)
     model, clip, vae = checkpoint(g)
     moa, clip_vision = moa_inputs(g)
     subject = load_image(g, SUBJECTS[0], "new subject")
-    neg = encode(g, clip, NEGATIVE, "negative")
+    neg = negative(g, clip)
     patched, pos = inject(g, model, moa, clip, clip_vision, "a person", "person", [subject], "one person")
     swap = g.add("MoA_DDIMSwap", "swap (one person)", model=model, moa_model=patched, positive=pos, negative=neg, vae=vae,
-                 image=load_image(g, PHOTO_ONE, "photo"), steps=50, cfg=1.0, inversion_cfg=1.0)
+                 image=load_image(g, PHOTO_ONE, "photo"), steps=g.settings.steps, cfg=g.settings.cfg,
+                 inversion_cfg=g.settings.cfg)
     save(g, swap[0], "one_person")
     keep = load_image(g, KEEP_PERSON, "person to keep")
     patched, pos = inject(g, model, moa, clip, clip_vision, "a person and a person", "person#1, person#2", [keep, subject],
                           "two persons")
     swap = g.add("MoA_DDIMSwap", "swap (two persons)", model=model, moa_model=patched, positive=pos, negative=neg, vae=vae,
-                 image=load_image(g, PHOTO_TWO, "photo of two"), steps=50, cfg=1.0, inversion_cfg=1.0)
+                 image=load_image(g, PHOTO_TWO, "photo of two"), steps=g.settings.steps, cfg=g.settings.cfg,
+                 inversion_cfg=g.settings.cfg)
     save(g, swap[0], "two_persons")
     return g
 
@@ -325,11 +412,11 @@ def moa_fig13_real_photo_swap() -> Graph:
 def moa_fig21_22_style_and_timelapse() -> Graph:
     g = Graph("moa_fig21_22_style_and_timelapse", "MoA Fig. 21 / 22: style LoRA and time lapse", "MoA Fig. 21 and 22",
               "A style LoRA under MoA (the subject keeps its identity in the style); and a time lapse from 'person' "
-              "to 'kid' (token embeddings interpolated), same seed.")
+              "to 'kid' (token embeddings interpolated), same seed.", MOA_UNIPC)
     model, clip, vae = checkpoint(g)
     moa, clip_vision = moa_inputs(g)
     subject = load_image(g, SUBJECTS[0], "subject")
-    neg, empty = encode(g, clip, NEGATIVE, "negative"), latent(g)
+    neg, empty = negative(g, clip), latent(g)
     styled = g.add("LoraLoader", "style LoRA", model=model, clip=clip, lora_name=g.file(STYLE_LORA), strength_model=0.8, strength_clip=0.8)
     patched, pos = inject(g, styled[0], moa, styled[1], clip_vision, "a portrait of a person, illustration", "person",
                           [subject], "subject + style")
@@ -346,13 +433,13 @@ def moa_fig21_22_style_and_timelapse() -> Graph:
 def moa_fig6_router_maps() -> Graph:
     g = Graph("moa_fig6_router_maps", "MoA Fig. 6: router maps", "MoA Fig. 6",
               "The prior's router weight per pixel (bright: prior, dark: personalized) at the first, middle and last "
-              "steps: averaged over layers, and for four chosen layers.")
+              "steps: averaged over layers, and for four chosen layers.", MOA_UNIPC)
     model, clip, vae = checkpoint(g)
     moa, clip_vision = moa_inputs(g)
     man, woman = load_image(g, SUBJECTS[0], "man"), load_image(g, SUBJECTS[1], "woman")
     patched, pos = inject(g, model, moa, clip, clip_vision, COUPLE_PROMPTS[2], "man, woman", [man, woman])
     recorded = g.add("MoA_RecordRouter", model=patched)[0]
-    images = sample(g, recorded, pos, encode(g, clip, NEGATIVE, "negative"), latent(g), vae, "MoA (recorded)")
+    images = sample(g, recorded, pos, negative(g, clip), latent(g), vae, "MoA (recorded)")
     save(g, images, "image")
     for layers, title in (("mean", "mean_of_layers"), ("3, 12, 20, 28", "layers_3_12_20_28")):
         maps = g.add("MoA_RouterMaps", model=recorded, images=images, layers=layers, steps="first, middle, last",
@@ -361,11 +448,22 @@ def moa_fig6_router_maps() -> Graph:
     return g
 
 
+def _sdxl(make):
+    def make_sdxl() -> Graph:
+        return make(sdxl=True)
+
+    make_sdxl.__name__ = f"{make.__name__}_sdxl"
+    return make_sdxl
+
+
+# In figure order, MoLE first (each SDXL graph beside its SD1.5 twin), then MoA.
 WORKFLOWS = [
-    mole_fig1_lora_refinement, mole_fig8_9_comparison, mole_table3_assignment_ablation, mole_fig7_gates,
-    moa_fig7_subject_swap, moa_fig8_couples, moa_fig11_controlnet_pose, moa_fig12_morphing,
-    moa_fig13_real_photo_swap, moa_fig21_22_style_and_timelapse, moa_fig6_router_maps,
+    mole_fig1_lora_refinement, mole_fig7_gates, _sdxl(mole_fig7_gates), mole_fig8_9_comparison,
+    _sdxl(mole_fig8_9_comparison), mole_table3_assignment_ablation, _sdxl(mole_table3_assignment_ablation),
+    moa_fig6_router_maps, moa_fig7_subject_swap, moa_fig8_couples, moa_fig11_controlnet_pose, moa_fig12_morphing,
+    moa_fig13_real_photo_swap, moa_fig21_22_style_and_timelapse,
 ]
+SDXL_WORKFLOWS = [make.__name__ for make in WORKFLOWS if make.__name__.endswith("_sdxl")]
 
 
 def all_graphs() -> list[Graph]:
