@@ -3,7 +3,7 @@ custom_nodes/, as scripts/run_comfyui.sh makes) before the default ~/comfy/Comfy
 
 from __future__ import annotations
 
-import hostenv
+import comfyui_host
 
 
 def fake_comfyui(root):
@@ -12,16 +12,16 @@ def fake_comfyui(root):
     (root / "nodes.py").write_text("")
     (root / "custom_nodes").mkdir()
     link = root / "custom_nodes" / "ComfyUI-MoLE-MoA"
-    link.symlink_to(hostenv.REPO)
+    link.symlink_to(comfyui_host.REPO)
     return link
 
 
 def test_found_through_the_folder_it_was_entered_by(tmp_path, monkeypatch):
     link = fake_comfyui(tmp_path / "ComfyUI")
     monkeypatch.delenv("COMFYUI_PATH", raising=False)
-    monkeypatch.setattr(hostenv, "HOST_RECORD", tmp_path / "none")
+    monkeypatch.setattr(comfyui_host, "HOST_RECORD", tmp_path / "none")
     monkeypatch.setenv("PWD", str(link / "workflows"))  # `cd ComfyUI/custom_nodes/ComfyUI-MoLE-MoA/workflows`
-    assert hostenv.find_host()[0] == (tmp_path / "ComfyUI").resolve()
+    assert comfyui_host.find_host()[0] == (tmp_path / "ComfyUI").resolve()
 
 
 def test_found_through_run_comfyuis_record(tmp_path, monkeypatch):
@@ -29,9 +29,9 @@ def test_found_through_run_comfyuis_record(tmp_path, monkeypatch):
     record = tmp_path / "record"
     record.write_text(str(tmp_path / "ComfyUI") + "\n")
     monkeypatch.delenv("COMFYUI_PATH", raising=False)
-    monkeypatch.setattr(hostenv, "HOST_RECORD", record)
-    monkeypatch.setenv("PWD", str(hostenv.REPO))
-    assert hostenv.find_host()[0] == (tmp_path / "ComfyUI").resolve()
+    monkeypatch.setattr(comfyui_host, "HOST_RECORD", record)
+    monkeypatch.setenv("PWD", str(comfyui_host.REPO))
+    assert comfyui_host.find_host()[0] == (tmp_path / "ComfyUI").resolve()
 
 
 def test_a_record_of_a_comfyui_without_the_pack_is_ignored(tmp_path, monkeypatch):
@@ -41,6 +41,6 @@ def test_a_record_of_a_comfyui_without_the_pack_is_ignored(tmp_path, monkeypatch
     record = tmp_path / "record"
     record.write_text(str(other))
     monkeypatch.delenv("COMFYUI_PATH", raising=False)
-    monkeypatch.setattr(hostenv, "HOST_RECORD", record)
-    monkeypatch.setenv("PWD", str(hostenv.REPO))
-    assert hostenv.find_host()[0] != other.resolve()
+    monkeypatch.setattr(comfyui_host, "HOST_RECORD", record)
+    monkeypatch.setenv("PWD", str(comfyui_host.REPO))
+    assert comfyui_host.find_host()[0] != other.resolve()
