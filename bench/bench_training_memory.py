@@ -6,6 +6,8 @@ cached data, 1 step, 64 px, random SD1.5), each run in its own process.
 --tree runs the training scripts of another checkout (for example the tree before the on-disk
 cache, whose in-memory cache held every image's latent and text embedding in each process), so
 that the two can be put side by side. Prints the peak RSS per size and its growth per image.
+Measured (2 CPU cores, random SD1.5): 6641 MiB at 16 and 256 images, old and new tree alike:
+the peak is the base model's load; the old per-image cache (237 KB at 64 px) stayed under it.
 """
 
 from __future__ import annotations
