@@ -1,0 +1,279 @@
+"""MoA from FastComposer's weights: its fusion against FastComposer's own code, the training-free
+attention router, constant routers, file format version 2 and the image encoder fingerprint."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mixture_core.errors import WeightFileError
+from mixture_core.moa import AttentionShape, FastComposerFusion, MoALayer, MoAModel, RouterConfig, SubjectBinding, bind_subjects
+from mixture_core.moa_files import load_moa_file, save_moa_file, vision_encoder_fingerprint
+from mixture_core.moa_router import SubjectMaps, personal_share, resize_share
+
+# ---- FastComposer's code, ported line by line (github.com/mit-han-lab/fastcomposer, commit b9304a2,
+# fastcomposer/model.py). Only torch is needed, so it runs as it is written there.
+
+
+class FCMLP(nn.Module):  # model.py lines 23-42 (class MLP)
+    def __init__(self, in_dim, out_dim, hidden_dim, use_residual=True):
+        super().__init__()
+        if use_residual:
+            assert in_dim == out_dim
+        self.layernorm = nn.LayerNorm(in_dim)
+        self.fc1 = nn.Linear(in_dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, out_dim)
+        self.use_residual = use_residual
+        self.act_fn = nn.GELU()
+
+    def forward(self, x):
+        residual = x
+        x = self.layernorm(x)
+        x = self.fc1(x)
+        x = self.act_fn(x)
+        x = self.fc2(x)
+        if self.use_residual:
+            x = x + residual
+        return x
+
+
+def fuse_object_embeddings(inputs_embeds, image_token_mask, object_embeds, num_objects, fuse_fn=torch.add):  # lines 128-160
+    object_embeds = object_embeds.to(inputs_embeds.dtype)
+
+    batch_size, max_num_objects = object_embeds.shape[:2]
+    seq_length = inputs_embeds.shape[1]
+    flat_object_embeds = object_embeds.view(-1, object_embeds.shape[-2], object_embeds.shape[-1])
+
+    valid_object_mask = torch.arange(max_num_objects, device=flat_object_embeds.device)[None, :] < num_objects[:, None]
+
+    valid_object_embeds = flat_object_embeds[valid_object_mask.flatten()]
+
+    inputs_embeds = inputs_embeds.view(-1, inputs_embeds.shape[-1])
+    image_token_mask = image_token_mask.view(-1)
+    valid_object_embeds = valid_object_embeds.view(-1, valid_object_embeds.shape[-1])
+
+    # slice out the image token embeddings
+    image_token_embeds = inputs_embeds[image_token_mask]
+    valid_object_embeds = fuse_fn(image_token_embeds, valid_object_embeds)
+
+    inputs_embeds.masked_scatter_(image_token_mask[:, None], valid_object_embeds)
+    inputs_embeds = inputs_embeds.view(batch_size, seq_length, -1)
+    return inputs_embeds
+
+
+class FastComposerPostfuseModule(nn.Module):  # lines 163-188
+    def __init__(self, embed_dim):
+        super().__init__()
+        self.mlp1 = FCMLP(embed_dim * 2, embed_dim, embed_dim, use_residual=False)
+        self.mlp2 = FCMLP(embed_dim, embed_dim, embed_dim, use_residual=True)
+        self.layer_norm = nn.LayerNorm(embed_dim)
+
+    def fuse_fn(self, text_embeds, object_embeds):
+        text_object_embeds = torch.cat([text_embeds, object_embeds], dim=-1)
+        text_object_embeds = self.mlp1(text_object_embeds) + text_embeds
+        text_object_embeds = self.mlp2(text_object_embeds)
+        text_object_embeds = self.layer_norm(text_object_embeds)
+        return text_object_embeds
+
+    def forward(self, text_embeds, object_embeds, image_token_mask, num_objects):
+        text_object_embeds = fuse_object_embeddings(text_embeds, image_token_mask, object_embeds, num_objects, self.fuse_fn)
+        return text_object_embeds
+
+
+def randomize(module, seed=0, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():  # LayerNorm gains around 1, everything else around 0
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale + (1.0 if "norm.weight" in name else 0.0))
+    return module
+
+
+def test_fastcomposer_fusion_reproduces_its_postfuse_module():
+    """Random weights (LayerNorm affine too), SD1.5's 768 widths, two subjects in a 77-token prompt
+    (FastComposer's image_token_mask marks the noun before each <|image|>)."""
+    torch.manual_seed(0)
+    reference = randomize(FastComposerPostfuseModule(768), seed=1)
+    ours = FastComposerFusion(768, 768, 768)
+    ours.load_state_dict(reference.state_dict())  # the same parameter names: FastComposer's weights load as they are
+    text = torch.randn(1, 77, 768)
+    objects = torch.randn(1, 2, 1, 768)  # image_encoder output: (b, num_objects, 1, dim)
+    mask = torch.zeros(1, 77, dtype=torch.bool)
+    mask[0, [3, 7]] = True
+    with torch.no_grad():
+        expected = reference(text.clone(), objects, mask, torch.tensor([2]))
+        bindings = [SubjectBinding(3, objects[0, 0, 0]), SubjectBinding(7, objects[0, 1, 0])]
+        got = bind_subjects(text, bindings, ours, torch.tensor(500.0), layer_index=0)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got[0, 3], text[0, 3])
+    assert torch.equal(got[0, [0, 1, 2, 4, 5, 6, 8]], text[0, [0, 1, 2, 4, 5, 6, 8]])
+    # No timestep or layer input: the same token at every step and layer.
+    assert torch.equal(bind_subjects(text, bindings, ours, torch.tensor(10.0), 5), got)
+    # float16 compute with float32 weights (the weights are cast per call)
+    half = bind_subjects(text.half(), bindings, ours, torch.tensor(500.0), 0)
+    torch.testing.assert_close(half.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+# ---- the attention router --------------------------------------------------------------------
+
+
+def test_personal_share_is_the_clamped_quantile_ratio():
+    maps = torch.zeros(1, 2, 8, 8)
+    maps[0, 0, 1:4, 1:4] = torch.linspace(0.1, 0.9, 9).reshape(3, 3)  # subject 1, top left
+    maps[0, 1, 5:7, 5:8] = 0.3  # subject 2, bottom right
+    share = personal_share(maps, 0.98)
+    assert share.shape == (1, 1, 8, 8)
+    support = (maps > 0).any(1, keepdim=True)
+    assert torch.equal(share[~support], torch.zeros(int((~support).sum())))  # exactly 0 outside the maps
+    q = torch.quantile(maps[0, 0].flatten(), 0.98)
+    torch.testing.assert_close(share[0, 0, 1:4, 1:4], (maps[0, 0, 1:4, 1:4] / q).clamp(0, 1))
+    assert torch.equal(share[0, 0, 5:7, 5:8], torch.ones(2, 3))  # a flat map: its quantile is its value
+    assert torch.equal(personal_share(torch.zeros(2, 1, 4, 4), 0.98), torch.zeros(2, 1, 4, 4))
+    # Area pooling onto a coarser grid keeps zeros zero; a 9x9 latent's level below is 5x5 (ceil).
+    assert torch.equal(resize_share(share, (4, 4))[..., 3:, :2], torch.zeros(1, 1, 1, 2))
+    assert resize_share(torch.ones(1, 1, 9, 9), (5, 5)).shape == (1, 1, 5, 5)
+
+
+def test_subject_maps_serve_the_previous_step():
+    maps = SubjectMaps(0.98)
+    images = torch.tensor([0])
+    maps.step(14.6)
+    assert maps.share(images, (4, 4)) is None  # no previous step yet
+    planted = torch.zeros(1, 1, 4, 4)
+    planted[..., :2, :2] = 1.0
+    maps.add(planted, images, 1, (8, 8))
+    maps.add(planted * 3, images, 1, (8, 8))
+    maps.step(14.6)  # the uncond call of the same step: nothing changes
+    assert maps.share(images, (4, 4)) is None
+    maps.step(7.0)
+    share = maps.share(torch.tensor([0, 0]), (4, 4))  # cond and uncond rows of image 0
+    assert share.shape == (2, 16, 1) and torch.equal(share[0], share[1])
+    grid = share[0, :, 0].reshape(4, 4)
+    # Bilinear upsampling to the latent spreads the map by less than a map pixel; beyond, exactly 0.
+    assert (grid[:2, :2] > 0.5).all() and torch.equal(grid[3:], torch.zeros(1, 4)) and torch.equal(grid[:, 3:], torch.zeros(4, 1))
+    assert maps.share(torch.tensor([1]), (4, 4)) is None  # another batch layout: no share
+    maps.step(3.0)  # nothing recorded at sigma 7: no share at sigma 3
+    assert maps.share(images, (4, 4)) is None
+    maps.step(14.6)  # a higher sigma: a new sampling run
+    assert maps.sigma == 14.6 and maps.share(images, (4, 4)) is None
+
+
+def planted_layer(inside: torch.Tensor, token: int, dim=16, context_dim=12, heads=2, logit=200.0):
+    """A cross-attention whose subject-token attention is planted: pixel features carry +1
+    (inside) or -1 (outside) in channel 0, to_q reads it, the subject token's key points along
+    it with a logit of +-`logit` and every other token has key 0 (logit 0). Outside the region
+    the subject's probability underflows to exactly 0 in float32; inside it is ~1."""
+    layer = MoALayer(AttentionShape(dim, context_dim, heads, 4), router_hidden=0)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for lin in (layer.to_v, layer.to_out):
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.3)
+        layer.to_out.bias.zero_()
+        layer.to_q.weight.zero_()
+        layer.to_q.weight[:, 0] = 1.0  # every head's query = the pixel's sign
+        layer.to_k.weight.zero_()
+        layer.to_k.weight[:, 0] = logit / 4  # key of a token with channel 0 set; d_head 4: scale 1/2
+    h = torch.randn(1, inside.numel(), dim, generator=g)
+    h[0, :, 0] = torch.where(inside.flatten(), 1.0, -1.0)
+    context = torch.randn(1, 5, context_dim, generator=g)
+    context[..., 0] = 0.0
+    context[0, token, 0] = 2.0
+    return layer, h, context
+
+
+def test_attention_router_follows_a_planted_map_and_is_the_prior_elsewhere():
+    inside = torch.zeros(8, 8, dtype=torch.bool)
+    inside[2:5, 3:7] = True
+    layer, h, context = planted_layer(inside, token=2)
+    probs = layer.subject_attention(h, context, [2])  # (1, 64, 1)
+    assert torch.equal(probs[0, ~inside.flatten(), 0], torch.zeros(int((~inside).sum())))
+    assert (probs[0, inside.flatten(), 0] > 0.99).all()
+
+    maps = SubjectMaps(0.98)
+    images = torch.tensor([0])
+    maps.step(10.0)
+    maps.add(probs.transpose(1, 2).unflatten(-1, (8, 8)), images, 1, (8, 8))
+    maps.step(5.0)
+    share = maps.share(images, (8, 8))
+    torch.testing.assert_close(share[0, :, 0], inside.flatten().float(), rtol=0, atol=1e-2)
+
+    prior = torch.randn(1, 64, 16)
+    out = layer(h, prior, context, strength=0.7, share=share)
+    outside = ~inside.flatten()
+    assert torch.equal(out[0, outside], prior[0, outside])  # bit-identical to the prior outside the map
+    personal = layer.personal(h, context)
+    torch.testing.assert_close(out[0, ~outside], (prior + 0.7 * share * (personal - prior))[0, ~outside])
+    assert not torch.allclose(out[0, ~outside], prior[0, ~outside])
+    assert layer(h, prior, context, strength=0.0, share=share) is prior  # strength 0: the prior itself
+    with pytest.raises(ValueError, match="no learned router"):
+        layer(h, prior, context)
+
+
+# ---- files ---------------------------------------------------------------------------------
+
+SELF = "input_blocks.1.1.transformer_blocks.0.attn1"
+CROSS = "input_blocks.1.1.transformer_blocks.0.attn2"
+SHAPES = {SELF: AttentionShape(16, 16, 2, 4), CROSS: AttentionShape(16, 12, 2, 4)}
+
+
+def small(router, fusion="fastcomposer"):
+    model = MoAModel(SHAPES, router_hidden=8, fusion_hidden=12, spacetime_dim=6, text_dim=12, image_dim=12,
+                     fusion=fusion, router=router, image_preprocess="fastcomposer")
+    return randomize(model, seed=4)
+
+
+@pytest.mark.parametrize("router", [RouterConfig("attention", quantile=0.9, prior_steps=0.25, map_layers=(CROSS,)),
+                                    RouterConfig("constant", share=0.4)], ids=["attention", "constant"])
+def test_version_2_round_trip(tmp_path, router):
+    model = small(router)
+    path = tmp_path / "fc.safetensors"
+    save_moa_file(path, model, "sd15", {"moa.image_encoder_fingerprint": "0123456789abcdef"})
+    loaded = load_moa_file(path)
+    assert loaded.metadata["moa.format_version"] == "2" and loaded.router_config == router
+    assert loaded.fusion_kind == "fastcomposer" and loaded.image_preprocess == "fastcomposer"
+    assert all(layer.router is None for layer in loaded.layers) and loaded.spacetime is None
+    assert loaded.metadata["moa.image_encoder_fingerprint"] == "0123456789abcdef"
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    # A learned router with MoA's own fusion still writes version 1 (older packs read it).
+    v1 = tmp_path / "v1.safetensors"
+    save_moa_file(v1, MoAModel(SHAPES, 8, 16, 6, 12, 12), "sd15")
+    assert load_moa_file(v1).metadata["moa.format_version"] == "1"
+
+
+@pytest.mark.parametrize("key,value,problem", [
+    ("moa.router", "oracle", "router kind 'oracle'"),
+    ("moa.router_map_layers", json.dumps(["output_blocks.99.1.transformer_blocks.0.attn2"]), "names layers that moa.layers"),
+    ("moa.router_quantile", "1.5", "quantile must be in"),
+    ("moa.fusion", "ipadapter", "moa.fusion 'ipadapter'"),
+    ("moa.image_preprocess", "sharpen", "moa.image_preprocess 'sharpen'"),
+])
+def test_bad_version_2_metadata(tmp_path, key, value, problem):
+    from safetensors.torch import load_file, save_file
+    from mixture_core.safetensors_io import SafetensorsFile
+
+    good = tmp_path / "good.safetensors"
+    save_moa_file(good, small(RouterConfig("attention", map_layers=(CROSS,))), "sd15")
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_file(str(good)), str(bad), {**SafetensorsFile(good).metadata, key: value})
+    with pytest.raises(WeightFileError, match="^bad.safetensors: ") as err:
+        load_moa_file(bad)
+    assert err.match(problem)
+
+
+def test_vision_encoder_fingerprint():
+    g = torch.Generator().manual_seed(0)
+    sd = {f"vision_model.encoder.layers.{i}.mlp.fc1.weight": torch.randn(4, 3, generator=g) for i in range(4)}
+    sd |= {f"vision_model.encoder.layers.{i}.layer_norm1.bias": torch.randn(3, generator=g) for i in range(4)}
+    sd |= {"visual_projection.weight": torch.randn(2, 3, generator=g), "vision_model.post_layernorm.weight": torch.randn(3)}
+    fp = vision_encoder_fingerprint(sd, [2, 3])
+    assert len(fp) == 16 and int(fp, 16) >= 0
+    assert vision_encoder_fingerprint({k: v.half() for k, v in sd.items()}, (3, 2)) == fp  # fp16 copy, any order
+    changed = dict(sd, **{"vision_model.encoder.layers.1.mlp.fc1.weight": torch.zeros(4, 3),
+                          "vision_model.post_layernorm.weight": torch.zeros(3)})
+    assert vision_encoder_fingerprint(changed, [2, 3]) == fp  # layers outside the list do not count
+    for key in ("vision_model.encoder.layers.3.layer_norm1.bias", "visual_projection.weight"):
+        assert vision_encoder_fingerprint(dict(sd, **{key: sd[key] + 0.01}), [2, 3]) != fp
+    with pytest.raises(ValueError, match=r"no vision_model.encoder.layers.7.\*"):
+        vision_encoder_fingerprint(sd, [3, 7])
