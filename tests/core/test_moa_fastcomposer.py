@@ -5,89 +5,13 @@ import json
 
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from mixture_core.errors import WeightFileError
-from mixture_core.moa import AttentionShape, FastComposerFusion, MoALayer, MoAModel, RouterConfig, SubjectBinding, bind_subjects
+from mixture_core.moa import AttentionShape, FastComposerFusion, fastcomposer_subject_image, MoALayer, MoAModel, RouterConfig, SubjectBinding, bind_subjects
 from mixture_core.moa_files import load_moa_file, save_moa_file, vision_encoder_fingerprint
 from mixture_core.moa_router import SubjectMaps, personal_share, resize_share
 
-# ---- FastComposer's code, ported line by line (github.com/mit-han-lab/fastcomposer, commit b9304a2,
-# fastcomposer/model.py). Only torch is needed, so it runs as it is written there.
-
-
-class FCMLP(nn.Module):  # model.py lines 23-42 (class MLP)
-    def __init__(self, in_dim, out_dim, hidden_dim, use_residual=True):
-        super().__init__()
-        if use_residual:
-            assert in_dim == out_dim
-        self.layernorm = nn.LayerNorm(in_dim)
-        self.fc1 = nn.Linear(in_dim, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, out_dim)
-        self.use_residual = use_residual
-        self.act_fn = nn.GELU()
-
-    def forward(self, x):
-        residual = x
-        x = self.layernorm(x)
-        x = self.fc1(x)
-        x = self.act_fn(x)
-        x = self.fc2(x)
-        if self.use_residual:
-            x = x + residual
-        return x
-
-
-def fuse_object_embeddings(inputs_embeds, image_token_mask, object_embeds, num_objects, fuse_fn=torch.add):  # lines 128-160
-    object_embeds = object_embeds.to(inputs_embeds.dtype)
-
-    batch_size, max_num_objects = object_embeds.shape[:2]
-    seq_length = inputs_embeds.shape[1]
-    flat_object_embeds = object_embeds.view(-1, object_embeds.shape[-2], object_embeds.shape[-1])
-
-    valid_object_mask = torch.arange(max_num_objects, device=flat_object_embeds.device)[None, :] < num_objects[:, None]
-
-    valid_object_embeds = flat_object_embeds[valid_object_mask.flatten()]
-
-    inputs_embeds = inputs_embeds.view(-1, inputs_embeds.shape[-1])
-    image_token_mask = image_token_mask.view(-1)
-    valid_object_embeds = valid_object_embeds.view(-1, valid_object_embeds.shape[-1])
-
-    # slice out the image token embeddings
-    image_token_embeds = inputs_embeds[image_token_mask]
-    valid_object_embeds = fuse_fn(image_token_embeds, valid_object_embeds)
-
-    inputs_embeds.masked_scatter_(image_token_mask[:, None], valid_object_embeds)
-    inputs_embeds = inputs_embeds.view(batch_size, seq_length, -1)
-    return inputs_embeds
-
-
-class FastComposerPostfuseModule(nn.Module):  # lines 163-188
-    def __init__(self, embed_dim):
-        super().__init__()
-        self.mlp1 = FCMLP(embed_dim * 2, embed_dim, embed_dim, use_residual=False)
-        self.mlp2 = FCMLP(embed_dim, embed_dim, embed_dim, use_residual=True)
-        self.layer_norm = nn.LayerNorm(embed_dim)
-
-    def fuse_fn(self, text_embeds, object_embeds):
-        text_object_embeds = torch.cat([text_embeds, object_embeds], dim=-1)
-        text_object_embeds = self.mlp1(text_object_embeds) + text_embeds
-        text_object_embeds = self.mlp2(text_object_embeds)
-        text_object_embeds = self.layer_norm(text_object_embeds)
-        return text_object_embeds
-
-    def forward(self, text_embeds, object_embeds, image_token_mask, num_objects):
-        text_object_embeds = fuse_object_embeddings(text_embeds, image_token_mask, object_embeds, num_objects, self.fuse_fn)
-        return text_object_embeds
-
-
-def randomize(module, seed=0, scale=0.3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():  # LayerNorm gains around 1, everything else around 0
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale + (1.0 if "norm.weight" in name else 0.0))
-    return module
+from helpers.fastcomposer_weights import FastComposerPostfuseModule, randomize  # noqa: E402  (FastComposer's code, ported)
 
 
 def test_fastcomposer_fusion_reproduces_its_postfuse_module():
@@ -113,6 +37,36 @@ def test_fastcomposer_fusion_reproduces_its_postfuse_module():
     # float16 compute with float32 weights (the weights are cast per call)
     half = bind_subjects(text.half(), bindings, ours, torch.tensor(500.0), 0)
     torch.testing.assert_close(half.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("size", [(37, 52), (52, 37), (41, 41), (30, 45)])
+def test_subject_image_is_prepared_as_fastcomposer_prepares_it(size):
+    """Against FastComposer's get_test_object_transforms (transforms.py l. 27-53 PadToSquare and
+    l. 275-292) run with torchvision on the uint8 image it reads."""
+    T = pytest.importorskip("torchvision.transforms")
+
+    class PadToSquare(torch.nn.Module):  # transforms.py l. 27-53
+        def forward(self, image):
+            _, h, w = image.shape
+            if h == w:
+                return image
+            elif h > w:
+                padding = (h - w) // 2
+                image = torch.nn.functional.pad(image, (padding, padding, 0, 0), "constant", 0)
+            else:
+                padding = (w - h) // 2
+                image = torch.nn.functional.pad(image, (0, 0, padding, padding), "constant", 0)
+            return image
+
+    reference = torch.nn.Sequential(PadToSquare(), T.Resize((224, 224), interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+                                    T.ConvertImageDtype(torch.float32))
+    h, w = size
+    pixels = torch.randint(0, 256, (3, h, w), generator=torch.Generator().manual_seed(h * w), dtype=torch.uint8)
+    expected = reference(pixels)  # (3, 224, 224) in [0, 1], rounded to uint8 levels by the uint8 resize
+    ours = fastcomposer_subject_image(pixels.movedim(0, -1)[None].float() / 255)
+    assert ours.shape == (1, 224, 224, 3)
+    # ComfyUI's clip_preprocess rounds a 224 px image to uint8 levels: compare at that rounding.
+    torch.testing.assert_close((ours[0].movedim(-1, 0) * 255).round() / 255, expected, rtol=0, atol=1.01 / 255)
 
 
 # ---- the attention router --------------------------------------------------------------------
