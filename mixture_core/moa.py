@@ -181,6 +181,8 @@ class MoALayer(nn.Module):
             share = self.route(h)[..., 1:]
         elif isinstance(share, torch.Tensor):
             share = cast_like(share, prior_out)
+        else:  # a number: the same share at every pixel, as a (B, T, 1) map like a router's
+            share = prior_out.new_full((*prior_out.shape[:-1], 1), float(share))
         personal_weight = strength * share
         # R0' * prior + R1' * personal with R0' = 1 - R1', written as one lerp.
         return prior_out + personal_weight * (self.personal(h, context, attention) - prior_out)

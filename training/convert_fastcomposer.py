@@ -3,6 +3,8 @@
     python -m training.convert_fastcomposer model/fastcomposer/pytorch_model.bin \\
         --out models/moa/fastcomposer.safetensors --clip-vision-out models/clip_vision/fastcomposer_image_encoder.safetensors
 
+(--out and --clip-vision-out may also be given in two separate runs.)
+
 FastComposer (Xiao et al. 2023, github.com/mit-han-lab/fastcomposer, MIT license) publishes one
 file, pytorch_model.bin: the state dict of its FastComposerModel (fastcomposer/model.py), keys
 ``unet.*`` (diffusers UNet2DConditionModel, SD1.5, fine-tuned), ``text_encoder.*`` (frozen),
@@ -200,9 +202,9 @@ def convert(state: dict[str, torch.Tensor], router: RouterConfig | None = None, 
     return moa, vision
 
 
-def write(moa: MoAModel, vision: dict, out, clip_vision_out=None, source_name: str = "pytorch_model.bin") -> str:
-    """The clip_vision file (if asked) and the MoA file, each written whole or not at all;
-    returns the image encoder's fingerprint."""
+def write(moa: MoAModel, vision: dict, out=None, clip_vision_out=None, source_name: str = "pytorch_model.bin") -> str:
+    """The clip_vision file and the MoA file (those asked for), each written whole or not at
+    all; returns the image encoder's fingerprint."""
     encoder_file = Path(clip_vision_out).name if clip_vision_out else DEFAULT_ENCODER_FILE
     metadata = {
         "description": "FastComposer (mit-han-lab/fastcomposer, MIT license) converted to MoA by training.convert_fastcomposer: "
@@ -216,7 +218,8 @@ def write(moa: MoAModel, vision: dict, out, clip_vision_out=None, source_name: s
     if clip_vision_out:
         _atomic(clip_vision_out, lambda tmp: save_file(vision, tmp, {"description": "FastComposer's CLIP ViT-L/14 image "
                                                                       "encoder (layers 22-23 fine-tuned)", "format": "pt"}))
-    _atomic(out, lambda tmp: save_moa_file(tmp, moa, "sd15", metadata))
+    if out:
+        _atomic(out, lambda tmp: save_moa_file(tmp, moa, "sd15", metadata))
     return metadata["moa.image_encoder_fingerprint"]
 
 
@@ -236,7 +239,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m training.convert_fastcomposer", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="FastComposer's pytorch_model.bin (or a folder holding it, or a .safetensors copy)")
-    p.add_argument("--out", required=True, help="the MoA file to write (models/moa/....safetensors)")
+    p.add_argument("--out", help="the MoA file to write (models/moa/....safetensors)")
     p.add_argument("--clip-vision-out", help="also write FastComposer's image encoder as a clip_vision file "
                                              "(models/clip_vision/....safetensors); MoA Subject Inject needs it")
     p.add_argument("--router", choices=("attention", "constant"), default="attention",
@@ -247,6 +250,8 @@ def parse_args(argv=None):
                    help="fraction of sampling run by the prior alone (FastComposer delays the subject: 10 of 50 steps)")
     p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16", help="dtype of the written tensors")
     args = p.parse_args(argv)
+    if not args.out and not args.clip_vision_out:
+        p.error("give --out (the MoA file), --clip-vision-out (the image encoder) or both")
     for name in ("out", "clip_vision_out"):
         value = getattr(args, name)
         if value and not value.endswith(".safetensors"):
@@ -270,12 +275,14 @@ def main(argv=None) -> None:
     fingerprint = write(moa, vision, args.out, args.clip_vision_out, source.name)
     expected = expected_shapes()
     unused = sorted({k.split(".")[0] for k in state if k not in expected and k not in UNUSED_KEYS})
-    print(f"wrote {args.out}: {len(moa.layer_ids)} MoA layers, FastComposer fusion, {router.kind} router "
-          f"(image encoder fingerprint {fingerprint})")
+    if args.out:
+        print(f"wrote {args.out}: {len(moa.layer_ids)} MoA layers, FastComposer fusion, {router.kind} router "
+              f"(image encoder fingerprint {fingerprint})")
     if args.clip_vision_out:
-        print(f"wrote {args.clip_vision_out}: FastComposer's CLIP ViT-L/14 image encoder ({len(vision)} tensors)")
+        print(f"wrote {args.clip_vision_out}: FastComposer's CLIP ViT-L/14 image encoder ({len(vision)} tensors, "
+              f"fingerprint {fingerprint})")
     else:
-        print(f"note: MoA Subject Inject needs FastComposer's image encoder; write it with --clip-vision-out "
+        print(f"note: MoA Subject Inject needs FastComposer's image encoder too; write it with --clip-vision-out "
               f"models/clip_vision/{DEFAULT_ENCODER_FILE}")
     print(f"not used (as intended): the rest of {', '.join(unused) or 'nothing'} (see --help)")
 

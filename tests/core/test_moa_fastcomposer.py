@@ -231,3 +231,11 @@ def test_vision_encoder_fingerprint():
         assert vision_encoder_fingerprint(dict(sd, **{key: sd[key] + 0.01}), [2, 3]) != fp
     with pytest.raises(ValueError, match=r"no vision_model.encoder.layers.7.\*"):
         vision_encoder_fingerprint(sd, [3, 7])
+
+
+def test_constant_share_mixes_every_pixel_alike():
+    layer = randomize(MoALayer(AttentionShape(16, 12, 2, 4), router_hidden=0), seed=5)
+    h, prior, context = torch.randn(2, 6, 16), torch.randn(2, 6, 16), torch.randn(2, 5, 12)
+    personal = layer.personal(h, context)
+    torch.testing.assert_close(layer(h, prior, context, strength=0.5, share=0.4), prior + 0.2 * (personal - prior))
+    assert torch.equal(layer(h, prior, context, strength=1.0, share=0.0), prior)
