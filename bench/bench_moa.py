@@ -51,10 +51,12 @@ def moa_models(patcher, subjects: int, seed: int = 0):
     bindings = [core.SubjectBinding(2 + 3 * i, torch.randn(moa.fusion.image_dim, generator=gen)) for i in range(subjects)]
     model_sampling = patcher.get_model_object("model_sampling")
 
+    weights = importlib.import_module(f"{pack.__name__}.nodes.patching").weights_patcher(moa)
+
     def patched(strength):
         settings = adapter.MoASettings(strength=strength, sigma_start=float("inf"), sigma_end=0.0, bindings=bindings,
-                                       bound_text=None, model_sampling=model_sampling)
-        return adapter.apply_moa(patcher, moa, settings)
+                                       model_sampling=model_sampling)
+        return adapter.apply_moa(patcher, moa, weights, settings)
 
     weight_bytes = sum(p.numel() * p.element_size() for p in moa.parameters())
     return patched(1.0), patched(0.0), weight_bytes
@@ -72,7 +74,11 @@ def step_fn(patcher, size, batch, device, dtype):
     def run():
         """Seconds of one UNet forward (loading/patching the model is not timed)."""
         mm.load_models_gpu([patcher] + patcher.get_nested_additional_models(), force_full_load=True)
-        options = dict(patcher.model_options["transformer_options"], cond_or_uncond=chunks, sigmas=sigma)
+        options = dict(patcher.model_options["transformer_options"], cond_or_uncond=chunks, sigmas=sigma,
+                       uuids=["cond", "uncond"][:len(chunks)])
+        moa_patch = importlib.import_module(f"{hostenv.import_pack().__name__}.nodes.moa_patch").find_moa_patch(patcher)
+        if moa_patch is not None:  # the cond chunk carries the subjects, as the sampler's wrapper would say
+            options[moa_patch.rows_key] = frozenset({"cond"})
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()

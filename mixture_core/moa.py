@@ -61,6 +61,9 @@ MAX_PERIOD = 10000  # the UNet's timestep sinusoid
 MOA_TARGET = re.compile(r"(^|\.)transformer_blocks\.\d+\.attn[12]$")
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+# Receives the prior's weight R0' = 1 - strength * R1 per token (B, T) of one layer call, for
+# pictures of the routers at work (as mole.Observer for MoLE's gates).
+RouterObserver = Callable[[torch.Tensor], None]
 
 
 def is_moa_target(module_path: str) -> bool:
@@ -169,10 +172,12 @@ class MoALayer(nn.Module):
         context: torch.Tensor | None = None,
         strength: float = 1.0,
         attention: Attention | None = None,
+        observer: RouterObserver | None = None,
         share: torch.Tensor | float | None = None,
     ) -> torch.Tensor:
-        """share: the personal share R1 per pixel ((B, T, 1) or a number) from a router that is
-        not learned; None: this layer's learned router."""
+        """observer, if given, receives this call's prior weight R0' per token, (B, T). share: the
+        personal share R1 per pixel ((B, T, 1) or a number) from a router that is not learned;
+        None: this layer's learned router."""
         if strength < 0:
             raise ValueError(f"MoA strength must be >= 0, not {strength}")
         if strength == 0:
@@ -184,6 +189,8 @@ class MoALayer(nn.Module):
         else:  # a number: the same share at every pixel, as a (B, T, 1) map like a router's
             share = prior_out.new_full((*prior_out.shape[:-1], 1), float(share))
         personal_weight = strength * share
+        if observer is not None:
+            observer(1.0 - personal_weight[..., 0])
         # R0' * prior + R1' * personal with R0' = 1 - R1', written as one lerp.
         return prior_out + personal_weight * (self.personal(h, context, attention) - prior_out)
 

@@ -180,13 +180,21 @@ class MoLELayer(nn.Module):
         return base_out + self.delta(x, observer)
 
 
-def wrap_forward(layer: MoLELayer, base_forward, observer: Observer | None = None):
+class MoLEForward:
     """A replacement ``forward`` for the frozen module: the base path (whatever was there
-    before, so other patches stay in the chain) plus the MoLE refinement."""
+    before, so other patches stay in the chain) plus the MoLE refinement. It carries its layer
+    so that a host adapter can find the MoLE layers of a patched model and re-wrap them with
+    an observer (``with_observer``)."""
 
-    def forward(x, *args, **kwargs):
-        return layer(x, base_forward(x, *args, **kwargs), observer)
+    def __init__(self, layer: MoLELayer, base_forward, observer: Observer | None = None):
+        self.layer, self.base_forward, self.observer = layer, base_forward, observer
 
-    forward.mole_layer = layer
-    forward.base_forward = base_forward
-    return forward
+    def __call__(self, x, *args, **kwargs):
+        return self.layer(x, self.base_forward(x, *args, **kwargs), self.observer)
+
+    def with_observer(self, observer: Observer | None) -> "MoLEForward":
+        return MoLEForward(self.layer, self.base_forward, observer)
+
+
+def wrap_forward(layer: MoLELayer, base_forward, observer: Observer | None = None) -> MoLEForward:
+    return MoLEForward(layer, base_forward, observer)

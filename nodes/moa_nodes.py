@@ -1,18 +1,23 @@
 """Load MoA Router and MoA Subject Inject.
 
-Load MoA Router reads a MoA file (models/moa) into a MOA_WEIGHTS value. MoA Subject Inject
-binds subject images to words of the prompt and returns the patched MODEL (see moa_patch)
-and the prompt's CONDITIONING, encoded exactly as CLIPTextEncode encodes it.
+Load MoA Router reads a MoA file (models/moa) into a MOA_WEIGHTS value, with the one
+ModelPatcher through which ComfyUI manages that file's weights. MoA Subject Inject binds
+subject images to words of the prompt and returns the patched MODEL (see moa_patch) and the
+prompt's CONDITIONING, encoded exactly as CLIPTextEncode encodes it and marked so that the
+patch knows its rows at sampling time.
 
-Everything is checked before the model is cloned: a bad input raises a ValueError naming
-the input (or the file) and nothing is applied.
+The parsing and the token binding are host-free (mixture_core.subjects); this file holds the
+schema, the host calls and the request checked once. Every check runs before the model is
+cloned: a bad input raises a ValueError naming the input (or the file) and nothing is applied;
+the checks that need no model run in validate_inputs too, before the queue starts.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
-import re
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 
 import torch
 from comfy_api.latest import io
@@ -20,8 +25,10 @@ from comfy_api.latest import io
 from ..mixture_core.errors import WeightFileError
 from ..mixture_core.moa import MoAModel, SubjectBinding, morph_embeddings, timelapse_tokens
 from ..mixture_core.moa_files import check_against_model, load_moa_file
+from ..mixture_core.subjects import SubjectOptions, SubjectWord, Vocabulary, find_subject_tokens
 from .model_folders import files_in, full_path
-from .moa_patch import MoASettings, apply_moa, attention_shapes
+from .moa_patch import MoASettings, SubjectsMark, apply_moa, attention_shapes, mark_conditioning
+from .patching import weights_patcher
 from .unet_layers import model_family
 
 log = logging.getLogger(__name__)
@@ -34,10 +41,21 @@ VIT_L14 = {"hidden size": 1024, "patch": 14, "projection": 768, "layers": 24, "i
 
 @dataclass(frozen=True)
 class LoadedMoA:
-    """The value on a MOA_WEIGHTS wire."""
+    """The value on a MOA_WEIGHTS wire: the file's weights and their one ModelPatcher, made at
+    load and shared by every model MoA Subject Inject patches with them (a patcher per run
+    would leave ComfyUI tracking a new handle to the same weights each time: its "memory
+    leak" warnings)."""
 
     path: str
     model: MoAModel
+    patcher: object = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        if self.patcher is None:
+            object.__setattr__(self, "patcher", weights_patcher(self.model))
+
+    def __deepcopy__(self, memo):
+        return LoadedMoA(self.path, copy.deepcopy(self.model, memo))  # its own patcher over the copy
 
 
 def load_router(filename: str) -> LoadedMoA:
@@ -86,125 +104,24 @@ def check_clip_vision(clip_vision, image_dim: int) -> None:
         raise ValueError(f"the MoA file's fusion reads {image_dim}-wide image embeddings, CLIP ViT-L/14 gives {VIT_L14['projection']}")
 
 
-_SUBJECT = re.compile(r"^(?P<word>.*?)(?:#(?P<occurrence>\d+))?$")
-
-
-@dataclass(frozen=True)
-class SubjectWord:
-    text: str  # as the user wrote it, for messages: "person#2"
-    word: str  # "person"
-    occurrence: int | None  # 2, or None: the word must occur once
-
-
-def parse_subject_words(spec: str) -> list[SubjectWord]:
-    """ "man, woman#2" -> subjects in order. Each entry is a word (or a phrase) of the prompt,
-    optionally with #k to pick its k-th occurrence."""
-    if not spec.strip():
-        raise ValueError("subject_words is empty: name the prompt's word of each subject, such as 'man, woman'")
-    subjects = []
-    for raw in spec.split(","):
-        entry = raw.strip()
-        m = _SUBJECT.match(entry)
-        word = m["word"].strip()
-        if not word:
-            raise ValueError(f"subject_words {spec!r}: an entry is empty; separate the subject words with commas, such as 'man, woman'")
-        occurrence = int(m["occurrence"]) if m["occurrence"] is not None else None
-        if occurrence is not None and occurrence < 1:
-            raise ValueError(f"subject_words: {entry!r}: occurrences count from 1 ({word}#1 is the first)")
-        subjects.append(SubjectWord(entry, word, occurrence))
-    return subjects
-
-
-def parse_weights(spec, count: int) -> list[float]:
-    """ "1.0, 0.8" -> one weight per subject; one number applies to all; empty: all 1."""
-    if isinstance(spec, (int, float)):
-        values = [float(spec)]
-    elif not str(spec).strip():
-        values = [1.0]
-    else:
-        try:
-            values = [float(x) for x in str(spec).split(",")]
-        except ValueError:
-            raise ValueError(f"subject_weights {spec!r}: give numbers separated by commas, such as '1.0, 0.8'") from None
-    if len(values) == 1:
-        values = values * count
-    if len(values) != count:
-        raise ValueError(f"subject_weights {spec!r} gives {len(values)} weights for {count} subjects; give one per subject or a single one for all")
-    bad = [v for v in values if not (v >= 0.0) or v == float("inf")]
-    if bad:
-        raise ValueError(f"subject_weights {spec!r}: weights must be finite and >= 0 (0 = plain text token, 1 = fully fused)")
-    return values
-
-
-def sd1_tokenizer(clip):
-    """(the SD1 tokenizer, the key of its tokens) of an SD1.5 CLIP (ViT-L/14 text encoder)."""
+def sd1_vocabulary(clip) -> tuple[Vocabulary, object, str]:
+    """(the Vocabulary of an SD1.5 CLIP's tokenizer, that tokenizer, the key of its tokens)."""
     tokenizer = getattr(clip, "tokenizer", None)
     name, key = getattr(tokenizer, "clip", None), getattr(tokenizer, "clip_name", None)
     inner = getattr(tokenizer, name, None) if isinstance(name, str) else None
     if inner is None or not hasattr(inner, "inv_vocab") or key != "l":
         raise ValueError(f"clip: MoA needs the SD1.5 text encoder (CLIP ViT-L/14); the connected CLIP has a "
                          f"{type(tokenizer).__name__} tokenizer")
-    return inner, key
 
+    def word_ids(word: str) -> list[int]:
+        ids = inner.tokenizer(word)["input_ids"]
+        if inner.start_token is not None and ids and ids[0] == inner.start_token:
+            ids = ids[1:]
+        if inner.end_token is not None and ids and ids[-1] == inner.end_token:
+            ids = ids[:-1]
+        return ids
 
-def word_tokens(tokenizer, word: str) -> list[int]:
-    ids = tokenizer.tokenizer(word)["input_ids"]
-    if tokenizer.start_token is not None and ids and ids[0] == tokenizer.start_token:
-        ids = ids[1:]
-    if tokenizer.end_token is not None and ids and ids[-1] == tokenizer.end_token:
-        ids = ids[:-1]
-    return ids
-
-
-def find_subject_tokens(tokenizer, chunks, subjects: list[SubjectWord]) -> list[int]:
-    """The position in the first 77-token chunk of each subject's word: its last token for a
-    word CLIP splits into several tokens. A word is matched whole (a token sequence starting
-    at a word start and ending at a word end: 'man' does not match 'woman' or 'superman')."""
-    inv = tokenizer.inv_vocab
-    specials = {tokenizer.start_token, tokenizer.end_token}
-
-    def is_int(t):
-        return isinstance(t, int) and not isinstance(t, bool)
-
-    def starts_word(chunk, i):
-        if i == 0:
-            return True
-        prev = chunk[i - 1][0]
-        return not is_int(prev) or prev in specials or inv.get(prev, "").endswith("</w>")
-
-    positions = []
-    for subject in subjects:
-        ids = word_tokens(tokenizer, subject.word)
-        if not ids:
-            raise ValueError(f"subject_words: {subject.text!r} has no CLIP tokens")
-        found = []  # (chunk, position of the last token)
-        for c, chunk in enumerate(chunks):
-            tokens = [entry[0] for entry in chunk]
-            for i in range(len(tokens) - len(ids) + 1):
-                if all(is_int(tokens[i + j]) and tokens[i + j] == ids[j] for j in range(len(ids))) and starts_word(chunk, i):
-                    found.append((c, i + len(ids) - 1))
-        if not found:
-            raise ValueError(f"subject_words: {subject.word!r} is not a word of the prompt; each subject word must appear in the prompt")
-        if subject.occurrence is None:
-            if len(found) > 1:
-                raise ValueError(f"subject_words: {subject.word!r} occurs {len(found)} times in the prompt; say which one with "
-                                 f"an occurrence index, such as '{subject.word}#1' or '{subject.word}#2'")
-            chunk, position = found[0]
-        else:
-            if subject.occurrence > len(found):
-                raise ValueError(f"subject_words: {subject.text!r} asks for occurrence {subject.occurrence}, but "
-                                 f"{subject.word!r} occurs {len(found)} time(s) in the prompt")
-            chunk, position = found[subject.occurrence - 1]
-        if chunk > 0:
-            raise ValueError(f"subject_words: {subject.text!r} is beyond the prompt's first 77 tokens; MoA binds subjects "
-                             "in the first 77-token chunk only: move the subject earlier or shorten the prompt")
-        positions.append(position)
-    for i, a in enumerate(positions):
-        for j in range(i):
-            if positions[j] == a:
-                raise ValueError(f"subject_words: {subjects[j].text!r} and {subjects[i].text!r} are the same word of the prompt; "
-                                 "bind each subject to its own word")
-    return positions
+    return Vocabulary(word_ids, inner.inv_vocab, frozenset({inner.start_token, inner.end_token})), inner, key
 
 
 def collect_images(images: list[tuple[str, torch.Tensor | None]]) -> list[tuple[str, torch.Tensor]]:
@@ -227,11 +144,11 @@ def token_embedding_table(clip) -> torch.Tensor:
     return encoder.transformer.get_input_embeddings().weight
 
 
-def apply_timelapse(clip, tokenizer, key, tokens, subject: SubjectWord, position: int, word: str, alpha: float):
+def apply_timelapse(clip, vocab: Vocabulary, key, tokens, subject: SubjectWord, position: int, word: str, alpha: float):
     """Tokens whose subject token (at `position` of the first chunk) is replaced by the input
     token embedding alpha of the way from the subject word's to `word`'s."""
-    source = word_tokens(tokenizer, subject.word)
-    target = word_tokens(tokenizer, word.strip())
+    source = vocab.word_ids(subject.word)
+    target = vocab.word_ids(word.strip())
     if len(source) != 1:
         raise ValueError(f"timelapse: the subject word {subject.word!r} is {len(source)} CLIP tokens; time lapse interpolates "
                          "one token, so it needs a single-token subject word")
@@ -254,87 +171,80 @@ def encode_subject_images(clip_vision, images: list[tuple[str, torch.Tensor]]) -
     return torch.cat(embeddings)
 
 
-def inject(
-    model,
-    moa: LoadedMoA,
-    clip,
-    clip_vision,
-    text: str,
-    subject_words: str,
-    images: list[tuple[str, torch.Tensor | None]],
-    subject_weights="",
-    strength: float = 1.0,
-    start_percent: float = 0.0,
-    end_percent: float = 1.0,
-    morph_image: torch.Tensor | None = None,
-    morph: float = 0.0,
-    timelapse_word: str = "",
-    timelapse: float = 0.0,
-    edit_subject: int = 1,
-):
-    """(patched model, conditioning). Every check runs before the model is cloned."""
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in [0, 1], not {strength}")
-    if not 0.0 <= start_percent <= end_percent <= 1.0:
-        raise ValueError(f"start_percent ({start_percent}) and end_percent ({end_percent}) must satisfy 0 <= start <= end <= 1")
-    for name, value in (("morph", morph), ("timelapse", timelapse)):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1], not {value}")
-    if not isinstance(moa, LoadedMoA):
-        raise ValueError(f"moa: expected the output of Load MoA Router, not a {type(moa).__name__}")
-    check_moa_fits(model, moa)
-    check_clip_vision(clip_vision, moa.model.fusion.image_dim)
+@dataclass(frozen=True)
+class InjectRequest:
+    """One MoA Subject Inject run: the host objects, the images and the settings."""
 
-    subjects = parse_subject_words(subject_words)
-    weights = parse_weights(subject_weights, len(subjects))
-    connected = collect_images(images)
+    model: object
+    moa: LoadedMoA
+    clip: object
+    clip_vision: object
+    text: str
+    images: list  # [(input name, IMAGE or None)], in input order
+    options: SubjectOptions
+    morph_image: torch.Tensor | None = None
+
+    @classmethod
+    def from_inputs(cls, model, moa, clip, clip_vision, text, subject_words, image_1, subject_weights="1.0", strength=1.0,
+                    start_percent=0.0, end_percent=1.0, image_2=None, image_3=None, image_4=None, edit_subject=1,
+                    morph_image=None, morph=0.0, timelapse_word="", timelapse=0.0) -> "InjectRequest":
+        """From the node's inputs, by name."""
+        options = SubjectOptions(subject_words, subject_weights, float(strength), float(start_percent), float(end_percent),
+                                 int(edit_subject), float(morph), timelapse_word, float(timelapse), text)
+        images = [("image_1", image_1), ("image_2", image_2), ("image_3", image_3), ("image_4", image_4)]
+        return cls(model, moa, clip, clip_vision, text, images, options, morph_image)
+
+
+def inject(request: InjectRequest):
+    """(patched model, marked conditioning). Every check runs before the model is cloned."""
+    r, o = request, request.options
+    subjects, weights = o.check(morph_image_connected=r.morph_image is not None)
+    if not isinstance(r.moa, LoadedMoA):
+        raise ValueError(f"moa: expected the output of Load MoA Router, not a {type(r.moa).__name__}")
+    check_moa_fits(r.model, r.moa)
+    check_clip_vision(r.clip_vision, r.moa.model.fusion.image_dim)
+    connected = collect_images(r.images)
     n_images = sum(image.shape[0] for _, image in connected)
     if n_images != len(subjects):
         shown = ", ".join(f"{name}: {image.shape[0]}" for name, image in connected) or "none connected"
         raise ValueError(f"subject images: {n_images} image(s) ({shown}) for {len(subjects)} subject word(s) "
                          f"({', '.join(s.text for s in subjects)}); give exactly one image per subject word, in word order")
-    if not 1 <= edit_subject <= len(subjects):
-        raise ValueError(f"edit_subject {edit_subject}: there are {len(subjects)} subjects (1..{len(subjects)})")
-    if morph > 0 and morph_image is None:
-        raise ValueError(f"morph is {morph} but no morph_image is connected")
-    if morph_image is not None:
-        (_, morph_image), = collect_images([("morph_image", morph_image)])
+    morph_image = None
+    if r.morph_image is not None:
+        (_, morph_image), = collect_images([("morph_image", r.morph_image)])
         if morph_image.shape[0] != 1:
             raise ValueError(f"morph_image holds {morph_image.shape[0]} images; give the one image to morph towards")
-    if timelapse > 0 and not timelapse_word.strip():
-        raise ValueError(f"timelapse is {timelapse} but timelapse_word is empty; name the word to move towards (such as 'kid')")
 
-    tokenizer, key = sd1_tokenizer(clip)
-    tokens = clip.tokenize(text)
-    positions = find_subject_tokens(tokenizer, tokens[key], subjects)
-    edited = edit_subject - 1
-    if timelapse > 0:
-        tokens = apply_timelapse(clip, tokenizer, key, tokens, subjects[edited], positions[edited], timelapse_word, timelapse)
-    conditioning = clip.encode_from_tokens_scheduled(tokens)
+    vocab, _, key = sd1_vocabulary(r.clip)
+    tokens = r.clip.tokenize(r.text)
+    positions = find_subject_tokens(vocab, tokens[key], subjects)
+    edited = o.edit_subject - 1
+    if o.timelapse > 0:
+        tokens = apply_timelapse(r.clip, vocab, key, tokens, subjects[edited], positions[edited], o.timelapse_word, o.timelapse)
+    conditioning = r.clip.encode_from_tokens_scheduled(tokens)
     text_width = conditioning[0][0].shape[-1]
-    if text_width != moa.model.fusion.text_dim:
-        raise ValueError(f"clip: its text embedding is {text_width} wide, the MoA file's fusion reads {moa.model.fusion.text_dim}")
+    if text_width != r.moa.model.fusion.text_dim:
+        raise ValueError(f"clip: its text embedding is {text_width} wide, the MoA file's fusion reads {r.moa.model.fusion.text_dim}")
 
-    if strength == 0.0:
-        return model.clone(), conditioning  # the router forced to the prior: the model as it is
+    if o.strength == 0.0:
+        return r.model.clone(), conditioning  # the router forced to the prior: the model as it is
 
-    embeddings = encode_subject_images(clip_vision, connected)
-    if morph > 0:
-        target = encode_subject_images(clip_vision, [("morph_image", morph_image)])[0]
-        embeddings[edited] = morph_embeddings(embeddings[edited], target, morph)
-    bindings = [SubjectBinding(p, embeddings[i], weights[i]) for i, p in enumerate(positions)]
-    bound_text = conditioning[0][0][0, positions].detach().float().cpu()
-    model_sampling = model.get_model_object("model_sampling")
+    embeddings = encode_subject_images(r.clip_vision, connected)
+    if o.morph > 0:
+        target = encode_subject_images(r.clip_vision, [("morph_image", morph_image)])[0]
+        embeddings[edited] = morph_embeddings(embeddings[edited], target, o.morph)
+    model_sampling = r.model.get_model_object("model_sampling")
+    mark = SubjectsMark(uuid.uuid4().hex, tuple(s.text for s in subjects))
     settings = MoASettings(
-        strength=float(strength),
-        sigma_start=float(model_sampling.percent_to_sigma(start_percent)),
-        sigma_end=float(model_sampling.percent_to_sigma(end_percent)),
-        bindings=bindings,
-        bound_text=bound_text,
+        strength=o.strength,
+        sigma_start=float(model_sampling.percent_to_sigma(o.start_percent)),
+        sigma_end=float(model_sampling.percent_to_sigma(o.end_percent)),
+        bindings=[SubjectBinding(p, embeddings[i], weights[i]) for i, p in enumerate(positions)],
         model_sampling=model_sampling,
+        mark=mark,
     )
     log.info("MoA: subjects %s at tokens %s", [s.text for s in subjects], positions)
-    return apply_moa(model, moa.model, settings), conditioning
+    return apply_moa(r.model, r.moa.model, r.moa.patcher, settings), mark_conditioning(conditioning, mark)
 
 
 # ---- nodes -----------------------------------------------------------------------------------
@@ -407,13 +317,28 @@ class MoASubjectInject(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, moa, clip, clip_vision, text, subject_words, image_1, subject_weights, strength, start_percent,
-                end_percent, image_2=None, image_3=None, image_4=None, edit_subject=1, morph_image=None, morph=0.0,
-                timelapse_word="", timelapse=0.0) -> io.NodeOutput:
-        images = [("image_1", image_1), ("image_2", image_2), ("image_3", image_3), ("image_4", image_4)]
-        patched, conditioning = inject(model, moa, clip, clip_vision, text, subject_words, images, subject_weights, strength,
-                                       start_percent, end_percent, morph_image, morph, timelapse_word, timelapse, edit_subject)
-        return io.NodeOutput(patched, conditioning)
+    def validate_inputs(cls, subject_words=None, subject_weights=None, strength=None, start_percent=None,
+                        end_percent=None, edit_subject=None, morph=None, timelapse_word=None, timelapse=None,
+                        text=None) -> bool | str:
+        """The checks that need no model, on the widget values, before the queue runs (a value
+        wired from another node arrives as None: left to execute). Naming these inputs here
+        replaces ComfyUI's own range checks of them, so every range is checked below."""
+        if subject_words is None:
+            return True
+        given = dict(subject_weights=subject_weights, strength=strength, start_percent=start_percent,
+                     end_percent=end_percent, edit_subject=edit_subject, morph=morph, timelapse_word=timelapse_word,
+                     timelapse=timelapse)
+        defaults = SubjectOptions(subject_words)
+        values = {k: (getattr(defaults, k) if v is None else v) for k, v in given.items()}
+        try:
+            SubjectOptions(subject_words, text=text, **values).check()
+        except (ValueError, TypeError) as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def execute(cls, **inputs) -> io.NodeOutput:
+        return io.NodeOutput(*inject(InjectRequest.from_inputs(**inputs)))
 
 
 NODES = [LoadMoARouter, MoASubjectInject]

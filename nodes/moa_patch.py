@@ -19,25 +19,34 @@ same dict to the block's input and output patches, so the stash is per layer and
 by construction (nothing outlives the block call, nothing is shared between calls or
 threads). The output patch also takes it out of the dict as it uses it.
 
-Rows of a batch: ComfyUI batches conditional and unconditional chunks in one call and lists
-them in ``extra_options["cond_or_uncond"]`` (0 = cond, 1 = uncond), each chunk ``batch`` rows
-long; ``extra_options["sigmas"]`` holds the chunk's sigmas. In cross-attention the
-personalized branch of cond rows reads the multimodal context (subject tokens fused with the
-subject's image embedding, the timestep and the layer index); uncond rows read their plain
-(null-text) context.
+Which rows carry the subjects: MoA Subject Inject marks every entry of the conditioning it
+outputs with a ``SubjectsMark`` (a conditioning key, which ComfyUI's conditioning nodes copy
+along: Combine, Concat, Set Area, Set Timestep Range, Average keep it on the entries they
+derive). At sampling time ComfyUI gives each conditioning entry a uuid and lists the uuids of
+a model call's chunks in ``transformer_options["uuids"]``; a ``calc_cond_batch`` wrapper of
+this patch reads the marks of the sampler's conditioning and passes the uuids of its own
+marked entries down in the transformer options. The personalized branch of those rows reads
+the multimodal context (subject tokens fused with the subject's image embedding, the timestep
+and the layer index); every other row (uncond, another prompt) reads its plain context. No
+tensor values are compared, and the mapping lives in that sampler call's options only, so
+several samplers can share one patched model.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import re
+import uuid
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
+import comfy.patcher_extension
 import torch
 
 from ..mixture_core.moa import MoALayer, MoAModel, SubjectBinding, bind_subjects_where, is_moa_target
-from .patching import attach_weights, conditional_rows
+from .patching import attach_patcher
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +55,11 @@ _DIFFUSION = "diffusion_model"
 _LAYER_PATH = re.compile(
     r"^(?:(?P<kind>input|output)_blocks\.(?P<block>\d+)|middle_block)\.(?P<sub>\d+)\.transformer_blocks\.(?P<index>\d+)\.(?P<attn>attn[12])$"
 )
-# The relative tolerance of the check that the cond context is the prompt MoA bound subjects
-# in: above fp16/bf16 rounding of the context (the model casts it to its compute dtype).
-_CONTEXT_RTOL = 1e-2
+# The conditioning key of the mark MoA Subject Inject puts on the entries it outputs.
+SUBJECTS_KEY = "mole_moa_subjects"
+_PATCH_LISTS = ("attn1_patch", "attn1_output_patch", "attn2_patch", "attn2_output_patch")
+# Receives (layer index, layer id, prior weight (B, T)) of each MoA layer call.
+LayerObserver = Callable[[int, str, torch.Tensor], None]
 
 
 def attention_modules(model_patcher) -> dict[str, torch.nn.Module]:
@@ -85,6 +96,21 @@ def block_locations(layer_ids) -> dict[tuple, str]:
     return {key: ids[0] for key, ids in found.items() if len(ids) == 1}
 
 
+@dataclass(frozen=True)
+class SubjectsMark:
+    """Put on the conditioning MoA Subject Inject outputs: the patch with the same key binds
+    its subjects in the rows of those entries. A plain value (a string key), so copies of the
+    conditioning, deep or shallow, keep it."""
+
+    key: str
+    words: tuple[str, ...] = ()  # for messages and debugging
+
+
+def mark_conditioning(conditioning: list, mark: SubjectsMark) -> list:
+    """The conditioning with every entry marked (new entry dicts; the input is not changed)."""
+    return [[c[0], {**c[1], SUBJECTS_KEY: mark}] for c in conditioning]
+
+
 @dataclass
 class MoASettings:
     """What the patch needs besides the weights, fixed when the node runs."""
@@ -93,10 +119,8 @@ class MoASettings:
     sigma_start: float  # MoA is active for sigma_end <= sigma <= sigma_start
     sigma_end: float
     bindings: Sequence[SubjectBinding]
-    # The prompt's text embedding (CLIP output) at the bound positions, (n, C): cond rows whose
-    # context differs there were not encoded from this prompt and get no fusion.
-    bound_text: torch.Tensor | None
     model_sampling: object  # sigma -> timestep (0..999) for the spacetime encoding
+    mark: SubjectsMark = field(default_factory=lambda: SubjectsMark(uuid.uuid4().hex))
 
 
 @dataclass
@@ -110,7 +134,10 @@ class MoAPatch:
     """The four list patches of one MoA application. ComfyUI deep-copies model_options on
     every ModelPatcher.clone(); the patches return themselves from __deepcopy__, so clones
     share the MoA weights (which ComfyUI manages as an additional model) instead of copying
-    them and the model sampling object they refer to. They keep no per-call state."""
+    them and the model sampling object they refer to. They keep no per-call state.
+
+    ``observer``, if set, receives the prior's weight of every MoA layer call (see
+    ``observe_moa``, which installs a copy of the patch with one on a clone)."""
 
     def __init__(self, moa: MoAModel, settings: MoASettings, locations: dict[tuple, str]):
         self.moa, self.settings = moa, settings
@@ -119,12 +146,21 @@ class MoAPatch:
             key: (moa[layer_id], moa.layer_index(layer_id)) for key, layer_id in locations.items() if layer_id in moa.layer_ids
         }
         self.state = _State()
+        self.observer: LayerObserver | None = None
         self._key = f"moa_stash_{id(self):x}"
+        # transformer_options key of the uuids of the rows that carry this patch's subjects
+        self.rows_key = f"mole_moa.subject_rows.{settings.mark.key}"
 
     def __deepcopy__(self, memo):
         return self
 
-    # -- the four patches -----------------------------------------------------------------
+    def with_observer(self, observer: LayerObserver | None) -> "MoAPatch":
+        """The same patch (weights, settings, keys) reporting to observer."""
+        twin = copy.copy(self)
+        twin.observer = observer
+        return twin
+
+    # -- the four patches and the sampling wrapper -----------------------------------------
 
     def attn1_patch(self):
         return _InputPatch(self, "attn1")
@@ -137,6 +173,17 @@ class MoAPatch:
 
     def attn2_output_patch(self):
         return _OutputPatch(self, "attn2")
+
+    def calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
+        """The CALC_COND_BATCH wrapper: the uuids of the conditioning entries this patch marked
+        (every cond type: a marked negative binds too, it is what the user wired), handed to
+        the attention patches of this call through its transformer options."""
+        mark = self.settings.mark
+        rows = frozenset(c["uuid"] for cond in conds if cond for c in cond
+                         if c.get(SUBJECTS_KEY) is not None and c[SUBJECTS_KEY].key == mark.key and "uuid" in c)
+        options = dict(model_options)
+        options["transformer_options"] = {**model_options.get("transformer_options", {}), self.rows_key: rows}
+        return executor(model, conds, x_in, timestep, options)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -159,17 +206,28 @@ class MoAPatch:
         s = self.settings
         return s.sigma_end <= sigma <= s.sigma_start
 
-    def rows(self, extra_options: dict, batch: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(is_cond (B,) bool, timesteps (B,) or None) of the rows of a batch."""
-        chunks = extra_options.get("cond_or_uncond")
-        is_cond = conditional_rows(chunks, batch, device)
-        if is_cond is None:
-            if chunks:
-                self.warn_once("rows", "cannot split a batch of %d rows into the chunks %s; every row is taken as conditional", batch, chunks)
-            is_cond = torch.ones(batch, dtype=torch.bool, device=device)
+    def subject_rows(self, extra_options: dict, batch: int, device) -> torch.Tensor | None:
+        """(B,) bool: the rows of this call whose conditioning carries this patch's mark; None
+        when the call holds no such rows."""
+        marked = extra_options.get(self.rows_key)
+        uuids = extra_options.get("uuids")
+        if not marked or not uuids:
+            if marked is None:
+                self.warn_once("unmarked", "the model was called outside a sampler (no conditioning uuids): subjects "
+                                           "are not fused, the personalized branch reads the plain text")
+            return None
+        if batch % len(uuids):
+            self.warn_once("rows", "cannot split a batch of %d rows into %d conditioning chunks: subjects are not fused",
+                           batch, len(uuids))
+            return None
+        rows = torch.tensor([u in marked for u in uuids], device=device).repeat_interleave(batch // len(uuids))
+        return rows if bool(rows.any()) else None
+
+    def timesteps(self, extra_options: dict, batch: int, device) -> torch.Tensor | None:
+        """(B,) timesteps (0..999) of the rows of a batch; None outside a sampler."""
         sigmas = extra_options.get("sigmas")
         if sigmas is None:
-            return is_cond, None
+            return None
         t = self.settings.model_sampling.timestep(sigmas.reshape(-1)).reshape(-1).float()
         if t.numel() == batch:
             pass
@@ -179,35 +237,25 @@ class MoAPatch:
             t = t.repeat(batch // t.numel())  # one chunk's sigmas, the same for every chunk
         else:
             t = t[:1].expand(batch)
-        return is_cond, t.to(device)
+        return t.to(device)
 
     def personal_context(self, context: torch.Tensor, extra_options: dict, layer_index: int) -> torch.Tensor:
-        """The cross-attention context of the personalized branch: cond rows with the subject
-        tokens fused, uncond rows (and rows of another prompt) plain."""
+        """The cross-attention context of the personalized branch: the marked rows with the
+        subject tokens fused, every other row plain."""
         s = self.settings
         if not s.bindings:
             return context
-        is_cond, timesteps = self.rows(extra_options, context.shape[0], context.device)
+        rows = self.subject_rows(extra_options, context.shape[0], context.device)
+        if rows is None:
+            return context
+        timesteps = self.timesteps(extra_options, context.shape[0], context.device)
         if timesteps is None:
-            self.warn_once("sigmas", "no sigmas in the transformer options (the model was called outside a sampler): "
-                                     "subjects are not fused, the personalized branch reads the plain text")
             return context
-        if s.bound_text is not None and is_cond.any():
-            positions = [b.token_index for b in s.bindings]
-            if max(positions) >= context.shape[1]:
-                matches = torch.zeros_like(is_cond)
-            else:
-                seen = context[:, positions].float()
-                bound = s.bound_text.to(device=context.device, dtype=torch.float32)
-                tolerance = _CONTEXT_RTOL * max(1.0, float(bound.abs().max()))
-                matches = (seen - bound).abs().flatten(1).amax(dim=1) <= tolerance
-            if bool((is_cond & ~matches).any()):
-                self.warn_once("context", "the positive conditioning is not the prompt MoA Subject Inject encoded (wire its "
-                                          "CONDITIONING output to the sampler's positive): subjects are not fused in those rows")
-            is_cond = is_cond & matches
-        if not bool(is_cond.any()):
+        if max(b.token_index for b in s.bindings) >= context.shape[1]:
+            self.warn_once("short", "the marked conditioning holds %d tokens, fewer than the subject positions %s: "
+                                    "subjects are not fused", context.shape[1], [b.token_index for b in s.bindings])
             return context
-        return bind_subjects_where(context, is_cond, s.bindings, self.moa.fusion, timesteps, layer_index)
+        return bind_subjects_where(context, rows, s.bindings, self.moa.fusion, timesteps, layer_index)
 
 
 class _PatchBase:
@@ -255,19 +303,50 @@ class _OutputPatch(_PatchBase):
         def attention(q, k, v, heads):
             return host_attention.optimized_attention(q, k, v, heads, attn_precision=precision)
 
-        return layer(h, out, context=context, strength=p.settings.strength, attention=attention)
+        observer = None if p.observer is None else functools.partial(p.observer, layer_index, p.moa.layer_ids[layer_index])
+        return layer(h, out, context=context, strength=p.settings.strength, attention=attention, observer=observer)
 
 
-def apply_moa(model, moa: MoAModel, settings: MoASettings):
+def apply_moa(model, moa: MoAModel, weights_patcher, settings: MoASettings):
     """A clone of `model` with MoA on the attention layers the MoA model covers; `model`
-    itself is not changed. The caller has checked the MoA model against `model`."""
+    itself is not changed. weights_patcher is the one ModelPatcher of the loaded MoA file
+    (shared by every model it patches, so ComfyUI tracks one object per file). The caller has
+    checked the MoA model against `model`."""
     locations = block_locations(attention_modules(model))
     patch = MoAPatch(moa, settings, locations)
     patched = model.clone()
-    patched.set_model_attn1_patch(patch.attn1_patch())
-    patched.set_model_attn1_output_patch(patch.attn1_output_patch())
-    patched.set_model_attn2_patch(patch.attn2_patch())
-    patched.set_model_attn2_output_patch(patch.attn2_output_patch())
-    attach_weights(patched, "moa", moa)
+    for name in _PATCH_LISTS:
+        patched.set_model_patch(getattr(patch, name)(), name)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, patch.rows_key, patch.calc_cond_batch)
+    attach_patcher(patched, "moa", weights_patcher)
     log.info("MoA: %d attention layers mixed, %d subject(s), strength %g", len(patch.layers), len(settings.bindings), settings.strength)
+    return patched
+
+
+def find_moa_patches(model) -> list[MoAPatch]:
+    """The MoA patches on a model (one per MoA Subject Inject in its chain), in the order
+    they were applied."""
+    patches = model.model_options.get("transformer_options", {}).get("patches", {})
+    found = []
+    for p in patches.get("attn2_output_patch", []):
+        if isinstance(p, _OutputPatch) and p.patch not in found:
+            found.append(p.patch)
+    return found
+
+
+def find_moa_patch(model) -> MoAPatch | None:
+    """The MoA patch applied last on a model, None if it has none."""
+    found = find_moa_patches(model)
+    return found[-1] if found else None
+
+
+def observe_moa(model, patch: MoAPatch, observer: LayerObserver):
+    """A clone of `model` whose MoA patch `patch` reports every layer call to observer; the
+    rest of the chain (other packs' patches, other MoA patches) stays as it is."""
+    observed = patch.with_observer(observer)
+    patched = model.clone()
+    patches = patched.model_options["transformer_options"]["patches"]  # the clone's own lists
+    for name in _PATCH_LISTS:
+        patches[name] = [getattr(observed, name)() if isinstance(p, _PatchBase) and p.patch is patch else p
+                         for p in patches.get(name, [])]
     return patched

@@ -10,7 +10,7 @@ from comfy_api.latest import io
 
 from ..mixture_core.errors import WeightFileError
 from ..mixture_core.lora_format import parse_lora_state_dict
-from ..mixture_core.mole import MODES, wrap_forward
+from ..mixture_core.mole import MODES, MoLEForward, wrap_forward
 from ..mixture_core.mole_files import Expert, build_mole_layers, read_gate_file
 from ..mixture_core.safetensors_io import SafetensorsFile
 from .model_folders import files_in, full_path, load_from_folder
@@ -69,6 +69,12 @@ def pair_reader(experts: list[ExpertFile]):
     """read_pair for build_mole_layers: reads a pair's matrices from its expert's file."""
     files = {e.path: SafetensorsFile(e.path) for e in experts}
     return lambda expert, pair: pair.read(files[expert.path].read(pair.keys).__getitem__)
+
+
+def find_mole_layers(model) -> dict[str, MoLEForward]:
+    """{object patch key: the MoLE forward patched there} of a model (Apply MoLE Gating's
+    patches), in the order they were applied."""
+    return {key: f for key, f in model.object_patches.items() if isinstance(f, MoLEForward)}
 
 
 def apply_mole(model, experts: LoadedExperts, gate_filename: str, mode: str = "both", strength: float = 1.0):

@@ -23,11 +23,26 @@ def chain_forward(model, module_path: str, make_forward) -> None:
     model.add_object_patch(key, make_forward(model.get_model_object(key)))
 
 
-def attach_weights(model, key: str, module) -> None:
-    """Give ComfyUI's memory management an nn.Module of the pack's weights, beside the
-    weights other nodes attached under the same key."""
-    patcher = comfy.model_patcher.ModelPatcher(module, load_device=model.load_device, offload_device=model.offload_device)
+def weights_patcher(module, load_device=None, offload_device=None):
+    """A ModelPatcher over an nn.Module of the pack's weights, on ComfyUI's default devices
+    unless given: the handle ComfyUI's memory management loads, offloads and counts."""
+    import comfy.model_management as mm
+
+    return comfy.model_patcher.ModelPatcher(module, load_device=load_device or mm.get_torch_device(),
+                                            offload_device=offload_device or mm.unet_offload_device())
+
+
+def attach_patcher(model, key: str, patcher) -> None:
+    """Hand `patcher` to ComfyUI as an additional model of `model` (loaded with it), beside
+    the ones other nodes attached under the same key."""
     model.set_additional_models(key, model.get_additional_models_with_key(key) + [patcher])
+
+
+def attach_weights(model, key: str, module) -> None:
+    """Give ComfyUI's memory management an nn.Module of the pack's weights made for this model
+    alone (MoLE's layers are built per application; a weight file shared by many models makes
+    its patcher once, see weights_patcher)."""
+    attach_patcher(model, key, weights_patcher(module, model.load_device, model.offload_device))
 
 
 def conditional_rows(chunks, batch: int, device=None) -> torch.Tensor | None:

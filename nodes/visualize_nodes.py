@@ -16,9 +16,9 @@ import torch
 from comfy_api.latest import io
 from PIL import Image, ImageDraw, ImageFont
 
-from ..mixture_core.mole import wrap_forward
 from ..mixture_core.recording import GateRecording, RouterRecording, overlay, pick_steps
-from .moa_patch import MoAPatch, _OutputPatch
+from .moa_patch import find_moa_patch, observe_moa
+from .mole_nodes import find_mole_layers
 from .patching import conditional_rows
 
 GATES_KEY = "mole_moa.gate_recording"
@@ -60,13 +60,13 @@ def recording_of(model, key: str, record_node: str):
 
 def record_mole_gates(model):
     """A clone of a MoLE-patched model whose MoLE layers report their gates to a recording."""
-    mole_forwards = {key: f for key, f in model.object_patches.items() if hasattr(f, "mole_layer")}
+    mole_forwards = find_mole_layers(model)
     if not mole_forwards:
         raise ValueError("MoLE Record Gates: this model has no MoLE layers; wire the MODEL from Apply MoLE Gating")
-    recording = GateRecording(next(iter(mole_forwards.values())).mole_layer.expert_names)
+    recording = GateRecording(next(iter(mole_forwards.values())).layer.expert_names)
     patched = model.clone()
     for key, forward in mole_forwards.items():
-        patched.add_object_patch(key, wrap_forward(forward.mole_layer, forward.base_forward, functools.partial(recording.observe, key)))
+        patched.add_object_patch(key, forward.with_observer(functools.partial(recording.observe, key)))
     track_calls(patched, recording, GATES_KEY)
     patched.set_attachments(GATES_KEY, recording)
     return patched
@@ -136,45 +136,14 @@ def draw_gate_maps(model, images: torch.Tensor, steps: str, sample: int, opacity
 # ---- MoA ----------------------------------------------------------------------------------
 
 
-class _RouterProbe:
-    """A list patch pair beside MoA's own: keeps the attention input, then reports the
-    prior's weight R0' = 1 - strength * R1 of the layer to the recording."""
-
-    def __init__(self, moa: MoAPatch, recording: RouterRecording, attn: str, output: bool):
-        self.moa, self.recording, self.attn, self.output = moa, recording, attn, output
-        self.key = f"mole_moa_probe_{id(moa):x}_{attn}"
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def __call__(self, *args):
-        if not self.output:
-            n, context, value, extra_options = args
-            if self.moa.layer_for(extra_options, self.attn) is not None and self.moa.active(extra_options):
-                extra_options[self.key] = n
-            return n, context, value
-        out, extra_options = args
-        h = extra_options.pop(self.key, None)
-        found = self.moa.layer_for(extra_options, self.attn)
-        if h is not None and found is not None:
-            layer, index = found
-            personal = self.moa.settings.strength * layer.route(h)[..., 1]
-            self.recording.observe(index, self.moa.moa.layer_ids[index], 1.0 - personal)
-        return out
-
-
 def record_moa_router(model):
-    """A clone of a MoA-patched model that records its routers (of the last MoA applied)."""
-    patches = model.model_options.get("transformer_options", {}).get("patches", {})
-    found = [p.patch for p in patches.get("attn2_output_patch", []) if isinstance(p, _OutputPatch)]
-    if not found:
+    """A clone of a MoA-patched model whose MoA patch (the last MoA applied) reports its
+    routers to a recording."""
+    patch = find_moa_patch(model)
+    if patch is None:
         raise ValueError("MoA Record Router: this model has no MoA layers; wire the MODEL from MoA Subject Inject")
-    moa = found[-1]
-    patched = model.clone()
     recording = RouterRecording()
-    for attn in ("attn1", "attn2"):
-        getattr(patched, f"set_model_{attn}_patch")(_RouterProbe(moa, recording, attn, output=False))
-        getattr(patched, f"set_model_{attn}_output_patch")(_RouterProbe(moa, recording, attn, output=True))
+    patched = observe_moa(model, patch, recording.observe)
     track_calls(patched, recording, ROUTER_KEY)
     patched.set_attachments(ROUTER_KEY, recording)
     return patched

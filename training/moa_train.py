@@ -191,7 +191,7 @@ class MoATraining(torch.nn.Module):
         self.encoder = common.Encoder(base, args.resolution)
         nodes = importlib.import_module(f"{common.import_pack().__name__}.nodes.moa_nodes")
         self.nodes = nodes
-        self.tokenizer, self.token_key = nodes.sd1_tokenizer(base.clip)
+        self.vocab, _, self.token_key = nodes.sd1_vocabulary(base.clip)
         self.last: dict[str, float] = {}
 
     def forward(self, batch) -> torch.Tensor:
@@ -200,6 +200,7 @@ class MoATraining(torch.nn.Module):
 
     def sample_loss(self, item: dict, key: int) -> torch.Tensor:
         from mixture_core.moa import SubjectBinding
+        from mixture_core.subjects import find_subject_tokens, parse_subject_words
 
         args, device = self.args, next(self.moa.parameters()).device
         g = torch.Generator().manual_seed((args.seed * 1_000_003 + key * 7 + (1 if args.fixed_noise else 0)) % (2**63))
@@ -211,8 +212,8 @@ class MoATraining(torch.nn.Module):
         context = self.encoder.text(caption)[0].to(device)
         bindings = []
         if not drop:
-            subjects = self.nodes.parse_subject_words(", ".join(item["words"]))
-            positions = self.nodes.find_subject_tokens(self.tokenizer, self.base.clip.tokenize(caption)[self.token_key], subjects)
+            subjects = parse_subject_words(", ".join(item["words"]))
+            positions = find_subject_tokens(self.vocab, self.base.clip.tokenize(caption)[self.token_key], subjects)
             images = self.nodes.encode_subject_images(self.clip_vision, [(w, im) for w, im in zip(item["words"], item["subject_images"])])
             bindings = [SubjectBinding(p, images[i].to(device)) for i, p in enumerate(positions)]
         timesteps = torch.tensor([t], device=device)

@@ -120,6 +120,22 @@ def test_strength_zero_returns_the_prior_itself_and_a_prior_router_gives_the_pri
     torch.testing.assert_close(layer(h, prior, context), prior, rtol=0, atol=1e-30)
 
 
+def test_observer_receives_the_prior_weight_of_the_call():
+    """MoALayer's observer (as MoLE's) sees R0' = 1 - strength * R1 per token; the output is
+    the same with and without one; at strength 0 nothing is computed, nothing observed."""
+    layer = small_model()[CROSS]
+    h, prior, context = rand(2, 7, DIM, seed=1), rand(2, 7, DIM, seed=2), rand(2, 5, TEXT, seed=3)
+    seen = []
+    out = layer(h, prior, context, strength=0.6, observer=seen.append)
+    assert torch.equal(out, layer(h, prior, context, strength=0.6))
+    (weight,) = seen
+    assert weight.shape == (2, 7)
+    torch.testing.assert_close(weight, 1 - 0.6 * layer.route(h)[..., 1])
+    torch.testing.assert_close(out, weight[..., None] * prior + (1 - weight[..., None]) * layer.personal(h, context))
+    layer(h, prior, context, strength=0.0, observer=seen.append)
+    assert len(seen) == 1
+
+
 def test_fresh_router_prefers_the_prior():
     layer = MoALayer(SHAPES[SELF], router_hidden=8)
     r = layer.route(torch.randn(2, 7, DIM))

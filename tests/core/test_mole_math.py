@@ -125,6 +125,12 @@ def test_wrap_forward_chains_the_previous_forward():
     x = torch.randn(1, 3, 6, dtype=torch.float64)
     torch.testing.assert_close(fwd(x), linear(x) * 2 + layer.delta(x))
     assert calls == [(1, 3, 6)]
+    # the same forward with an observer: the same output, and the gates of the call reported
+    seen = []
+    observed = fwd.with_observer(lambda local, global_: seen.append((local, global_)))
+    assert observed.layer is layer and observed.base_forward is previous and fwd.observer is None
+    torch.testing.assert_close(observed(x), fwd(x))
+    assert len(seen) == 1 and seen[0][0].shape == (1, 3, 2) and seen[0][1].shape == (1, 1, 2)
 
 
 def test_batch_entries_are_independent():

@@ -129,9 +129,8 @@ def inject(moa_nodes, sd15, moa, clip_vision, images, words="man", text=PROMPT, 
 
 
 def moa_patch_of(model, moa_patch):
-    """The MoAPatch behind a patched model's attn2 output patch."""
-    patches = model.model_options["transformer_options"]["patches"]["attn2_output_patch"]
-    found = [p.patch for p in patches if isinstance(p, moa_patch._OutputPatch)]
+    """The one MoAPatch of a patched model (the public accessor)."""
+    found = moa_patch.find_moa_patches(model)
     assert len(found) == 1
     return found[0]
 
@@ -169,6 +168,10 @@ def moa_two(moa_nodes, sd15, moa, clip_l14):
 @pytest.fixture(scope="module")
 def moa_one_latent(moa_one, negative):
     return sample(moa_one[0], moa_one[1], negative)
+
+
+def mark_of(entry):
+    return entry[1].get(importlib.import_module(f"{hostenv.PACK_MODULE}.nodes.moa_patch").SUBJECTS_KEY)
 
 
 def spy(seen):
@@ -216,10 +219,13 @@ def test_block_ids_map_to_the_real_module_names(moa_patch, sd15):
 
 
 def test_subject_words_find_their_tokens(moa_nodes, sd15):
-    tokenizer, key = moa_nodes.sd1_tokenizer(sd15.clip)
+    """The binding over CLIP's real tokenizer (the parsing itself: tests/core/test_subjects.py)."""
+    from mixture_core.subjects import find_subject_tokens, parse_subject_words
+
+    vocab, _, key = moa_nodes.sd1_vocabulary(sd15.clip)
 
     def positions(text, words):
-        return moa_nodes.find_subject_tokens(tokenizer, sd15.clip.tokenize(text)[key], moa_nodes.parse_subject_words(words))
+        return find_subject_tokens(vocab, sd15.clip.tokenize(text)[key], parse_subject_words(words))
 
     # <start> a man and a woman ... : "man" is token 2, "woman" token 5 (not the "man" inside it)
     assert positions(PROMPT, "man, woman") == [2, 5]
@@ -228,51 +234,50 @@ def test_subject_words_find_their_tokens(moa_nodes, sd15):
     assert positions("superman and a man", "man") == [4]  # whole words only
     assert positions("a man, smiling", "man") == [2]  # punctuation is its own token
     # a word CLIP splits into several tokens binds its last token
-    ids = moa_nodes.word_tokens(tokenizer, "dancerxyz")
+    ids = vocab.word_ids("dancerxyz")
     assert len(ids) > 1
     assert positions("a dancerxyz in Paris", "dancerxyz") == [1 + len(ids)]
     assert positions("A MAN walks", "man") == [2]  # CLIP lower-cases
-    assert moa_nodes.parse_weights("1, 0.5", 2) == [1.0, 0.5] and moa_nodes.parse_weights("0.7", 3) == [0.7] * 3
-    assert moa_nodes.parse_weights("", 2) == [1.0, 1.0]
 
 
-def test_personal_context_fuses_cond_rows_only(moa_patch, sd15, moa_one, caplog):
-    """Cond rows get the fused subject tokens, uncond rows (cfg > 1) their plain context, in
-    any chunk order and with batch > 1; a cond row of another prompt is left alone, with one
-    warning."""
+def test_personal_context_fuses_the_marked_rows_only(moa_patch, sd15, moa_one, caplog):
+    """The rows whose conditioning uuid the sampling wrapper listed get the fused subject
+    tokens, in any chunk order and with batch > 1; every other row (uncond, another prompt)
+    keeps its plain context, whatever its values; outside a sampler nothing is fused."""
     model, positive = moa_one
     patch = moa_patch_of(model, moa_patch)
     cond = positive[0][0]
     uncond = encode(sd15.clip, "")[0][0]
-    # two chunks of batch 2: uncond first, then cond (ComfyUI lists them in cond_or_uncond)
-    context = torch.cat([uncond, uncond, cond, cond])
-    extra = {"cond_or_uncond": [1, 0], "sigmas": torch.tensor([3.0, 3.0])}
+    marked = {patch.rows_key: frozenset({"moa"})}
+    # three chunks of batch 2: uncond, the MoA prompt, another entry carrying the same values
+    context = torch.cat([uncond, uncond, cond, cond, cond, cond])
+    extra = {"uuids": ["neg", "moa", "other"], "cond_or_uncond": [1, 0, 0], "sigmas": torch.tensor([3.0]), **marked}
     with torch.inference_mode():
         fused = patch.personal_context(context, extra, layer_index=1)
-    assert torch.equal(fused[:2], context[:2])
+    assert torch.equal(fused[:2], context[:2]) and torch.equal(fused[4:], context[4:])
     token = patch.settings.bindings[0].token_index
     assert token == 2
-    rows = fused[2:] - context[2:]
+    rows = fused[2:4] - context[2:4]
     assert rows[:, token].abs().amax() > 1e-3  # the subject token is fused
     rows[:, token] = 0
     assert torch.equal(rows, torch.zeros_like(rows))  # every other token is untouched
-    # cfg 1 (no uncond chunk), batch 1
+    # cfg 1 (one chunk), batch 1
+    one_chunk = {"uuids": ["moa"], "cond_or_uncond": [0], **marked}
     with torch.inference_mode():
-        one = patch.personal_context(cond, {"cond_or_uncond": [0], "sigmas": torch.tensor([3.0])}, layer_index=1)
+        one = patch.personal_context(cond, {**one_chunk, "sigmas": torch.tensor([3.0])}, layer_index=1)
     torch.testing.assert_close(one, fused[2:3])
     # the timestep and the layer enter the fusion
     with torch.inference_mode():
-        later = patch.personal_context(cond, {"cond_or_uncond": [0], "sigmas": torch.tensor([0.5])}, layer_index=1)
-        deeper = patch.personal_context(cond, {"cond_or_uncond": [0], "sigmas": torch.tensor([3.0])}, layer_index=9)
+        later = patch.personal_context(cond, {**one_chunk, "sigmas": torch.tensor([0.5])}, layer_index=1)
+        deeper = patch.personal_context(cond, {**one_chunk, "sigmas": torch.tensor([3.0])}, layer_index=9)
     assert not torch.allclose(later, one) and not torch.allclose(deeper, one)
-    # the positive wired to the sampler is another prompt: no fusion, one warning
-    other = uncond  # the empty prompt: not the one MoA bound subjects in
+    # called outside a sampler (no wrapper, no uuids): no fusion, one warning
     with caplog.at_level(logging.WARNING):
         with torch.inference_mode():
             for _ in range(3):
-                plain = patch.personal_context(other, {"cond_or_uncond": [0], "sigmas": torch.tensor([3.0])}, layer_index=1)
-    assert torch.equal(plain, other)
-    assert sum("not the prompt MoA Subject Inject encoded" in r.message for r in caplog.records) == 1
+                plain = patch.personal_context(cond, {"cond_or_uncond": [0], "sigmas": torch.tensor([3.0])}, layer_index=1)
+    assert torch.equal(plain, cond)
+    assert sum("outside a sampler" in r.message for r in caplog.records) == 1
 
 
 # ---- sampling ----------------------------------------------------------------------------------
@@ -284,6 +289,7 @@ def test_one_subject_samples_and_gives_clip_text_encode_conditioning(sd15, moa_o
     assert torch.equal(positive[0][0], reference[0][0])
     assert torch.equal(positive[0][1]["pooled_output"], reference[0][1]["pooled_output"])
     assert len(model.get_additional_models_with_key("moa")) == 1
+    assert all(mark_of(e) is not None for e in positive)  # marked for the patch
     assert torch.isfinite(moa_one_latent).all()
     assert not torch.allclose(moa_one_latent, base_latent, atol=1e-3)
 
@@ -418,13 +424,235 @@ def test_morph_and_timelapse(moa_nodes, moa_patch, sd15, moa, clip_l14, moa_two)
     # between: the subject's input token embedding is timelapse_tokens(man, kid, alpha)
     from mixture_core.moa import timelapse_tokens
 
-    tokenizer, key = moa_nodes.sd1_tokenizer(sd15.clip)
-    subject = moa_nodes.parse_subject_words("man")[0]
-    tokens = moa_nodes.apply_timelapse(sd15.clip, tokenizer, key, sd15.clip.tokenize(text), subject, 2, "kid", 0.5)
+    from mixture_core.subjects import parse_subject_words
+
+    vocab, _, key = moa_nodes.sd1_vocabulary(sd15.clip)
+    subject = parse_subject_words("man")[0]
+    tokens = moa_nodes.apply_timelapse(sd15.clip, vocab, key, sd15.clip.tokenize(text), subject, 2, "kid", 0.5)
     table = moa_nodes.token_embedding_table(sd15.clip).float()
-    (man,), (kid,) = moa_nodes.word_tokens(tokenizer, "man"), moa_nodes.word_tokens(tokenizer, "kid")
+    (man,), (kid,) = vocab.word_ids("man"), vocab.word_ids("kid")
     torch.testing.assert_close(tokens[key][0][2][0], timelapse_tokens(table[man], table[kid], 0.5))
     assert tokens[key][0][3] == sd15.clip.tokenize(text)[key][0][3]  # the other tokens are the prompt's
+
+
+# ---- which rows carry the subjects: marks, not values ------------------------------------------
+
+
+def row_spy(patch, seen):
+    """An attn2 input patch after MoA's: at the first cross-attention of each model call,
+    keeps (context, the rows the patch takes as carrying its subjects, the personalized
+    context it makes of them)."""
+
+    def record(n, context, value, extra_options):
+        if tuple(extra_options["block"]) == ("input", 1) and extra_options.get("block_index", 0) == 0:
+            rows = patch.subject_rows(extra_options, context.shape[0], context.device)
+            rows = torch.zeros(context.shape[0], dtype=torch.bool) if rows is None else rows.cpu()
+            seen.append((context.clone(), rows, patch.personal_context(context, extra_options, 1)))
+        return n, context, value
+
+    return record
+
+
+def conditioning_case(name, positive, other):
+    """(the positive to sample, the context the MoA rows must hold, how many entries carry
+    it) after ComfyUI's conditioning node `name`, `other` being another prompt."""
+    import nodes
+
+    cond, plain = positive[0][0], other[0][0]
+    if name == "as is":
+        return positive, cond, 1
+    if name == "combine":
+        return nodes.ConditioningCombine().combine(positive, other)[0], cond, 1
+    if name == "concat":
+        return nodes.ConditioningConcat().concat(positive, other)[0], torch.cat([cond, plain], dim=1), 1
+    if name == "set area":
+        area = nodes.ConditioningSetArea().append(positive, 64, 64, 0, 0, 1.0)[0]
+        return nodes.ConditioningCombine().combine(area, other)[0], cond, 1
+    if name == "timestep range":
+        ranged = nodes.ConditioningSetTimestepRange().set_range(positive, 0.0, 0.5)[0]
+        return nodes.ConditioningCombine().combine(ranged, other)[0], cond, 1
+    if name == "average":
+        return nodes.ConditioningAverage().addWeighted(positive, other, 0.7)[0], 0.7 * cond + 0.3 * plain, 1
+    raise AssertionError(name)
+
+
+BINDING_CASES = ["as is", "combine", "concat", "set area", "timestep range", "average"]
+
+
+@pytest.mark.parametrize("name", BINDING_CASES)
+def test_marked_rows_after_conditioning_nodes(moa_patch, sd15, moa_one, negative, name):
+    """Through each conditioning node (with another prompt beside it), at cfg 2 and batch 2,
+    on a 96x64 image (the area is 64x64): exactly the rows of the MoA prompt's entries get the
+    fused subject tokens; the other prompt's and the uncond rows stay plain."""
+    model, positive = moa_one
+    patch = moa_patch_of(model, moa_patch)
+    other = encode(sd15.clip, "a red house by the sea")
+    case, expected, entries = conditioning_case(name, positive, other)
+    seen = []
+    spied = model.clone()
+    spied.set_model_attn2_patch(row_spy(patch, seen))
+    out = sample(spied, case, negative, batch=2, width=96)
+    assert torch.isfinite(out).all()
+    token = patch.settings.bindings[0].token_index
+    marked_rows = 0
+    for context, rows, fused in seen:
+        for row in range(context.shape[0]):
+            is_moa = context.shape[1] == expected.shape[1] and torch.allclose(context[row], expected[0], atol=1e-4)
+            assert bool(rows[row]) == is_moa, (name, row)
+            changed = (fused[row] - context[row]).abs().amax(dim=-1) > 0
+            assert changed.nonzero().flatten().tolist() == ([token] if is_moa else [])
+            marked_rows += int(is_moa)
+    assert marked_rows == 2 * entries  # batch 2, each MoA entry evaluated once (one step)
+
+
+def test_several_samplers_share_one_moa_model(moa_patch, sd15, moa_one, negative):
+    """One patched model, three samplers in a row (the MoA prompt, another prompt, the MoA
+    prompt again), and a second MoA Subject Inject chained on the same model: each call binds
+    the rows of its own sampler's marked conditioning, and each patch its own subjects."""
+    model, positive = moa_one
+    patch = moa_patch_of(model, moa_patch)
+    other = encode(sd15.clip, "a red house by the sea")
+    counts = []
+    for cond in (positive, other, positive):
+        seen = []
+        spied = model.clone()
+        spied.set_model_attn2_patch(row_spy(patch, seen))
+        sample(spied, cond, negative)
+        counts.append([int(rows.sum()) for _, rows, _ in seen])
+    assert counts == [[1], [0], [1]]
+
+
+def test_batch_of_marked_and_plain_samples(moa_patch, moa_one, negative):
+    """cfg 1, batch 3: every row of the MoA prompt is bound, none of them twice."""
+    model, positive = moa_one
+    patch = moa_patch_of(model, moa_patch)
+    seen = []
+    spied = model.clone()
+    spied.set_model_attn2_patch(row_spy(patch, seen))
+    sample(spied, positive, negative, cfg=1.0, batch=3)
+    ((context, rows, fused),) = seen
+    assert rows.tolist() == [True, True, True]
+    torch.testing.assert_close(fused[0], fused[2])  # same prompt, same timestep, same subject: same tokens
+
+
+# ---- the executor: validation, one patcher per MoA file ------------------------------------------
+
+
+class _SessionModels:
+    """A source node of these tests: the session's SD1.5 model, CLIP, CLIP vision and VAE, as
+    their loader nodes would give them (so the executor does not load a second checkpoint)."""
+
+    RETURN_TYPES = ("MODEL", "CLIP", "CLIP_VISION", "VAE")
+    FUNCTION = "provide"
+    CATEGORY = "tests"
+    OUTPUT = None
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def provide(self):
+        return self.OUTPUT
+
+
+@pytest.fixture(scope="module")
+def executor(pack, sd15, clip_l14, moa_dir):
+    """ComfyUI's PromptExecutor (as workflows/run.py runs it) with this pack's nodes and the
+    session's models."""
+    import execution
+    import nodes
+
+    extension = asyncio.run(pack.comfy_entrypoint())
+    for node in asyncio.run(extension.get_node_list()):
+        nodes.NODE_CLASS_MAPPINGS.setdefault(node.GET_SCHEMA().node_id, node)
+    _SessionModels.OUTPUT = (sd15.model, sd15.clip, clip_l14, sd15.vae)
+    nodes.NODE_CLASS_MAPPINGS["MoLEMoATests_SessionModels"] = _SessionModels
+    from workflows.run import _Server
+
+    yield execution.PromptExecutor(_Server(), cache_args={"lru": 0, "ram": 0})
+    del nodes.NODE_CLASS_MAPPINGS["MoLEMoATests_SessionModels"]
+    _SessionModels.OUTPUT = None
+
+
+def moa_prompt(text="a man dancing", seed=0, **inject):
+    """An API-format prompt: MoA Subject Inject -> KSampler (64x64, 1 step, cfg 2) -> preview."""
+    inputs = dict(model=["1", 0], moa=["2", 0], clip=["1", 1], clip_vision=["1", 2], text=text, subject_words="man",
+                  image_1=["3", 0], subject_weights="1.0", strength=1.0, start_percent=0.0, end_percent=1.0)
+    inputs.update(inject)
+    return {
+        "1": {"class_type": "MoLEMoATests_SessionModels", "inputs": {}},
+        "2": {"class_type": "MoA_LoadRouter", "inputs": {"moa_name": "moa_sd15.safetensors"}},
+        "3": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0x808080}},
+        "4": {"class_type": "MoA_SubjectInject", "inputs": inputs},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "7": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "seed": seed, "steps": 1, "cfg": 2.0, "sampler_name": "euler",
+                                                   "scheduler": "normal", "positive": ["4", 1], "negative": ["5", 0],
+                                                   "latent_image": ["6", 0], "denoise": 1.0}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 3]}},
+        "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
+    }
+
+
+def validate(prompt):
+    import execution
+
+    valid, _, _, node_errors = asyncio.run(execution.validate_prompt("test", prompt, None))
+    return valid, node_errors
+
+
+INVALID = [
+    (dict(subject_words="man,,woman"), "an entry is empty"),
+    (dict(subject_words="man#0"), "count from 1"),
+    (dict(subject_words="dog"), "'dog' is not a word of the prompt"),
+    (dict(subject_weights="1, x"), "numbers separated by commas"),
+    (dict(subject_weights="1, 1"), "2 weights for 1 subjects"),
+    (dict(strength=1.5), "strength must be in [0, 1]"),
+    (dict(timelapse=0.5), "timelapse_word is empty"),
+]
+
+
+def test_bad_words_and_weights_mark_the_node_before_the_queue_runs(executor):
+    """validate_inputs: ComfyUI's prompt validation marks MoA Subject Inject with the message,
+    before any node runs; a good prompt validates."""
+    assert validate(moa_prompt()) == (True, {})
+    for inject, part in INVALID:
+        valid, node_errors = validate(moa_prompt(**inject))
+        assert not valid and list(node_errors) == ["4"], inject
+        details = " ".join(e["details"] for e in node_errors["4"]["errors"])
+        assert part in details, (inject, details)
+
+
+def test_ten_prompts_one_moa_patcher_no_leak_warning(executor, moa_patch, caplog):
+    """Ten MoA prompts through the executor, the subject's prompt changing each time (so MoA
+    Subject Inject runs every time while Load MoA Router's output stays cached): every
+    patched model hands ComfyUI the loaded file's one patcher, no memory-leak warning is
+    logged, and what model management holds stays the same from the second prompt on."""
+    import gc
+
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    def held():
+        gc.collect()
+        moa_handles = [o for o in gc.get_objects() if isinstance(o, comfy.model_patcher.ModelPatcher)
+                       and type(o.model).__name__ == "MoAModel"]
+        return len(mm.current_loaded_models), len(moa_handles)
+
+    sizes = []
+    with caplog.at_level(logging.INFO):
+        for i in range(10):
+            prompt = moa_prompt(text=f"a man dancing, take {i}", seed=i)
+            executor.execute(prompt, f"moa-{i}", {}, ["9"])
+            assert executor.success, executor.status_messages[-1]
+            if i in (1, 9):
+                sizes.append(held())
+    leaks = [r.message for r in caplog.records if "memory leak" in r.message]
+    assert leaks == []
+    assert sizes[0] == sizes[1], sizes
+    loaded = executor.caches.outputs.get("2").outputs[0][0]  # the cached LoadedMoA
+    patched = executor.caches.outputs.get("4").outputs[0][0]
+    assert [p.parent if p.parent is not None else p for p in patched.get_additional_models_with_key("moa")] == [loaded.patcher]
 
 
 # ---- bad input: a clear message, nothing applied ------------------------------------------------
