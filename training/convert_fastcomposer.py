@@ -31,7 +31,6 @@ read as well.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
 import sys

@@ -129,3 +129,147 @@ def test_converter_refuses_what_is_not_fastcomposers_state_dict(fastcomposer, tm
     save_file(small, str(copy))
     read = cf.read_state_dict(tmp_path / "model.safetensors")
     assert read.keys() == small.keys() and all(torch.equal(read[k], small[k]) for k in small)
+
+
+# ---- MoA Subject Inject with the converted files (the attention router) ------------------------
+
+from test_moa_host import encode, image, inject, sample  # noqa: E402  (the MoA host tests' helpers)
+
+PROMPT = "a man and a woman dancing in Paris"
+
+
+@pytest.fixture(scope="module")
+def fc_files(moa_nodes, fastcomposer, converted):
+    """(MoA with the attention router and prior_steps 0.2, the same with prior_steps 0, FastComposer's
+    CLIP vision): the second is written by a second converter run (--prior-steps 0), so that
+    two-step samples mix at their second step."""
+    import nodes
+    from training import convert_fastcomposer
+
+    root = converted[0]
+    convert_fastcomposer.main([str(fastcomposer[0] / "pytorch_model.bin"), "--out", str(root / "moa" / "fc_now.safetensors"),
+                               "--prior-steps", "0"])
+    with torch.inference_mode():
+        delayed = moa_nodes.LoadMoARouter.execute("fastcomposer.safetensors").result[0]
+        now = moa_nodes.LoadMoARouter.execute("fc_now.safetensors").result[0]
+        (clip_vision,) = nodes.CLIPVisionLoader().load_clip("fastcomposer_image_encoder.safetensors")
+    return delayed, now, clip_vision
+
+
+def sigma_spy(seen):
+    """An output patch recording (sigma, output) of each call."""
+    def patch(out, extra_options):
+        seen.append((float(extra_options["sigmas"].reshape(-1)[0]), out.clone()))
+        return out
+    return patch
+
+
+def spied(model):
+    """A clone with spies before (the prior's output) and after (MoA's) every output patch."""
+    model = model.clone()
+    prior, mixed = [], []
+    patches = model.model_options["transformer_options"]["patches"]
+    for attn in ("attn1", "attn2"):
+        patches[f"{attn}_output_patch"].insert(0, sigma_spy(prior))
+        patches[f"{attn}_output_patch"].append(sigma_spy(mixed))
+    return model, prior, mixed
+
+
+def test_attention_router_runs_the_prior_first_then_mixes(moa_nodes, sd15, fc_files):
+    """5 steps with prior_steps 0.2: the calls before 20% of the schedule, and the first call
+    (no maps of a previous step yet), are bit-identical to the prior in every layer; later
+    steps mix in every layer (the maps cover the random model's image)."""
+    delayed, _, clip_vision = fc_files
+    patched, positive = inject(moa_nodes, sd15, delayed, clip_vision, [image(1), image(2)], words="man, woman", text=PROMPT)
+    model, prior, mixed = spied(patched)
+    out = sample(model, positive, encode(sd15.clip, ""), steps=5)
+    assert torch.isfinite(out).all() and len(prior) == len(mixed) == 5 * 32  # cond and uncond in one call per step
+    start = float(sd15.model.get_model_object("model_sampling").percent_to_sigma(0.2))
+    sigmas = sorted({s for s, _ in prior}, reverse=True)
+    assert sigmas[0] > start > sigmas[-1]
+    for (sigma, a), (_, b) in zip(prior, mixed):
+        if sigma > start or sigma == sigmas[0]:
+            assert torch.equal(a, b)
+    late = [(a, b) for (sigma, a), (_, b) in zip(prior, mixed) if sigma < start and sigma != sigmas[0]]
+    assert late and all(not torch.equal(a, b) for a, b in late)
+
+
+def test_fastcomposer_file_needs_its_image_encoder_and_strength_zero_is_the_prior(moa_nodes, sd15, fc_files):
+    import comfy.clip_vision
+
+    delayed, now, clip_vision = fc_files
+    openai = comfy.clip_vision.load(str(rm.clip_vision_vit_l14()))  # the same tower, but not FastComposer's layers 22-23
+    with torch.no_grad():
+        openai.model.vision_model.encoder.layers[23].mlp.fc2.bias.add_(0.01)
+    with pytest.raises(ValueError, match="clip_vision: the MoA file fastcomposer.safetensors was made with its own image "
+                                         "encoder, fastcomposer_image_encoder.safetensors .* Load fastcomposer_image_encoder"):
+        inject(moa_nodes, sd15, delayed, openai, image(1))
+    model, positive = inject(moa_nodes, sd15, now, clip_vision, image(1), strength=0.0)
+    negative = encode(sd15.clip, "")
+    assert torch.equal(sample(model, positive, negative, steps=2), sample(sd15.model, encode(sd15.clip, PROMPT), negative, steps=2))
+
+
+def test_subject_images_are_padded_not_cropped(moa_nodes, sd15, fc_files):
+    """A wide image: FastComposer's preparation (pad to square) sees its sides, ComfyUI's crop does not."""
+    delayed, _, clip_vision = fc_files
+    nodes_module = moa_nodes
+    wide = image(3, size=(128, 64))
+    centre = wide[:, :, 32:96]
+    with torch.inference_mode():
+        padded = nodes_module.encode_subject_images(clip_vision, [("image_1", wide)], "fastcomposer")
+        cropped = nodes_module.encode_subject_images(clip_vision, [("image_1", wide)], "clip")
+        centre_only = nodes_module.encode_subject_images(clip_vision, [("image_1", centre)], "clip")
+    torch.testing.assert_close(cropped, centre_only)
+    assert not torch.allclose(padded, cropped, atol=1e-3)
+
+
+def test_attention_router_composes_with_lora_controlnet_and_mole(moa_nodes, sd15, fc_files, tmp_path):
+    """LoRA Loader under MoA, a ControlNet on its conditioning and MoLE on top, 2 steps: MoA
+    still mixes at the second step in every layer, and the sample is finite."""
+    import comfy.controlnet
+    import comfy.sd
+    import comfy.utils
+    import nodes
+
+    from helpers import mole_weights as mw
+
+    _, now, clip_vision = fc_files
+    layers, kohya = mw.target_layers(sd15.model), mw.kohya_names(sd15.model, "diffusers")
+    (tmp_path / "loras").mkdir(), (tmp_path / "mole").mkdir()
+    for name, seed in (("fc_style", 31), ("fc_face", 32), ("fc_hand", 33)):
+        mw.write_lora(tmp_path / "loras" / f"{name}.safetensors", layers, kohya, seed=seed)
+    mw.write_pack_gates(tmp_path / "mole" / "fc_gates.safetensors", layers)
+    mole_nodes = importlib.import_module(f"{hostenv.PACK_MODULE}.nodes.mole_nodes")
+    with model_folders(loras=tmp_path / "loras", mole=tmp_path / "mole"):
+        lora = comfy.utils.load_torch_file(str(tmp_path / "loras" / "fc_style.safetensors"), safe_load=True)
+        lora_model, lora_clip = comfy.sd.load_lora_for_models(sd15.model, sd15.clip, lora, 0.7, 0.7)
+        patched, positive = inject(moa_nodes, sd15, now, clip_vision, [image(1), image(2)], words="man, woman", text=PROMPT,
+                                   model=lora_model, clip=lora_clip)
+        experts = mole_nodes.LoadMoLEExperts.execute("fc_face.safetensors", "face", 1.0, "fc_hand.safetensors", "hand", 1.0).result[0]
+        both = mole_nodes.apply_mole(patched, experts, "fc_gates.safetensors")
+    control = comfy.controlnet.load_controlnet(str(rm.sd15_controlnet()))
+    negative = encode(lora_clip, "")
+    with torch.inference_mode():
+        pos_cn, neg_cn = nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control, image(5), 0.8, 0.0, 1.0)
+    model, prior, mixed = spied(both)
+    out = sample(model, pos_cn, neg_cn, steps=2)
+    assert torch.isfinite(out).all() and len(both.patches) > 0
+    second = min(s for s, _ in prior)
+    late = [(a, b) for (s, a), (_, b) in zip(prior, mixed) if s == second]
+    assert len(late) == 32 and all(not torch.equal(a, b) for a, b in late)
+
+
+def test_router_maps_draw_the_attention_router(moa_nodes, sd15, fc_files):
+    """MoA Record Router / MoA Router Maps on the attention router: the last step's maps are drawn,
+    and the recorded prior weight is below 1 where the subjects' maps are."""
+    visualize = importlib.import_module(f"{hostenv.PACK_MODULE}.nodes.visualize_nodes")
+    _, now, clip_vision = fc_files
+    patched, positive = inject(moa_nodes, sd15, now, clip_vision, [image(1), image(2)], words="man, woman", text=PROMPT)
+    recorded = visualize.record_moa_router(patched)
+    latent = sample(recorded, positive, encode(sd15.clip, ""), steps=2)
+    images = torch.rand(1, 64, 64, 3)
+    maps = visualize.draw_router_maps(recorded, images, "mean", "last", 0, 0.6)
+    assert maps.shape == (1, 64, 64, 3) and torch.isfinite(latent).all()
+    recording = recorded.get_attachment(visualize.ROUTER_KEY)
+    last = [m for (step, _), m in recording.maps.items() if step == len(recording.sigmas) - 1]
+    assert len(last) == 32 and min(float(m.min()) for m in last) < 1.0
