@@ -78,7 +78,7 @@ def step_fn(patcher, size, batch, device, dtype):
                        uuids=["cond", "uncond"][:len(chunks)])
         moa_patch = importlib.import_module(f"{hostenv.import_pack().__name__}.nodes.moa_patch").find_moa_patch(patcher)
         if moa_patch is not None:  # the cond chunk carries the subjects, as the sampler's wrapper would say
-            options[moa_patch.rows_key] = frozenset({"cond"})
+            options[moa_patch.rows_key] = frozenset({(0, "cond")})
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()

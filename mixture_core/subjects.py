@@ -34,8 +34,10 @@ def parse_subject_words(spec: str) -> list[SubjectWord]:
         m = _SUBJECT.match(entry)
         word = m["word"].strip()
         if not word:
-            raise ValueError(f"subject_words {spec!r}: an entry is empty; separate the subject words with commas, "
-                             "such as 'man, woman'")
+            raise ValueError(
+                f"subject_words {spec!r}: an entry is empty; separate the subject words with commas, "
+                "such as 'man, woman'"
+            )
         occurrence = int(m["occurrence"]) if m["occurrence"] is not None else None
         if occurrence is not None and occurrence < 1:
             raise ValueError(f"subject_words: {entry!r}: occurrences count from 1 ({word}#1 is the first)")
@@ -53,14 +55,20 @@ def parse_weights(spec, count: int) -> list[float]:
         try:
             values = [float(x) for x in str(spec).split(",")]
         except ValueError:
-            raise ValueError(f"subject_weights {spec!r}: give numbers separated by commas, such as '1.0, 0.8'") from None
+            raise ValueError(
+                f"subject_weights {spec!r}: give numbers separated by commas, such as '1.0, 0.8'"
+            ) from None
     if len(values) == 1:
         values = values * count
     if len(values) != count:
-        raise ValueError(f"subject_weights {spec!r} gives {len(values)} weights for {count} subjects; give one per "
-                         "subject or a single one for all")
+        raise ValueError(
+            f"subject_weights {spec!r} gives {len(values)} weights for {count} subjects; give one per "
+            "subject or a single one for all"
+        )
     if any(not (v >= 0.0) or v == float("inf") for v in values):
-        raise ValueError(f"subject_weights {spec!r}: weights must be finite and >= 0 (0 = plain text token, 1 = fully fused)")
+        raise ValueError(
+            f"subject_weights {spec!r}: weights must be finite and >= 0 (0 = plain text token, 1 = fully fused)"
+        )
     return values
 
 
@@ -91,27 +99,35 @@ class SubjectOptions:
         if not 0.0 <= self.strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], not {self.strength}")
         if not 0.0 <= self.start_percent <= self.end_percent <= 1.0:
-            raise ValueError(f"start_percent ({self.start_percent}) and end_percent ({self.end_percent}) must satisfy "
-                             "0 <= start <= end <= 1")
+            raise ValueError(
+                f"start_percent ({self.start_percent}) and end_percent ({self.end_percent}) must satisfy "
+                "0 <= start <= end <= 1"
+            )
         for name in ("morph", "timelapse"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], not {getattr(self, name)}")
         subjects = parse_subject_words(self.subject_words)
         weights = parse_weights(self.subject_weights, len(subjects))
         if not 1 <= self.edit_subject <= len(subjects):
-            raise ValueError(f"edit_subject {self.edit_subject}: there are {len(subjects)} subjects (1..{len(subjects)})")
+            raise ValueError(
+                f"edit_subject {self.edit_subject}: there are {len(subjects)} subjects (1..{len(subjects)})"
+            )
         if self.morph > 0 and morph_image_connected is False:
             raise ValueError(f"morph is {self.morph} but no morph_image is connected")
         if self.timelapse > 0 and not self.timelapse_word.strip():
-            raise ValueError(f"timelapse is {self.timelapse} but timelapse_word is empty; name the word to move towards "
-                             "(such as 'kid')")
+            raise ValueError(
+                f"timelapse is {self.timelapse} but timelapse_word is empty; name the word to move towards "
+                "(such as 'kid')"
+            )
         if self.text is not None:
             # A word absent from the text is absent from its tokens: said here, before any model runs.
             # (Present in the text is not enough: the token match below decides whole words.)
             for s in subjects:
                 if _words(s.word) not in _words(self.text):
-                    raise ValueError(f"subject_words: {s.word!r} is not a word of the prompt; each subject word must "
-                                     "appear in the prompt")
+                    raise ValueError(
+                        f"subject_words: {s.word!r} is not a word of the prompt; each subject word must "
+                        "appear in the prompt"
+                    )
         return subjects, weights
 
 
@@ -150,28 +166,40 @@ def find_subject_tokens(vocab: Vocabulary, chunks: Sequence[Sequence[tuple]], su
         for c, chunk in enumerate(chunks):
             tokens = [entry[0] for entry in chunk]
             for i in range(len(tokens) - len(ids) + 1):
-                if all(_is_id(tokens[i + j]) and tokens[i + j] == ids[j] for j in range(len(ids))) and starts_word(chunk, i):
+                if all(_is_id(tokens[i + j]) and tokens[i + j] == ids[j] for j in range(len(ids))) and starts_word(
+                    chunk, i
+                ):
                     found.append((c, i + len(ids) - 1))
         if not found:
-            raise ValueError(f"subject_words: {subject.word!r} is not a word of the prompt; each subject word must "
-                             "appear in the prompt")
+            raise ValueError(
+                f"subject_words: {subject.word!r} is not a word of the prompt; each subject word must "
+                "appear in the prompt"
+            )
         if subject.occurrence is None:
             if len(found) > 1:
-                raise ValueError(f"subject_words: {subject.word!r} occurs {len(found)} times in the prompt; say which "
-                                 f"one with an occurrence index, such as '{subject.word}#1' or '{subject.word}#2'")
+                raise ValueError(
+                    f"subject_words: {subject.word!r} occurs {len(found)} times in the prompt; say which "
+                    f"one with an occurrence index, such as '{subject.word}#1' or '{subject.word}#2'"
+                )
             chunk, position = found[0]
         else:
             if subject.occurrence > len(found):
-                raise ValueError(f"subject_words: {subject.text!r} asks for occurrence {subject.occurrence}, but "
-                                 f"{subject.word!r} occurs {len(found)} time(s) in the prompt")
+                raise ValueError(
+                    f"subject_words: {subject.text!r} asks for occurrence {subject.occurrence}, but "
+                    f"{subject.word!r} occurs {len(found)} time(s) in the prompt"
+                )
             chunk, position = found[subject.occurrence - 1]
         if chunk > 0:
-            raise ValueError(f"subject_words: {subject.text!r} is beyond the prompt's first 77 tokens; MoA binds "
-                             "subjects in the first 77-token chunk only: move the subject earlier or shorten the prompt")
+            raise ValueError(
+                f"subject_words: {subject.text!r} is beyond the prompt's first 77 tokens; MoA binds "
+                "subjects in the first 77-token chunk only: move the subject earlier or shorten the prompt"
+            )
         positions.append(position)
     for i, a in enumerate(positions):
         for j in range(i):
             if positions[j] == a:
-                raise ValueError(f"subject_words: {subjects[j].text!r} and {subjects[i].text!r} are the same word of "
-                                 "the prompt; bind each subject to its own word")
+                raise ValueError(
+                    f"subject_words: {subjects[j].text!r} and {subjects[i].text!r} are the same word of "
+                    "the prompt; bind each subject to its own word"
+                )
     return positions

@@ -210,12 +210,12 @@ class InjectRequest:
     morph_image: torch.Tensor | None = None
 
     @classmethod
-    def from_inputs(cls, model, moa, clip, clip_vision, text, subject_words, image_1, subject_weights="1.0", strength=1.0,
-                    start_percent=0.0, end_percent=1.0, image_2=None, image_3=None, image_4=None, edit_subject=1,
-                    morph_image=None, morph=0.0, timelapse_word="", timelapse=0.0) -> "InjectRequest":
+    def from_inputs(cls, model, moa, clip, clip_vision, text, subject_words, image_1, subject_weights="1.0",
+                    strength=1.0, start_percent=0.0, end_percent=1.0, image_2=None, image_3=None, image_4=None,
+                    edit_subject=1, morph_image=None, morph=0.0, timelapse_word="", timelapse=0.0) -> "InjectRequest":
         """From the node's inputs, by name."""
-        options = SubjectOptions(subject_words, subject_weights, float(strength), float(start_percent), float(end_percent),
-                                 int(edit_subject), float(morph), timelapse_word, float(timelapse), text)
+        options = SubjectOptions(subject_words, subject_weights, float(strength), float(start_percent),
+                                 float(end_percent), int(edit_subject), float(morph), timelapse_word, float(timelapse), text)
         images = [("image_1", image_1), ("image_2", image_2), ("image_3", image_3), ("image_4", image_4)]
         return cls(model, moa, clip, clip_vision, text, images, options, morph_image)
 
@@ -246,11 +246,13 @@ def inject(request: InjectRequest):
     positions = find_subject_tokens(vocab, tokens[key], subjects)
     edited = o.edit_subject - 1
     if o.timelapse > 0:
-        tokens = apply_timelapse(r.clip, vocab, key, tokens, subjects[edited], positions[edited], o.timelapse_word, o.timelapse)
+        tokens = apply_timelapse(r.clip, vocab, key, tokens, subjects[edited], positions[edited], o.timelapse_word,
+                                 o.timelapse)
     conditioning = r.clip.encode_from_tokens_scheduled(tokens)
     text_width = conditioning[0][0].shape[-1]
     if text_width != r.moa.model.fusion.text_dim:
-        raise ValueError(f"clip: its text embedding is {text_width} wide, the MoA file's fusion reads {r.moa.model.fusion.text_dim}")
+        raise ValueError(f"clip: its text embedding is {text_width} wide, the MoA file's fusion reads "
+                         f"{r.moa.model.fusion.text_dim}")
 
     if o.strength == 0.0:
         return r.model.clone(), conditioning  # the router forced to the prior: the model as it is

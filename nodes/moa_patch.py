@@ -189,14 +189,24 @@ class MoAPatch:
         return _OutputPatch(self, "attn2")
 
     def calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
-        """The CALC_COND_BATCH wrapper: the uuids of the conditioning entries this patch marked
-        (every cond type: a marked negative binds too, it is what the user wired), handed to
-        the attention patches of this call through its transformer options."""
-        mark = self.settings.mark
-        rows = frozenset(c["uuid"] for cond in conds if cond for c in cond
-                         if c.get(SUBJECTS_KEY) is not None and c[SUBJECTS_KEY].key == mark.key and "uuid" in c)
+        """The CALC_COND_BATCH wrapper: the (cond list, uuid) of each conditioning entry this
+        patch marked (in any cond list: a marked negative binds too, it is what the user
+        wired), handed to the attention patches of this call through its transformer options.
+
+        A uuid already seen in an earlier list is skipped: for a positive entry with an area,
+        ComfyUI adds to the negative list a copy of that entry (its keys, uuid and mark
+        included) holding the negative's conditioning (samplers.create_cond_with_same_area_if_none)."""
+        mark, seen, rows = self.settings.mark, set(), set()
+        for index, cond in enumerate(conds):
+            uuids = {c.get("uuid") for c in cond or ()}
+            for c in cond or ():
+                entry_mark = c.get(SUBJECTS_KEY)
+                if entry_mark is not None and entry_mark.key == mark.key and c.get("uuid") not in seen:
+                    rows.add((index, c.get("uuid")))
+            seen |= uuids
         options = dict(model_options)
-        options["transformer_options"] = {**model_options.get("transformer_options", {}), self.rows_key: rows}
+        options["transformer_options"] = {**model_options.get("transformer_options", {}),
+                                          self.rows_key: frozenset(rows)}
         return executor(model, conds, x_in, timestep, options)
 
     # -- helpers ---------------------------------------------------------------------------
@@ -256,19 +266,21 @@ class MoAPatch:
 
     def subject_rows(self, extra_options: dict, batch: int, device) -> torch.Tensor | None:
         """(B,) bool: the rows of this call whose conditioning carries this patch's mark; None
-        when the call holds no such rows."""
+        when the call holds no such rows. A chunk is known by (its cond list, its entry's
+        uuid), as ComfyUI lists them in cond_or_uncond and uuids."""
         marked = extra_options.get(self.rows_key)
-        uuids = extra_options.get("uuids")
-        if not marked or not uuids:
+        chunks = list(zip(extra_options.get("cond_or_uncond") or (), extra_options.get("uuids") or ()))
+        if not marked or not chunks:
             if marked is None:
                 self.warn_once("unmarked", "the model was called outside a sampler (no conditioning uuids): subjects "
                                            "are not fused, the personalized branch reads the plain text")
             return None
-        if batch % len(uuids):
-            self.warn_once("rows", "cannot split a batch of %d rows into %d conditioning chunks: subjects are not fused",
-                           batch, len(uuids))
+        if batch % len(chunks):
+            self.warn_once("rows", "cannot split a batch of %d rows into %d conditioning chunks: subjects are not "
+                                   "fused", batch, len(chunks))
             return None
-        rows = torch.tensor([u in marked for u in uuids], device=device).repeat_interleave(batch // len(uuids))
+        rows = torch.tensor([chunk in marked for chunk in chunks], device=device)
+        rows = rows.repeat_interleave(batch // len(chunks))
         return rows if bool(rows.any()) else None
 
     def timesteps(self, extra_options: dict, batch: int, device) -> torch.Tensor | None:
@@ -358,8 +370,11 @@ class _OutputPatch(_PatchBase):
         def attention(q, k, v, heads):
             return host_attention.optimized_attention(q, k, v, heads, attn_precision=precision)
 
-        observer = None if p.observer is None else functools.partial(p.observer, layer_index, p.moa.layer_ids[layer_index])
-        return layer(h, out, context=context, strength=p.settings.strength, attention=attention, observer=observer, share=share)
+        observer = None
+        if p.observer is not None:
+            observer = functools.partial(p.observer, layer_index, p.moa.layer_ids[layer_index])
+        return layer(h, out, context=context, strength=p.settings.strength, attention=attention, observer=observer,
+                     share=share)
 
 
 def apply_moa(model, moa: MoAModel, weights_patcher, settings: MoASettings):
@@ -372,7 +387,8 @@ def apply_moa(model, moa: MoAModel, weights_patcher, settings: MoASettings):
     patched = model.clone()
     for name in _PATCH_LISTS:
         patched.set_model_patch(getattr(patch, name)(), name)
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, patch.rows_key, patch.calc_cond_batch)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, patch.rows_key,
+                                 patch.calc_cond_batch)
     attach_patcher(patched, "moa", weights_patcher)
     log.info("MoA: %d attention layers mixed, %d subject(s), strength %g", len(patch.layers), len(settings.bindings), settings.strength)
     return patched

@@ -18,10 +18,32 @@ from mixture_core.subjects import (
 
 # A CLIP-like vocabulary: "</w>" ends a word; "dancer" + "xyz</w>" is a word of two pieces.
 START, END = 100, 101
-PIECES = {1: "a</w>", 2: "man</w>", 3: "and</w>", 4: "wo", 5: "super", 6: "person</w>", 7: ",</w>", 8: "dancer", 9: "xyz</w>",
-          10: "talks</w>", 11: "to</w>"}
-WORDS = {"a": [1], "man": [2], "and": [3], "woman": [4, 2], "superman": [5, 2], "person": [6], ",": [7],
-         "dancerxyz": [8, 9], "talks": [10], "to": [11], "dog": [12]}
+PIECES = {
+    1: "a</w>",
+    2: "man</w>",
+    3: "and</w>",
+    4: "wo",
+    5: "super",
+    6: "person</w>",
+    7: ",</w>",
+    8: "dancer",
+    9: "xyz</w>",
+    10: "talks</w>",
+    11: "to</w>",
+}
+WORDS = {
+    "a": [1],
+    "man": [2],
+    "and": [3],
+    "woman": [4, 2],
+    "superman": [5, 2],
+    "person": [6],
+    ",": [7],
+    "dancerxyz": [8, 9],
+    "talks": [10],
+    "to": [11],
+    "dog": [12],
+}
 VOCAB = Vocabulary(lambda w: WORDS.get(w.lower(), []), PIECES, frozenset({START, END}))
 
 
@@ -30,7 +52,7 @@ def chunks(text: str, length: int = 77) -> list[list[tuple]]:
     ids = [i for word in text.replace(",", " ,").split() for i in WORDS[word.lower()]]
     out, inner = [], length - 2
     for k in range(0, max(len(ids), 1), inner):
-        out.append([(START, 1.0)] + [(i, 1.0) for i in ids[k:k + inner]] + [(END, 1.0)])
+        out.append([(START, 1.0)] + [(i, 1.0) for i in ids[k : k + inner]] + [(END, 1.0)])
     return out
 
 
@@ -41,8 +63,12 @@ def positions(text, words, length=77):
 def test_subject_words_parse_occurrences():
     assert parse_subject_words("man, woman#2") == [SubjectWord("man", "man", None), SubjectWord("woman#2", "woman", 2)]
     assert parse_subject_words(" red car ") == [SubjectWord("red car", "red car", None)]
-    for bad, part in (("  ", "subject_words is empty"), ("man,,woman", "an entry is empty"), ("man#0", "count from 1"),
-                      ("#2", "an entry is empty")):
+    for bad, part in (
+        ("  ", "subject_words is empty"),
+        ("man,,woman", "an entry is empty"),
+        ("man#0", "count from 1"),
+        ("#2", "an entry is empty"),
+    ):
         with pytest.raises(ValueError, match=part):
             parse_subject_words(bad)
 
@@ -50,8 +76,13 @@ def test_subject_words_parse_occurrences():
 def test_weights():
     assert parse_weights("1, 0.5", 2) == [1.0, 0.5] and parse_weights("0.7", 3) == [0.7] * 3
     assert parse_weights("", 2) == [1.0, 1.0] and parse_weights(0.5, 2) == [0.5, 0.5]
-    for bad, part in (("1, 1, 1", "3 weights for 2 subjects"), ("-1", "finite and >= 0"), ("inf", "finite"),
-                      ("nan", "finite"), ("one", "numbers separated by commas")):
+    for bad, part in (
+        ("1, 1, 1", "3 weights for 2 subjects"),
+        ("-1", "finite and >= 0"),
+        ("inf", "finite"),
+        ("nan", "finite"),
+        ("one", "numbers separated by commas"),
+    ):
         with pytest.raises(ValueError, match=part):
             parse_weights(bad, 2)
 

@@ -248,7 +248,7 @@ def test_personal_context_fuses_the_marked_rows_only(moa_patch, sd15, moa_one, c
     patch = moa_patch_of(model, moa_patch)
     cond = positive[0][0]
     uncond = encode(sd15.clip, "")[0][0]
-    marked = {patch.rows_key: frozenset({"moa"})}
+    marked = {patch.rows_key: frozenset({(0, "moa")})}  # (cond list, uuid) of the marked entry
     # three chunks of batch 2: uncond, the MoA prompt, another entry carrying the same values
     context = torch.cat([uncond, uncond, cond, cond, cond, cond])
     extra = {"uuids": ["neg", "moa", "other"], "cond_or_uncond": [1, 0, 0], "sigmas": torch.tensor([3.0]), **marked}
@@ -275,7 +275,8 @@ def test_personal_context_fuses_the_marked_rows_only(moa_patch, sd15, moa_one, c
     with caplog.at_level(logging.WARNING):
         with torch.inference_mode():
             for _ in range(3):
-                plain = patch.personal_context(cond, {"cond_or_uncond": [0], "sigmas": torch.tensor([3.0])}, layer_index=1)
+                outside = {"cond_or_uncond": [0], "sigmas": torch.tensor([3.0])}
+                plain = patch.personal_context(cond, outside, layer_index=1)
     assert torch.equal(plain, cond)
     assert sum("outside a sampler" in r.message for r in caplog.records) == 1
 
@@ -497,7 +498,8 @@ def test_marked_rows_after_conditioning_nodes(moa_patch, sd15, moa_one, negative
     marked_rows = 0
     for context, rows, fused in seen:
         for row in range(context.shape[0]):
-            is_moa = context.shape[1] == expected.shape[1] and torch.allclose(context[row], expected[0], atol=1e-4)
+            is_moa = context.shape[1] == expected.shape[1] and torch.allclose(context[row].float(), expected[0].float(),
+                                                                               rtol=1e-2, atol=1e-2)
             assert bool(rows[row]) == is_moa, (name, row)
             changed = (fused[row] - context[row]).abs().amax(dim=-1) > 0
             assert changed.nonzero().flatten().tolist() == ([token] if is_moa else [])
@@ -505,10 +507,10 @@ def test_marked_rows_after_conditioning_nodes(moa_patch, sd15, moa_one, negative
     assert marked_rows == 2 * entries  # batch 2, each MoA entry evaluated once (one step)
 
 
-def test_several_samplers_share_one_moa_model(moa_patch, sd15, moa_one, negative):
+def test_several_samplers_share_one_moa_model(moa_nodes, moa_patch, sd15, moa, clip_l14, moa_one, negative):
     """One patched model, three samplers in a row (the MoA prompt, another prompt, the MoA
-    prompt again), and a second MoA Subject Inject chained on the same model: each call binds
-    the rows of its own sampler's marked conditioning, and each patch its own subjects."""
+    prompt again): each call binds the rows of its own sampler's marked conditioning. A second
+    MoA Subject Inject chained on that model: each patch binds its own prompt's rows."""
     model, positive = moa_one
     patch = moa_patch_of(model, moa_patch)
     other = encode(sd15.clip, "a red house by the sea")
@@ -520,6 +522,18 @@ def test_several_samplers_share_one_moa_model(moa_patch, sd15, moa_one, negative
         sample(spied, cond, negative)
         counts.append([int(rows.sum()) for _, rows, _ in seen])
     assert counts == [[1], [0], [1]]
+
+    chained, second = inject(moa_nodes, sd15, moa, clip_l14, image(2), words="woman", model=model)
+    first_patch, second_patch = moa_patch.find_moa_patches(chained)
+    assert first_patch is patch
+    import nodes
+
+    seen_first, seen_second = [], []
+    chained.set_model_attn2_patch(row_spy(first_patch, seen_first))
+    chained.set_model_attn2_patch(row_spy(second_patch, seen_second))
+    sample(chained, nodes.ConditioningCombine().combine(positive, second)[0], negative)
+    (_, rows_first, _), (_, rows_second, _) = seen_first[0], seen_second[0]
+    assert int(rows_first.sum()) == int(rows_second.sum()) == 1 and not bool((rows_first & rows_second).any())
 
 
 def test_batch_of_marked_and_plain_samples(moa_patch, moa_one, negative):
@@ -586,9 +600,9 @@ def moa_prompt(text="a man dancing", seed=0, **inject):
         "4": {"class_type": "MoA_SubjectInject", "inputs": inputs},
         "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
         "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "7": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "seed": seed, "steps": 1, "cfg": 2.0, "sampler_name": "euler",
-                                                   "scheduler": "normal", "positive": ["4", 1], "negative": ["5", 0],
-                                                   "latent_image": ["6", 0], "denoise": 1.0}},
+        "7": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "seed": seed, "steps": 1, "cfg": 2.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "positive": ["4", 1],
+                                                   "negative": ["5", 0], "latent_image": ["6", 0], "denoise": 1.0}},
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 3]}},
         "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
     }
@@ -652,7 +666,8 @@ def test_ten_prompts_one_moa_patcher_no_leak_warning(executor, moa_patch, caplog
     assert sizes[0] == sizes[1], sizes
     loaded = executor.caches.outputs.get("2").outputs[0][0]  # the cached LoadedMoA
     patched = executor.caches.outputs.get("4").outputs[0][0]
-    assert [p.parent if p.parent is not None else p for p in patched.get_additional_models_with_key("moa")] == [loaded.patcher]
+    handed = patched.get_additional_models_with_key("moa")
+    assert [p.parent if p.parent is not None else p for p in handed] == [loaded.patcher]
 
 
 # ---- bad input: a clear message, nothing applied ------------------------------------------------
