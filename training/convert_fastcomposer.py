@@ -1,7 +1,8 @@
 """Convert FastComposer's published weights into a MoA file (and its image encoder into a clip_vision file).
 
     python -m training.convert_fastcomposer model/fastcomposer/pytorch_model.bin \\
-        --out models/moa/fastcomposer.safetensors --clip-vision-out models/clip_vision/fastcomposer_image_encoder.safetensors
+        --out models/moa/fastcomposer.safetensors \\
+        --clip-vision-out models/clip_vision/fastcomposer_image_encoder.safetensors
 
 (--out and --clip-vision-out may also be given in two separate runs.)
 
@@ -53,9 +54,17 @@ from mixture_core.safetensors_io import SafetensorsFile
 # spatial transformer; each holds transformer_blocks.0 with attn1 (self) and attn2 (cross).
 TEXT_WIDTH, HEADS = 768, 8
 _TRANSFORMERS = (
-    [(f"down_blocks.{b}.attentions.{i}", f"input_blocks.{3 * b + i + 1}.1", 320 * 2 ** b) for b in range(3) for i in range(2)]
+    [
+        (f"down_blocks.{b}.attentions.{i}", f"input_blocks.{3 * b + i + 1}.1", 320 * 2**b)
+        for b in range(3)
+        for i in range(2)
+    ]
     + [("mid_block.attentions.0", "middle_block.1", 1280)]
-    + [(f"up_blocks.{b}.attentions.{i}", f"output_blocks.{3 * b + i}.1", 320 * 2 ** (3 - b)) for b in range(1, 4) for i in range(3)]
+    + [
+        (f"up_blocks.{b}.attentions.{i}", f"output_blocks.{3 * b + i}.1", 320 * 2 ** (3 - b))
+        for b in range(1, 4)
+        for i in range(3)
+    ]
 )
 # FastComposer's localization layers: unet_store_cross_attention_scores(unet, ..., layers=5)
 # keeps the cross-attentions of the 5 middle entries of its UNET_LAYER_NAMES (model.py l. 287-299).
@@ -76,14 +85,19 @@ def attention_layers() -> dict[str, tuple[str, AttentionShape]]:
     out = {}
     for diffusers, sai, width in _TRANSFORMERS:
         for attn, context in (("attn1", width), ("attn2", TEXT_WIDTH)):
-            out[f"{sai}.transformer_blocks.0.{attn}"] = (f"{diffusers}.transformer_blocks.0.{attn}",
-                                                        AttentionShape(width, context, HEADS, width // HEADS))
+            out[f"{sai}.transformer_blocks.0.{attn}"] = (
+                f"{diffusers}.transformer_blocks.0.{attn}",
+                AttentionShape(width, context, HEADS, width // HEADS),
+            )
     return out
 
 
 def map_layers() -> tuple[str, ...]:
-    return tuple(sai for sai, (diffusers, _) in attention_layers().items()
-                 if diffusers.endswith("attn2") and diffusers.startswith(LOCALIZATION_BLOCKS))
+    return tuple(
+        sai
+        for sai, (diffusers, _) in attention_layers().items()
+        if diffusers.endswith("attn2") and diffusers.startswith(LOCALIZATION_BLOCKS)
+    )
 
 
 def expected_shapes() -> dict[str, tuple[int, ...]]:
@@ -91,9 +105,13 @@ def expected_shapes() -> dict[str, tuple[int, ...]]:
     shapes = {}
     for _, (diffusers, s) in attention_layers().items():
         base = f"unet.{diffusers}"
-        shapes |= {f"{base}.to_q.weight": (s.inner, s.dim), f"{base}.to_k.weight": (s.inner, s.context_dim),
-                   f"{base}.to_v.weight": (s.inner, s.context_dim), f"{base}.to_out.0.weight": (s.dim, s.inner),
-                   f"{base}.to_out.0.bias": (s.dim,)}
+        shapes |= {
+            f"{base}.to_q.weight": (s.inner, s.dim),
+            f"{base}.to_k.weight": (s.inner, s.context_dim),
+            f"{base}.to_v.weight": (s.inner, s.context_dim),
+            f"{base}.to_out.0.weight": (s.dim, s.inner),
+            f"{base}.to_out.0.bias": (s.dim,),
+        }
     d = TEXT_WIDTH  # FastComposerPostfuseModule(embed_dim): mlp1 = MLP(2d, d, d), mlp2 = MLP(d, d, d)
     ins = {"mlp1.layernorm": 2 * d, "mlp1.fc1": 2 * d, "mlp2.layernorm": d, "mlp2.fc1": d, "layer_norm": d}
     for name in POSTFUSE:
@@ -103,19 +121,28 @@ def expected_shapes() -> dict[str, tuple[int, ...]]:
             shapes[f"postfuse_module.{name}.weight"] = (ins[name],)
         shapes[f"postfuse_module.{name}.bias"] = (d,)
     w, v = VISION["width"], "image_encoder.vision_model"
-    shapes |= {f"{v}.embeddings.class_embedding": (w,), f"{v}.embeddings.patch_embedding.weight": (w, 3, VISION["patch"], VISION["patch"]),
-               f"{v}.embeddings.position_embedding.weight": (VISION["positions"], w),
-               f"{v}.pre_layrnorm.weight": (w,), f"{v}.pre_layrnorm.bias": (w,),
-               f"{v}.post_layernorm.weight": (w,), f"{v}.post_layernorm.bias": (w,),
-               "image_encoder.visual_projection.weight": (VISION["projection"], w)}
+    shapes |= {
+        f"{v}.embeddings.class_embedding": (w,),
+        f"{v}.embeddings.patch_embedding.weight": (w, 3, VISION["patch"], VISION["patch"]),
+        f"{v}.embeddings.position_embedding.weight": (VISION["positions"], w),
+        f"{v}.pre_layrnorm.weight": (w,),
+        f"{v}.pre_layrnorm.bias": (w,),
+        f"{v}.post_layernorm.weight": (w,),
+        f"{v}.post_layernorm.bias": (w,),
+        "image_encoder.visual_projection.weight": (VISION["projection"], w),
+    }
     for i in range(VISION["layers"]):
         layer = f"{v}.encoder.layers.{i}"
         for p in ("q_proj", "k_proj", "v_proj", "out_proj"):
             shapes |= {f"{layer}.self_attn.{p}.weight": (w, w), f"{layer}.self_attn.{p}.bias": (w,)}
         for norm in ("layer_norm1", "layer_norm2"):
             shapes |= {f"{layer}.{norm}.weight": (w,), f"{layer}.{norm}.bias": (w,)}
-        shapes |= {f"{layer}.mlp.fc1.weight": (VISION["mlp"], w), f"{layer}.mlp.fc1.bias": (VISION["mlp"],),
-                   f"{layer}.mlp.fc2.weight": (w, VISION["mlp"]), f"{layer}.mlp.fc2.bias": (w,)}
+        shapes |= {
+            f"{layer}.mlp.fc1.weight": (VISION["mlp"], w),
+            f"{layer}.mlp.fc1.bias": (VISION["mlp"],),
+            f"{layer}.mlp.fc2.weight": (w, VISION["mlp"]),
+            f"{layer}.mlp.fc2.bias": (w,),
+        }
     return shapes
 
 
@@ -152,12 +179,22 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise WeightFileError(path, "needs more than tensors and plain containers to load (torch.load(weights_only=True) "
-                                    f"refused it): it is not a plain state dict, and this converter runs no pickled code ({e})") from None
+        raise WeightFileError(
+            path,
+            "needs more than tensors and plain containers to load (torch.load(weights_only=True) "
+            f"refused it): it is not a plain state dict, and this converter runs no pickled code ({e})",
+        ) from None
     except Exception as e:  # noqa: BLE001 - torch raises many types for files that are not torch pickles
-        raise WeightFileError(path, f"is neither a safetensors file nor a torch state dict ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise WeightFileError(path, f"holds a {type(state).__name__}, not a state dict of tensors (FastComposer's pytorch_model.bin is one)")
+        raise WeightFileError(
+            path, f"is neither a safetensors file nor a torch state dict ({type(e).__name__}: {e})"
+        ) from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise WeightFileError(
+            path,
+            f"holds a {type(state).__name__}, not a state dict of tensors (FastComposer's pytorch_model.bin is one)",
+        )
     return state
 
 
@@ -170,12 +207,19 @@ def check_keys(state: dict[str, torch.Tensor], path=None) -> None:
     expected = expected_shapes()
     missing = [k for k in expected if k not in state]
     if missing:
-        raise WeightFileError(path, f"is not FastComposer's SD1.5 state dict: {len(missing)} key(s) are missing", missing)
-    wrong = [f"{k}: {tuple(state[k].shape)} {str(state[k].dtype).removeprefix('torch.')}, expected {shape} floating point"
-             for k, shape in expected.items() if tuple(state[k].shape) != shape or not state[k].is_floating_point()]
+        raise WeightFileError(
+            path, f"is not FastComposer's SD1.5 state dict: {len(missing)} key(s) are missing", missing
+        )
+    wrong = [
+        f"{k}: {tuple(state[k].shape)} {str(state[k].dtype).removeprefix('torch.')}, expected {shape} floating point"
+        for k, shape in expected.items()
+        if tuple(state[k].shape) != shape or not state[k].is_floating_point()
+    ]
     if wrong:
         raise WeightFileError(path, f"{len(wrong)} key(s) have the wrong shape or dtype", wrong)
-    unknown = sorted(k for k in state if k not in expected and k not in UNUSED_KEYS and not k.startswith(UNUSED_PREFIXES))
+    unknown = sorted(
+        k for k in state if k not in expected and k not in UNUSED_KEYS and not k.startswith(UNUSED_PREFIXES)
+    )
     if unknown:
         raise WeightFileError(path, f"holds {len(unknown)} key(s) FastComposer's model does not have", unknown)
 
@@ -186,18 +230,32 @@ def convert(state: dict[str, torch.Tensor], router: RouterConfig | None = None, 
     router = router or RouterConfig("attention", quantile=0.98, prior_steps=0.2, map_layers=map_layers())
     layers = attention_layers()
     with torch.device("meta"):
-        moa = MoAModel({sai: shape for sai, (_, shape) in layers.items()}, fusion_hidden=TEXT_WIDTH,
-                       fusion="fastcomposer", router=router, image_preprocess="fastcomposer")
+        moa = MoAModel(
+            {sai: shape for sai, (_, shape) in layers.items()},
+            fusion_hidden=TEXT_WIDTH,
+            fusion="fastcomposer",
+            router=router,
+            image_preprocess="fastcomposer",
+        )
     values = {}
     for i, (_, (diffusers, _)) in enumerate(layers.items()):
         base = f"unet.{diffusers}"
-        values |= {f"layers.{i}.to_q.weight": state[f"{base}.to_q.weight"], f"layers.{i}.to_k.weight": state[f"{base}.to_k.weight"],
-                   f"layers.{i}.to_v.weight": state[f"{base}.to_v.weight"], f"layers.{i}.to_out.weight": state[f"{base}.to_out.0.weight"],
-                   f"layers.{i}.to_out.bias": state[f"{base}.to_out.0.bias"]}
-    values |= {f"fusion.{k[len('postfuse_module.'):]}": v for k, v in state.items() if k.startswith("postfuse_module.")}
+        values |= {
+            f"layers.{i}.to_q.weight": state[f"{base}.to_q.weight"],
+            f"layers.{i}.to_k.weight": state[f"{base}.to_k.weight"],
+            f"layers.{i}.to_v.weight": state[f"{base}.to_v.weight"],
+            f"layers.{i}.to_out.weight": state[f"{base}.to_out.0.weight"],
+            f"layers.{i}.to_out.bias": state[f"{base}.to_out.0.bias"],
+        }
+    values |= {
+        f"fusion.{k[len('postfuse_module.') :]}": v for k, v in state.items() if k.startswith("postfuse_module.")
+    }
     moa.load_state_dict({k: v.to(dtype).contiguous() for k, v in values.items()}, assign=True, strict=True)
-    vision = {k[len("image_encoder."):]: v.to(dtype).contiguous() for k, v in state.items()
-              if k.startswith("image_encoder.") and k not in UNUSED_KEYS}
+    vision = {
+        k[len("image_encoder.") :]: v.to(dtype).contiguous()
+        for k, v in state.items()
+        if k.startswith("image_encoder.") and k not in UNUSED_KEYS
+    }
     return moa, vision
 
 
@@ -206,8 +264,9 @@ def write(moa: MoAModel, vision: dict, out=None, clip_vision_out=None, source_na
     all; returns the image encoder's fingerprint."""
     encoder_file = Path(clip_vision_out).name if clip_vision_out else DEFAULT_ENCODER_FILE
     metadata = {
-        "description": "FastComposer (mit-han-lab/fastcomposer, MIT license) converted to MoA by training.convert_fastcomposer: "
-                       "its UNet attentions as the personalized attentions, its postfuse module as the fusion, no trained router",
+        "description": "FastComposer (mit-han-lab/fastcomposer, MIT license) converted to MoA by "
+        "training.convert_fastcomposer: "
+        "its UNet attentions as the personalized attentions, its postfuse module as the fusion, no trained router",
         "moa.source": "fastcomposer",
         "moa.source_file": source_name,
         "moa.image_encoder_file": encoder_file,
@@ -215,8 +274,14 @@ def write(moa: MoAModel, vision: dict, out=None, clip_vision_out=None, source_na
         "moa.image_encoder_fingerprint": vision_encoder_fingerprint(vision, IMAGE_ENCODER_TRAINED_LAYERS),
     }
     if clip_vision_out:
-        _atomic(clip_vision_out, lambda tmp: save_file(vision, tmp, {"description": "FastComposer's CLIP ViT-L/14 image "
-                                                                      "encoder (layers 22-23 fine-tuned)", "format": "pt"}))
+        _atomic(
+            clip_vision_out,
+            lambda tmp: save_file(
+                vision,
+                tmp,
+                {"description": "FastComposer's CLIP ViT-L/14 image encoder (layers 22-23 fine-tuned)", "format": "pt"},
+            ),
+        )
     if out:
         _atomic(out, lambda tmp: save_moa_file(tmp, moa, "sd15", metadata))
     return metadata["moa.image_encoder_fingerprint"]
@@ -235,18 +300,33 @@ def _atomic(path, write_to) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m training.convert_fastcomposer", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m training.convert_fastcomposer",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("source", help="FastComposer's pytorch_model.bin (or a folder holding it, or a .safetensors copy)")
     p.add_argument("--out", help="the MoA file to write (models/moa/....safetensors)")
-    p.add_argument("--clip-vision-out", help="also write FastComposer's image encoder as a clip_vision file "
-                                             "(models/clip_vision/....safetensors); MoA Subject Inject needs it")
-    p.add_argument("--router", choices=("attention", "constant"), default="attention",
-                   help="attention: per pixel from the subject tokens' cross-attention maps (default); constant: --share everywhere")
+    p.add_argument(
+        "--clip-vision-out",
+        help="also write FastComposer's image encoder as a clip_vision file "
+        "(models/clip_vision/....safetensors); MoA Subject Inject needs it",
+    )
+    p.add_argument(
+        "--router",
+        choices=("attention", "constant"),
+        default="attention",
+        help="attention: per pixel from the subject tokens' cross-attention maps (default); "
+        "constant: --share everywhere",
+    )
     p.add_argument("--share", type=float, default=0.5, help="the constant router's personal share (0..1)")
     p.add_argument("--quantile", type=float, default=0.98, help="the attention router's normalizing quantile")
-    p.add_argument("--prior-steps", type=float, default=0.2,
-                   help="fraction of sampling run by the prior alone (FastComposer delays the subject: 10 of 50 steps)")
+    p.add_argument(
+        "--prior-steps",
+        type=float,
+        default=0.2,
+        help="fraction of sampling run by the prior alone (FastComposer delays the subject: 10 of 50 steps)",
+    )
     p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16", help="dtype of the written tensors")
     args = p.parse_args(argv)
     if not args.out and not args.clip_vision_out:
@@ -261,8 +341,13 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     try:
-        router = RouterConfig(args.router, share=args.share, quantile=args.quantile, prior_steps=args.prior_steps,
-                              map_layers=map_layers() if args.router == "attention" else ())
+        router = RouterConfig(
+            args.router,
+            share=args.share,
+            quantile=args.quantile,
+            prior_steps=args.prior_steps,
+            map_layers=map_layers() if args.router == "attention" else (),
+        )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     try:
@@ -275,14 +360,20 @@ def main(argv=None) -> None:
     expected = expected_shapes()
     unused = sorted({k.split(".")[0] for k in state if k not in expected and k not in UNUSED_KEYS})
     if args.out:
-        print(f"wrote {args.out}: {len(moa.layer_ids)} MoA layers, FastComposer fusion, {router.kind} router "
-              f"(image encoder fingerprint {fingerprint})")
+        print(
+            f"wrote {args.out}: {len(moa.layer_ids)} MoA layers, FastComposer fusion, {router.kind} router "
+            f"(image encoder fingerprint {fingerprint})"
+        )
     if args.clip_vision_out:
-        print(f"wrote {args.clip_vision_out}: FastComposer's CLIP ViT-L/14 image encoder ({len(vision)} tensors, "
-              f"fingerprint {fingerprint})")
+        print(
+            f"wrote {args.clip_vision_out}: FastComposer's CLIP ViT-L/14 image encoder ({len(vision)} tensors, "
+            f"fingerprint {fingerprint})"
+        )
     else:
-        print(f"note: MoA Subject Inject needs FastComposer's image encoder too; write it with --clip-vision-out "
-              f"models/clip_vision/{DEFAULT_ENCODER_FILE}")
+        print(
+            f"note: MoA Subject Inject needs FastComposer's image encoder too; write it with --clip-vision-out "
+            f"models/clip_vision/{DEFAULT_ENCODER_FILE}"
+        )
     print(f"not used (as intended): the rest of {', '.join(unused) or 'nothing'} (see --help)")
 
 

@@ -7,11 +7,21 @@ import pytest
 import torch
 
 from mixture_core.errors import WeightFileError
-from mixture_core.moa import AttentionShape, FastComposerFusion, fastcomposer_subject_image, MoALayer, MoAModel, RouterConfig, SubjectBinding, bind_subjects
+from mixture_core.moa import (
+    AttentionShape,
+    FastComposerFusion,
+    fastcomposer_subject_image,
+    MoALayer,
+    MoAModel,
+    RouterConfig,
+    SubjectBinding,
+    bind_subjects,
+)
 from mixture_core.moa_files import load_moa_file, save_moa_file, vision_encoder_fingerprint
 from mixture_core.moa_router import SubjectMaps, personal_share, resize_share
 
-from helpers.fastcomposer_weights import FastComposerPostfuseModule, randomize  # noqa: E402  (FastComposer's code, ported)
+# FastComposer's code, ported line by line
+from helpers.fastcomposer_weights import FastComposerPostfuseModule, randomize  # noqa: E402
 
 
 def test_fastcomposer_fusion_reproduces_its_postfuse_module():
@@ -58,8 +68,11 @@ def test_subject_image_is_prepared_as_fastcomposer_prepares_it(size):
                 image = torch.nn.functional.pad(image, (0, 0, padding, padding), "constant", 0)
             return image
 
-    reference = torch.nn.Sequential(PadToSquare(), T.Resize((224, 224), interpolation=T.InterpolationMode.BILINEAR, antialias=True),
-                                    T.ConvertImageDtype(torch.float32))
+    reference = torch.nn.Sequential(
+        PadToSquare(),
+        T.Resize((224, 224), interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+        T.ConvertImageDtype(torch.float32),
+    )
     h, w = size
     pixels = torch.randint(0, 256, (3, h, w), generator=torch.Generator().manual_seed(h * w), dtype=torch.uint8)
     expected = reference(pixels)  # (3, 224, 224) in [0, 1], rounded to uint8 levels by the uint8 resize
@@ -105,7 +118,11 @@ def test_subject_maps_serve_the_previous_step():
     assert share.shape == (2, 16, 1) and torch.equal(share[0], share[1])
     grid = share[0, :, 0].reshape(4, 4)
     # Bilinear upsampling to the latent spreads the map by less than a map pixel; beyond, exactly 0.
-    assert (grid[:2, :2] > 0.5).all() and torch.equal(grid[3:], torch.zeros(1, 4)) and torch.equal(grid[:, 3:], torch.zeros(4, 1))
+    assert (
+        (grid[:2, :2] > 0.5).all()
+        and torch.equal(grid[3:], torch.zeros(1, 4))
+        and torch.equal(grid[:, 3:], torch.zeros(4, 1))
+    )
     assert maps.share(torch.tensor([1]), (4, 4)) is None  # another batch layout: no share
     maps.step(3.0)  # nothing recorded at sigma 7: no share at sigma 3
     assert maps.share(images, (4, 4)) is None
@@ -172,13 +189,28 @@ SHAPES = {SELF: AttentionShape(16, 16, 2, 4), CROSS: AttentionShape(16, 12, 2, 4
 
 
 def small(router, fusion="fastcomposer"):
-    model = MoAModel(SHAPES, router_hidden=8, fusion_hidden=12, spacetime_dim=6, text_dim=12, image_dim=12,
-                     fusion=fusion, router=router, image_preprocess="fastcomposer")
+    model = MoAModel(
+        SHAPES,
+        router_hidden=8,
+        fusion_hidden=12,
+        spacetime_dim=6,
+        text_dim=12,
+        image_dim=12,
+        fusion=fusion,
+        router=router,
+        image_preprocess="fastcomposer",
+    )
     return randomize(model, seed=4)
 
 
-@pytest.mark.parametrize("router", [RouterConfig("attention", quantile=0.9, prior_steps=0.25, map_layers=(CROSS,)),
-                                    RouterConfig("constant", share=0.4)], ids=["attention", "constant"])
+@pytest.mark.parametrize(
+    "router",
+    [
+        RouterConfig("attention", quantile=0.9, prior_steps=0.25, map_layers=(CROSS,)),
+        RouterConfig("constant", share=0.4),
+    ],
+    ids=["attention", "constant"],
+)
 def test_version_2_round_trip(tmp_path, router):
     model = small(router)
     path = tmp_path / "fc.safetensors"
@@ -196,13 +228,20 @@ def test_version_2_round_trip(tmp_path, router):
     assert load_moa_file(v1).metadata["moa.format_version"] == "1"
 
 
-@pytest.mark.parametrize("key,value,problem", [
-    ("moa.router", "oracle", "router kind 'oracle'"),
-    ("moa.router_map_layers", json.dumps(["output_blocks.99.1.transformer_blocks.0.attn2"]), "names layers that moa.layers"),
-    ("moa.router_quantile", "1.5", "quantile must be in"),
-    ("moa.fusion", "ipadapter", "moa.fusion 'ipadapter'"),
-    ("moa.image_preprocess", "sharpen", "moa.image_preprocess 'sharpen'"),
-])
+@pytest.mark.parametrize(
+    "key,value,problem",
+    [
+        ("moa.router", "oracle", "router kind 'oracle'"),
+        (
+            "moa.router_map_layers",
+            json.dumps(["output_blocks.99.1.transformer_blocks.0.attn2"]),
+            "names layers that moa.layers",
+        ),
+        ("moa.router_quantile", "1.5", "quantile must be in"),
+        ("moa.fusion", "ipadapter", "moa.fusion 'ipadapter'"),
+        ("moa.image_preprocess", "sharpen", "moa.image_preprocess 'sharpen'"),
+    ],
+)
 def test_bad_version_2_metadata(tmp_path, key, value, problem):
     from safetensors.torch import load_file, save_file
     from mixture_core.safetensors_io import SafetensorsFile
@@ -220,12 +259,20 @@ def test_vision_encoder_fingerprint():
     g = torch.Generator().manual_seed(0)
     sd = {f"vision_model.encoder.layers.{i}.mlp.fc1.weight": torch.randn(4, 3, generator=g) for i in range(4)}
     sd |= {f"vision_model.encoder.layers.{i}.layer_norm1.bias": torch.randn(3, generator=g) for i in range(4)}
-    sd |= {"visual_projection.weight": torch.randn(2, 3, generator=g), "vision_model.post_layernorm.weight": torch.randn(3)}
+    sd |= {
+        "visual_projection.weight": torch.randn(2, 3, generator=g),
+        "vision_model.post_layernorm.weight": torch.randn(3),
+    }
     fp = vision_encoder_fingerprint(sd, [2, 3])
     assert len(fp) == 16 and int(fp, 16) >= 0
     assert vision_encoder_fingerprint({k: v.half() for k, v in sd.items()}, (3, 2)) == fp  # fp16 copy, any order
-    changed = dict(sd, **{"vision_model.encoder.layers.1.mlp.fc1.weight": torch.zeros(4, 3),
-                          "vision_model.post_layernorm.weight": torch.zeros(3)})
+    changed = dict(
+        sd,
+        **{
+            "vision_model.encoder.layers.1.mlp.fc1.weight": torch.zeros(4, 3),
+            "vision_model.post_layernorm.weight": torch.zeros(3),
+        },
+    )
     assert vision_encoder_fingerprint(changed, [2, 3]) == fp  # layers outside the list do not count
     for key in ("vision_model.encoder.layers.3.layer_norm1.bias", "visual_projection.weight"):
         assert vision_encoder_fingerprint(dict(sd, **{key: sd[key] + 0.01}), [2, 3]) != fp

@@ -44,7 +44,9 @@ class FCMLP(nn.Module):  # model.py lines 23-42 (class MLP)
         return x
 
 
-def fuse_object_embeddings(inputs_embeds, image_token_mask, object_embeds, num_objects, fuse_fn=torch.add):  # lines 128-160
+def fuse_object_embeddings(
+    inputs_embeds, image_token_mask, object_embeds, num_objects, fuse_fn=torch.add
+):  # lines 128-160
     object_embeds = object_embeds.to(inputs_embeds.dtype)
 
     batch_size, max_num_objects = object_embeds.shape[:2]
@@ -83,7 +85,9 @@ class FastComposerPostfuseModule(nn.Module):  # lines 163-188
         return text_object_embeds
 
     def forward(self, text_embeds, object_embeds, image_token_mask, num_objects):
-        text_object_embeds = fuse_object_embeddings(text_embeds, image_token_mask, object_embeds, num_objects, self.fuse_fn)
+        text_object_embeds = fuse_object_embeddings(
+            text_embeds, image_token_mask, object_embeds, num_objects, self.fuse_fn
+        )
         return text_object_embeds
 
 
@@ -142,6 +146,9 @@ def fastcomposer_state_dict(model_patcher, clip_vision_path, seed: int = 0, nois
     state["image_encoder.vision_model.embeddings.position_ids"] = torch.arange(257)[None]
     postfuse = randomize(FastComposerPostfuseModule(768), seed + 1, scale=0.05)
     state |= {f"postfuse_module.{k}": v.detach().clone() for k, v in postfuse.state_dict().items()}
-    state |= {"text_encoder.final_layer_norm.weight": torch.ones(768), "text_encoder.final_layer_norm.bias": torch.zeros(768),
-              "vae.post_quant_conv.weight": torch.randn(4, 4, 1, 1, generator=gen)}
+    state |= {
+        "text_encoder.final_layer_norm.weight": torch.ones(768),
+        "text_encoder.final_layer_norm.bias": torch.zeros(768),
+        "vae.post_quant_conv.weight": torch.randn(4, 4, 1, 1, generator=gen),
+    }
     return state, postfuse

@@ -37,7 +37,10 @@ def converted(fastcomposer, tmp_path_factory):
     from training import convert_fastcomposer
 
     root = tmp_path_factory.mktemp("fastcomposer_models")
-    out, vision = root / "moa" / "fastcomposer.safetensors", root / "clip_vision" / "fastcomposer_image_encoder.safetensors"
+    out, vision = (
+        root / "moa" / "fastcomposer.safetensors",
+        root / "clip_vision" / "fastcomposer_image_encoder.safetensors",
+    )
     convert_fastcomposer.main([str(fastcomposer[0]), "--out", str(out), "--clip-vision-out", str(vision)])
     with model_folders(moa=root / "moa", clip_vision=root / "clip_vision"):
         yield root, out, vision
@@ -60,8 +63,12 @@ def test_converted_files_load_and_hold_fastcomposers_weights(moa_nodes, sd15, fa
     router = moa.router_config
     assert router.kind == "attention" and router.prior_steps == 0.2 and router.quantile == 0.98
     assert len(router.map_layers) == 11 and all(x.endswith("attn2") for x in router.map_layers)
-    assert not any(x.startswith(("input_blocks.1.", "input_blocks.2.", "output_blocks.9.", "output_blocks.10.",
-                                 "output_blocks.11.")) for x in router.map_layers)  # diffusers down_blocks.0, up_blocks.3
+    assert not any(
+        x.startswith(
+            ("input_blocks.1.", "input_blocks.2.", "output_blocks.9.", "output_blocks.10.", "output_blocks.11.")
+        )
+        for x in router.map_layers
+    )  # diffusers down_blocks.0, up_blocks.3
 
     # Each personalized attention is FastComposer's attention of the same module, by ComfyUI's own
     # diffusers -> SAI names (not the converter's table).
@@ -88,9 +95,12 @@ def test_converted_files_load_and_hold_fastcomposers_weights(moa_nodes, sd15, fa
     vision_sd = clip_vision.model.state_dict()
     for k, v in state.items():
         if k.startswith("image_encoder.") and not k.endswith("position_ids"):
-            assert torch.equal(vision_sd[k[len("image_encoder."):]].cpu(), v), k
+            assert torch.equal(vision_sd[k[len("image_encoder.") :]].cpu(), v), k
     meta = moa.metadata
-    assert meta["moa.image_encoder_file"] == "fastcomposer_image_encoder.safetensors" and meta["moa.image_encoder_layers"] == "22,23"
+    assert (
+        meta["moa.image_encoder_file"] == "fastcomposer_image_encoder.safetensors"
+        and meta["moa.image_encoder_layers"] == "22,23"
+    )
     assert meta["moa.image_encoder_fingerprint"] == vision_encoder_fingerprint(vision_sd, [22, 23])
 
 
@@ -104,7 +114,9 @@ def test_converter_refuses_what_is_not_fastcomposers_state_dict(fastcomposer, tm
     with pytest.raises(WeightFileError, match=f"1 key\\(s\\) are missing\n  {key}"):
         cf.convert({k: v for k, v in state.items() if k != key})
     bad = "postfuse_module.mlp1.fc1.weight"
-    with pytest.raises(WeightFileError, match=f"wrong shape or dtype\n  {bad}: \\(768, 768\\) float32, expected \\(768, 1536\\)"):
+    with pytest.raises(
+        WeightFileError, match=f"wrong shape or dtype\n  {bad}: \\(768, 768\\) float32, expected \\(768, 1536\\)"
+    ):
         cf.convert(dict(state, **{bad: torch.zeros(768, 768)}))
     with pytest.raises(WeightFileError, match="FastComposer's model does not have\n  postfuse_module.extra.weight"):
         cf.convert(dict(state, **{"postfuse_module.extra.weight": torch.zeros(2)}))
@@ -147,8 +159,15 @@ def fc_files(moa_nodes, fastcomposer, converted):
     from training import convert_fastcomposer
 
     root = converted[0]
-    convert_fastcomposer.main([str(fastcomposer[0] / "pytorch_model.bin"), "--out", str(root / "moa" / "fc_now.safetensors"),
-                               "--prior-steps", "0"])
+    convert_fastcomposer.main(
+        [
+            str(fastcomposer[0] / "pytorch_model.bin"),
+            "--out",
+            str(root / "moa" / "fc_now.safetensors"),
+            "--prior-steps",
+            "0",
+        ]
+    )
     with torch.inference_mode():
         delayed = moa_nodes.LoadMoARouter.execute("fastcomposer.safetensors").result[0]
         now = moa_nodes.LoadMoARouter.execute("fc_now.safetensors").result[0]
@@ -158,9 +177,11 @@ def fc_files(moa_nodes, fastcomposer, converted):
 
 def sigma_spy(seen):
     """An output patch recording (sigma, output) of each call."""
+
     def patch(out, extra_options):
         seen.append((float(extra_options["sigmas"].reshape(-1)[0]), out.clone()))
         return out
+
     return patch
 
 
@@ -180,7 +201,9 @@ def test_attention_router_runs_the_prior_first_then_mixes(moa_nodes, sd15, fc_fi
     (no maps of a previous step yet), are bit-identical to the prior in every layer; later
     steps mix in every layer (the maps cover the random model's image)."""
     delayed, _, clip_vision = fc_files
-    patched, positive = inject(moa_nodes, sd15, delayed, clip_vision, [image(1), image(2)], words="man, woman", text=PROMPT)
+    patched, positive = inject(
+        moa_nodes, sd15, delayed, clip_vision, [image(1), image(2)], words="man, woman", text=PROMPT
+    )
     model, prior, mixed = spied(patched)
     out = sample(model, positive, encode(sd15.clip, ""), steps=5)
     assert torch.isfinite(out).all() and len(prior) == len(mixed) == 5 * 32  # cond and uncond in one call per step
@@ -198,15 +221,22 @@ def test_fastcomposer_file_needs_its_image_encoder_and_strength_zero_is_the_prio
     import comfy.clip_vision
 
     delayed, now, clip_vision = fc_files
-    openai = comfy.clip_vision.load(str(rm.clip_vision_vit_l14()))  # the same tower, but not FastComposer's layers 22-23
+    openai = comfy.clip_vision.load(
+        str(rm.clip_vision_vit_l14())
+    )  # the same tower, but not FastComposer's layers 22-23
     with torch.no_grad():
         openai.model.vision_model.encoder.layers[23].mlp.fc2.bias.add_(0.01)
-    with pytest.raises(ValueError, match="clip_vision: the MoA file fastcomposer.safetensors was made with its own image "
-                                         "encoder, fastcomposer_image_encoder.safetensors .* Load fastcomposer_image_encoder"):
+    with pytest.raises(
+        ValueError,
+        match="clip_vision: the MoA file fastcomposer.safetensors was made with its own image "
+        "encoder, fastcomposer_image_encoder.safetensors .* Load fastcomposer_image_encoder",
+    ):
         inject(moa_nodes, sd15, delayed, openai, image(1))
     model, positive = inject(moa_nodes, sd15, now, clip_vision, image(1), strength=0.0)
     negative = encode(sd15.clip, "")
-    assert torch.equal(sample(model, positive, negative, steps=2), sample(sd15.model, encode(sd15.clip, PROMPT), negative, steps=2))
+    assert torch.equal(
+        sample(model, positive, negative, steps=2), sample(sd15.model, encode(sd15.clip, PROMPT), negative, steps=2)
+    )
 
 
 def test_subject_images_are_padded_not_cropped(moa_nodes, sd15, fc_files):
@@ -243,14 +273,27 @@ def test_attention_router_composes_with_lora_controlnet_and_mole(moa_nodes, sd15
     with model_folders(loras=tmp_path / "loras", mole=tmp_path / "mole"):
         lora = comfy.utils.load_torch_file(str(tmp_path / "loras" / "fc_style.safetensors"), safe_load=True)
         lora_model, lora_clip = comfy.sd.load_lora_for_models(sd15.model, sd15.clip, lora, 0.7, 0.7)
-        patched, positive = inject(moa_nodes, sd15, now, clip_vision, [image(1), image(2)], words="man, woman", text=PROMPT,
-                                   model=lora_model, clip=lora_clip)
-        experts = mole_nodes.LoadMoLEExperts.execute("fc_face.safetensors", "face", 1.0, "fc_hand.safetensors", "hand", 1.0).result[0]
+        patched, positive = inject(
+            moa_nodes,
+            sd15,
+            now,
+            clip_vision,
+            [image(1), image(2)],
+            words="man, woman",
+            text=PROMPT,
+            model=lora_model,
+            clip=lora_clip,
+        )
+        experts = mole_nodes.LoadMoLEExperts.execute(
+            "fc_face.safetensors", "face", 1.0, "fc_hand.safetensors", "hand", 1.0
+        ).result[0]
         both = mole_nodes.apply_mole(patched, experts, "fc_gates.safetensors")
     control = comfy.controlnet.load_controlnet(str(rm.sd15_controlnet()))
     negative = encode(lora_clip, "")
     with torch.inference_mode():
-        pos_cn, neg_cn = nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control, image(5), 0.8, 0.0, 1.0)
+        pos_cn, neg_cn = nodes.ControlNetApplyAdvanced().apply_controlnet(
+            positive, negative, control, image(5), 0.8, 0.0, 1.0
+        )
     model, prior, mixed = spied(both)
     out = sample(model, pos_cn, neg_cn, steps=2)
     assert torch.isfinite(out).all() and len(both.patches) > 0
