@@ -115,11 +115,11 @@ def expected_shapes() -> dict[str, tuple[int, ...]]:
     d = TEXT_WIDTH  # FastComposerPostfuseModule(embed_dim): mlp1 = MLP(2d, d, d), mlp2 = MLP(d, d, d)
     ins = {"mlp1.layernorm": 2 * d, "mlp1.fc1": 2 * d, "mlp2.layernorm": d, "mlp2.fc1": d, "layer_norm": d}
     for name in POSTFUSE:
-        if name.endswith("fc1") or name.endswith("fc2"):
+        if name.endswith(("fc1", "fc2")):  # Linear(in, d): weight (d, in), bias (d,)
             shapes[f"postfuse_module.{name}.weight"] = (d, ins[name] if name.endswith("fc1") else d)
-        else:
-            shapes[f"postfuse_module.{name}.weight"] = (ins[name],)
-        shapes[f"postfuse_module.{name}.bias"] = (d,)
+            shapes[f"postfuse_module.{name}.bias"] = (d,)
+        else:  # LayerNorm(in): weight and bias (in,)
+            shapes[f"postfuse_module.{name}.weight"] = shapes[f"postfuse_module.{name}.bias"] = (ins[name],)
     w, v = VISION["width"], "image_encoder.vision_model"
     shapes |= {
         f"{v}.embeddings.class_embedding": (w,),

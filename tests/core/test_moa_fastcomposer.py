@@ -286,3 +286,80 @@ def test_constant_share_mixes_every_pixel_alike():
     personal = layer.personal(h, context)
     torch.testing.assert_close(layer(h, prior, context, strength=0.5, share=0.4), prior + 0.2 * (personal - prior))
     assert torch.equal(layer(h, prior, context, strength=1.0, share=0.0), prior)
+
+
+# ---- the converter's layout and refusals (meta tensors: no memory, no host) ----------------------
+
+
+def meta_state_dict():
+    """FastComposer's published keys the converter reads, as meta tensors of their shapes, plus an
+    unused key of each ignored part and the position_ids buffer of older transformers."""
+    from training import convert_fastcomposer as cf
+
+    state = {k: torch.empty(s, dtype=torch.float16, device="meta") for k, s in cf.expected_shapes().items()}
+    state |= {"unet.conv_in.weight": torch.empty(320, 4, 3, 3, device="meta"),
+              "text_encoder.final_layer_norm.weight": torch.empty(768, device="meta"),
+              "vae.post_quant_conv.weight": torch.empty(4, 4, 1, 1, device="meta"),
+              "image_encoder.vision_model.embeddings.position_ids": torch.arange(257)[None]}
+    return state
+
+
+def test_converter_layout_is_fastcomposers_and_transformers():
+    """The keys the converter reads: the postfuse module's are FastComposer's module's (the
+    ported code), the image encoder's are transformers' CLIPVisionModelWithProjection (ViT-L/14,
+    the layout of FastComposer's CLIPModel.vision_model + visual_projection)."""
+    from training import convert_fastcomposer as cf
+
+    shapes = cf.expected_shapes()
+    postfuse = {f"postfuse_module.{k}": tuple(v.shape) for k, v in FastComposerPostfuseModule(768).state_dict().items()}
+    assert postfuse == {k: v for k, v in shapes.items() if k.startswith("postfuse_module.")}
+    transformers = pytest.importorskip("transformers")
+    config = transformers.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                           num_attention_heads=16, patch_size=14, image_size=224, projection_dim=768)
+    with torch.device("meta"):
+        vision = transformers.CLIPVisionModelWithProjection(config)
+    expected = {f"image_encoder.{k}": tuple(v.shape) for k, v in vision.state_dict().items() if not k.endswith("position_ids")}
+    assert expected == {k: v for k, v in shapes.items() if k.startswith("image_encoder.")}
+    moa, converted_vision = cf.convert(meta_state_dict())
+    assert len(moa.layer_ids) == 32 and len(moa.router_config.map_layers) == 11 and len(converted_vision) == len(expected)
+    assert cf.attention_layers()["output_blocks.11.1.transformer_blocks.0.attn2"][0] == \
+        "up_blocks.3.attentions.2.transformer_blocks.0.attn2"
+
+
+def test_converter_refuses_missing_misshaped_and_unknown_keys():
+    from training import convert_fastcomposer as cf
+
+    state = meta_state_dict()
+    key = "unet.up_blocks.2.attentions.1.transformer_blocks.0.attn2.to_k.weight"
+    with pytest.raises(WeightFileError, match=f"1 key\\(s\\) are missing\n  {key}"):
+        cf.convert({k: v for k, v in state.items() if k != key})
+    bad = "postfuse_module.mlp1.fc1.weight"
+    with pytest.raises(WeightFileError, match=f"wrong shape or dtype\n  {bad}: \\(768, 768\\) float16, expected \\(768, 1536\\)"):
+        cf.convert(dict(state, **{bad: torch.empty(768, 768, dtype=torch.float16, device="meta")}))
+    with pytest.raises(WeightFileError, match="FastComposer's model does not have\n  postfuse_module.extra.weight"):
+        cf.convert(dict(state, **{"postfuse_module.extra.weight": torch.zeros(2)}))
+
+
+def test_converter_reads_state_dicts_only(tmp_path):
+    from safetensors.torch import save_file
+    from training import convert_fastcomposer as cf
+
+    import datetime
+
+    # Anything beyond tensors and plain containers: torch.load(weights_only=True) refuses to build it.
+    torch.save({"postfuse_module.x": datetime.timedelta(days=1)}, tmp_path / "payload.bin")
+    with pytest.raises(WeightFileError, match="payload.bin: needs more than tensors .* runs no pickled code"):
+        cf.read_state_dict(tmp_path / "payload.bin")
+    torch.save([torch.zeros(1)], tmp_path / "nested.bin")
+    with pytest.raises(WeightFileError, match="nested.bin: holds a list, not a state dict"):
+        cf.read_state_dict(tmp_path / "nested.bin")
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(WeightFileError, match="empty_dir: holds no pytorch_model.bin"):
+        cf.read_state_dict(tmp_path / "empty_dir")
+    small = {"postfuse_module.layer_norm.weight": torch.randn(768), "unet.conv_in.bias": torch.randn(320)}
+    torch.save(small, tmp_path / "pytorch_model.bin")
+    read = cf.read_state_dict(tmp_path)  # the folder: its pytorch_model.bin
+    assert read.keys() == small.keys() and all(torch.equal(read[k], small[k]) for k in small)
+    save_file(small, str(tmp_path / "copy.safetensors"))
+    read = cf.read_state_dict(tmp_path / "copy.safetensors")
+    assert read.keys() == small.keys() and all(torch.equal(read[k], small[k]) for k in small)
