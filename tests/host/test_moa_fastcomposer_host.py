@@ -6,6 +6,7 @@ The converter's refusals and layout are checked without the host in tests/core."
 
 from __future__ import annotations
 
+import copy
 import importlib
 
 import pytest
@@ -52,7 +53,7 @@ def test_converted_files_load_and_hold_fastcomposers_weights(moa_nodes, sd15, fa
     import comfy.utils
     import nodes
 
-    from mixture_core.moa import SubjectBinding, bind_subjects
+    from mixture_core.moa import FastComposerFusion, SubjectBinding, bind_subjects
     from mixture_core.moa_files import vision_encoder_fingerprint
 
     _, state, postfuse = fastcomposer
@@ -89,15 +90,20 @@ def test_converted_files_load_and_hold_fastcomposers_weights(moa_nodes, sd15, fa
     mask = torch.zeros(2, 77, dtype=torch.bool)
     mask[:, 4] = True
     with torch.no_grad():
-        expected = postfuse(text.clone(), image.expand(2, 1, 1, 768), mask, torch.tensor([1, 1]))
-        got = bind_subjects(text, [SubjectBinding(4, image)], moa.fusion.float(), torch.tensor(500.0), 0)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        rounded = copy.deepcopy(postfuse)  # the file holds the weights in float16 (the converter's default)
+        for p in rounded.parameters():
+            p.copy_(p.half().float())
+        expected = rounded(text.clone(), image.expand(2, 1, 1, 768), mask, torch.tensor([1, 1]))
+        fusion = FastComposerFusion(768, 768, 768)  # the file's fusion in float32 (a copy: the loaded one is shared)
+        fusion.load_state_dict({k: v.float() for k, v in moa.fusion.state_dict().items()})
+        got = bind_subjects(text, [SubjectBinding(4, image)], fusion, torch.tensor(500.0), 0)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
     # The clip_vision file is FastComposer's image encoder; the MoA file names it and its fingerprint.
     vision_sd = clip_vision.model.state_dict()
     for k, v in state.items():
         if k.startswith("image_encoder.") and not k.endswith("position_ids"):
-            assert torch.equal(vision_sd[k[len("image_encoder.") :]].cpu(), v), k
+            assert torch.equal(vision_sd[k[len("image_encoder.") :]].cpu().to(v.dtype), v), k
     meta = moa.metadata
     assert (
         meta["moa.image_encoder_file"] == "fastcomposer_image_encoder.safetensors"
@@ -203,17 +209,18 @@ def test_fastcomposer_file_needs_its_image_encoder_and_strength_zero_is_the_prio
 
 
 def test_subject_images_are_padded_not_cropped(moa_nodes, sd15, fc_files):
-    """A wide image: FastComposer's preparation (pad to square) sees its sides, ComfyUI's crop does not."""
-    delayed, _, clip_vision = fc_files
-    nodes_module = moa_nodes
+    """Two wide images that differ only at their far sides: ComfyUI's center crop never sees the
+    sides (same embedding), FastComposer's preparation (pad to a square) does."""
+    _, _, clip_vision = fc_files
     wide = image(3, size=(128, 64))
-    centre = wide[:, :, 32:96]
+    other = wide.clone()
+    other[:, :, :8] = 1.0 - other[:, :, :8]
+    other[:, :, -8:] = 0.0
     with torch.inference_mode():
-        padded = nodes_module.encode_subject_images(clip_vision, [("image_1", wide)], "fastcomposer")
-        cropped = nodes_module.encode_subject_images(clip_vision, [("image_1", wide)], "clip")
-        centre_only = nodes_module.encode_subject_images(clip_vision, [("image_1", centre)], "clip")
-    torch.testing.assert_close(cropped, centre_only)
-    assert not torch.allclose(padded, cropped, atol=1e-3)
+        cropped = [moa_nodes.encode_subject_images(clip_vision, [("image_1", x)], "clip") for x in (wide, other)]
+        padded = [moa_nodes.encode_subject_images(clip_vision, [("image_1", x)], "fastcomposer") for x in (wide, other)]
+    assert torch.equal(cropped[0], cropped[1])
+    assert not torch.allclose(padded[0], padded[1], atol=1e-4)
 
 
 def test_attention_router_composes_with_lora_controlnet_and_mole(moa_nodes, sd15, fc_files, tmp_path):
