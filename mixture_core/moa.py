@@ -27,6 +27,14 @@ Architecture choices (the paper's equations are not available to us):
   the UNet's timestep-embedding recipe with the layer's learned vector concatenated.
 All weights are cast to the input's device and dtype per call, so offloaded weights and
 other compute dtypes work (a no-op when they already match).
+
+Besides this learned design, a MoA model may carry (file format version 2):
+* FastComposer's fusion (FastComposerFusion: its postfuse MLPs with LayerNorms, no
+  timestep/layer encoding; the fused token replaces the subject token as FastComposer's
+  ``fuse_object_embeddings`` does), converted from its published weights;
+* a router that is not learned (RouterConfig): ``constant`` (a fixed personal share) or
+  ``attention`` (training-free: the personal share follows the subject tokens' cross-attention
+  maps of the previous step, see mixture_core.moa_router).
 """
 
 from __future__ import annotations
@@ -119,7 +127,8 @@ class AttentionShape:
 
 
 class MoALayer(nn.Module):
-    """The personalized attention and the router of one attention layer."""
+    """The personalized attention and the router of one attention layer. router_hidden 0: no
+    learned router (the personal share is given to forward by a constant or attention router)."""
 
     def __init__(self, shape: AttentionShape, router_hidden: int = ROUTER_HIDDEN):
         super().__init__()
@@ -128,14 +137,27 @@ class MoALayer(nn.Module):
         self.to_k = nn.Linear(shape.context_dim, shape.inner, bias=False)
         self.to_v = nn.Linear(shape.context_dim, shape.inner, bias=False)
         self.to_out = nn.Linear(shape.inner, shape.dim)
-        self.router = MLP(shape.dim, router_hidden, 2, F.silu)
-        with torch.no_grad():
-            self.router.fc2.weight.mul_(ROUTER_INIT_SCALE)
-            self.router.fc2.bias.copy_(torch.tensor([PRIOR_LOGIT, 0.0]))
+        self.router = MLP(shape.dim, router_hidden, 2, F.silu) if router_hidden > 0 else None
+        if self.router is not None:
+            with torch.no_grad():
+                self.router.fc2.weight.mul_(ROUTER_INIT_SCALE)
+                self.router.fc2.bias.copy_(torch.tensor([PRIOR_LOGIT, 0.0]))
 
     def route(self, h: torch.Tensor) -> torch.Tensor:
         """Per-pixel weights (prior, personal), (B, T, 2), summing to 1."""
+        if self.router is None:
+            raise ValueError("this MoA layer has no learned router (its file's router is constant or attention)")
         return torch.softmax(self.router(h), dim=-1)
+
+    def subject_attention(self, h: torch.Tensor, context: torch.Tensor, token_indices: Sequence[int]) -> torch.Tensor:
+        """The personalized cross-attention probabilities of the given context tokens, averaged
+        over heads: (B, T, len(token_indices)), computed in at least float32."""
+        dtype = torch.promote_types(h.dtype, torch.float32)
+        h32 = h.to(dtype)
+        q, k = linear(h32, self.to_q), linear(cast_like(context, h32), self.to_k)
+        q, k = (rearrange(t, "b t (h d) -> b h t d", h=self.heads) for t in (q, k))
+        probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1).mean(1)  # (B, T, S)
+        return probs[..., list(token_indices)]
 
     def personal(self, h: torch.Tensor, context: torch.Tensor | None = None, attention: Attention | None = None) -> torch.Tensor:
         """The personalized attention's output, (B, T, dim); context None means self-attention."""
@@ -151,13 +173,22 @@ class MoALayer(nn.Module):
         strength: float = 1.0,
         attention: Attention | None = None,
         observer: RouterObserver | None = None,
+        share: torch.Tensor | float | None = None,
     ) -> torch.Tensor:
-        """observer, if given, receives this call's prior weight R0' per token, (B, T)."""
+        """observer, if given, receives this call's prior weight R0' per token, (B, T). share: the
+        personal share R1 per pixel ((B, T, 1) or a number) from a router that is not learned;
+        None: this layer's learned router."""
         if strength < 0:
             raise ValueError(f"MoA strength must be >= 0, not {strength}")
         if strength == 0:
             return prior_out  # the router forced to the prior: nothing to compute
-        personal_weight = strength * self.route(h)[..., 1:]
+        if share is None:
+            share = self.route(h)[..., 1:]
+        elif isinstance(share, torch.Tensor):
+            share = cast_like(share, prior_out)
+        else:  # a number: the same share at every pixel, as a (B, T, 1) map like a router's
+            share = prior_out.new_full((*prior_out.shape[:-1], 1), float(share))
+        personal_weight = strength * share
         if observer is not None:
             observer(1.0 - personal_weight[..., 0])
         # R0' * prior + R1' * personal with R0' = 1 - R1', written as one lerp.
@@ -211,6 +242,94 @@ class MultimodalFusion(nn.Module):
         """(N, text_dim) tokens, (N, image_dim) image embeddings, (N,) timesteps -> (N, text_dim)."""
         spacetime = cast_like(self.spacetime(timestep.to(text.device), layer_index), text)
         return text + self.mlp(torch.cat([text, cast_like(image, text), spacetime], dim=-1))
+
+
+def layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    return F.layer_norm(x, norm.normalized_shape, cast_like(norm.weight, x), cast_like(norm.bias, x), norm.eps)
+
+
+class FastComposerMLP(nn.Module):
+    """FastComposer's MLP (fastcomposer/model.py, class MLP): LayerNorm -> Linear -> GELU ->
+    Linear, plus the input when use_residual. Same parameter names, so its weights load as they are."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int, use_residual: bool):
+        super().__init__()
+        if use_residual and in_dim != out_dim:
+            raise ValueError(f"a residual MLP needs equal input and output widths, not {in_dim} and {out_dim}")
+        self.layernorm = nn.LayerNorm(in_dim)
+        self.fc1, self.fc2 = nn.Linear(in_dim, hidden_dim), nn.Linear(hidden_dim, out_dim)
+        self.use_residual = use_residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = linear(F.gelu(linear(layer_norm(x, self.layernorm), self.fc1)), self.fc2)
+        return y + x if self.use_residual else y
+
+
+class FastComposerFusion(nn.Module):
+    """FastComposer's postfuse (FastComposerPostfuseModule.fuse_fn): the fused token is
+    layer_norm(mlp2(mlp1([text, image]) + text)); it replaces the subject token (no timestep or
+    layer input: the same token in every layer and step)."""
+
+    def __init__(self, text_dim: int = TEXT_DIM, image_dim: int = IMAGE_DIM, hidden_dim: int = TEXT_DIM):
+        super().__init__()
+        self.text_dim, self.image_dim, self.hidden_dim = text_dim, image_dim, hidden_dim
+        self.mlp1 = FastComposerMLP(text_dim + image_dim, text_dim, hidden_dim, use_residual=False)
+        self.mlp2 = FastComposerMLP(text_dim, text_dim, hidden_dim, use_residual=True)
+        self.layer_norm = nn.LayerNorm(text_dim)
+
+    def forward(self, text: torch.Tensor, image: torch.Tensor, timestep=None, layer_index=None) -> torch.Tensor:
+        """(N, text_dim) tokens, (N, image_dim) image embeddings -> (N, text_dim); timestep and
+        layer_index are accepted (bind_subjects passes them) and not used."""
+        fused = self.mlp1(torch.cat([text, cast_like(image, text)], dim=-1)) + text
+        return layer_norm(self.mlp2(fused), self.layer_norm)
+
+
+def fastcomposer_subject_image(image: torch.Tensor, size: int = 224) -> torch.Tensor:
+    """A subject image (B, H, W, C) in [0, 1] prepared as FastComposer prepares reference images
+    at inference (fastcomposer/transforms.py, get_test_object_transforms: PadToSquare with black,
+    then Resize((size, size)), bilinear with antialias), as (B, size, size, 3). The CLIP
+    normalization that follows is the clip_vision model's own (the same mean and std)."""
+    x = image[..., :3].movedim(-1, 1)
+    h, w = x.shape[-2:]
+    if h > w:  # PadToSquare pads (h - w) // 2 on each side (an odd difference stays one short)
+        x = F.pad(x, ((h - w) // 2, (h - w) // 2, 0, 0))
+    elif w > h:
+        x = F.pad(x, (0, 0, (w - h) // 2, (w - h) // 2))
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.clamp(0.0, 1.0).movedim(1, -1)
+
+
+ROUTER_KINDS = ("learned", "constant", "attention")
+FUSION_KINDS = ("moa", "fastcomposer")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How a MoA model splits each pixel between the prior and the personalized attention.
+
+    learned: each layer's router MLP. constant: personal share `share` everywhere.
+    attention: training-free (mixture_core.moa_router): per pixel, max over subjects of
+    clamp(A_s / quantile(A_s), 0, 1), A_s the subject token's personalized cross-attention map
+    averaged over heads and over `map_layers` at the previous step. The first `prior_steps`
+    of sampling (a fraction of the schedule, as start_percent) run the prior alone."""
+
+    kind: str = "learned"
+    share: float = 1.0
+    quantile: float = 0.98
+    prior_steps: float = 0.0
+    map_layers: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.kind not in ROUTER_KINDS:
+            raise ValueError(f"router kind {self.kind!r} is not one of {ROUTER_KINDS}")
+        if not 0.0 <= self.share <= 1.0:
+            raise ValueError(f"the constant router's share must be in [0, 1], not {self.share}")
+        if not 0.0 < self.quantile <= 1.0:
+            raise ValueError(f"the attention router's quantile must be in (0, 1], not {self.quantile}")
+        if not 0.0 <= self.prior_steps <= 1.0:
+            raise ValueError(f"prior_steps must be in [0, 1], not {self.prior_steps}")
+        if self.kind == "attention" and not self.map_layers:
+            raise ValueError("the attention router needs the cross-attention layers whose maps it reads (map_layers)")
 
 
 @dataclass
@@ -317,22 +436,32 @@ class MoAModel(nn.Module):
 
     def __init__(self, shapes: dict[str, AttentionShape], router_hidden: int = ROUTER_HIDDEN,
                  fusion_hidden: int = FUSION_HIDDEN, spacetime_dim: int = SPACETIME_DIM,
-                 text_dim: int = TEXT_DIM, image_dim: int = IMAGE_DIM):
+                 text_dim: int = TEXT_DIM, image_dim: int = IMAGE_DIM, fusion: str = "moa",
+                 router: RouterConfig = RouterConfig(), image_preprocess: str = "clip"):
         super().__init__()
         if not shapes:
             raise ValueError("a MoA model needs at least one layer")
+        if fusion not in FUSION_KINDS:
+            raise ValueError(f"fusion kind {fusion!r} is not one of {FUSION_KINDS}")
+        unknown = sorted(set(router.map_layers) - set(shapes))
+        if unknown:
+            raise ValueError(f"the router reads maps of layers the model does not have: {unknown[:3]}")
         self.layer_ids = list(shapes)
         self._index = {layer_id: i for i, layer_id in enumerate(self.layer_ids)}
-        self.router_hidden = router_hidden
+        self.router_config, self.fusion_kind, self.image_preprocess = router, fusion, image_preprocess
+        self.router_hidden = router_hidden if router.kind == "learned" else 0
         # A list rather than a ModuleDict: module names cannot hold the dots of the layer ids.
-        self.layers = nn.ModuleList(MoALayer(shape, router_hidden) for shape in shapes.values())
-        self.fusion = MultimodalFusion(text_dim, image_dim, fusion_hidden, spacetime_dim, len(shapes))
+        self.layers = nn.ModuleList(MoALayer(shape, self.router_hidden) for shape in shapes.values())
+        if fusion == "moa":
+            self.fusion = MultimodalFusion(text_dim, image_dim, fusion_hidden, spacetime_dim, len(shapes))
+        else:
+            self.fusion = FastComposerFusion(text_dim, image_dim, fusion_hidden)
         self.base_family: str | None = None  # set by load_moa_file
         self.metadata: dict[str, str] = {}
 
     @property
-    def spacetime(self) -> SpacetimeEncoding:
-        return self.fusion.spacetime
+    def spacetime(self) -> SpacetimeEncoding | None:
+        return getattr(self.fusion, "spacetime", None)
 
     def layer_index(self, layer_id: str) -> int:
         try:

@@ -1,4 +1,4 @@
-"""MoA weight files (format "moa", version 1).
+"""MoA weight files (format "moa", versions 1 and 2).
 
 A safetensors file holding, for every MoA layer (``<layer>`` = the attention module's UNet
 path in SAI naming, such as ``input_blocks.1.1.transformer_blocks.0.attn2``):
@@ -18,22 +18,44 @@ width), ``moa.text_dim``, ``moa.layers`` (JSON list of layer ids; the order give
 indices of the spacetime encoding), ``moa.heads`` (JSON {layer id: heads}),
 ``moa.n_layers``, ``moa.router_hidden``, ``moa.fusion_hidden``, ``moa.spacetime_dim``.
 Query/context widths and the head width follow from the to_q and to_k shapes.
+
+Version 2 (written only when a file needs it; version 1 files read as before) adds:
+
+* ``moa.fusion``: "moa" (the above) or "fastcomposer": then the fusion tensors are
+  ``fusion.mlp1.{layernorm,fc1,fc2}.{weight,bias}``, ``fusion.mlp2.{layernorm,fc1,fc2}.{weight,bias}``,
+  ``fusion.layer_norm.{weight,bias}`` (FastComposer's postfuse module) and there is no spacetime
+  encoding; ``moa.fusion_hidden`` is its MLPs' hidden width;
+* ``moa.router``: "learned" (the router tensors above), "constant" or "attention" (no router
+  tensors; ``moa.router_hidden`` is 0), with ``moa.router_share`` (constant), ``moa.router_quantile``,
+  ``moa.router_map_layers`` (JSON list of the cross-attention layer ids whose maps it reads) and
+  ``moa.prior_steps`` (the fraction of sampling that runs the prior alone);
+* ``moa.image_preprocess``: "clip" (ComfyUI's CLIP preprocessing) or "fastcomposer" (subject
+  images padded to a square with black, then resized, as FastComposer prepares them).
+
+Any version may name the image encoder it was made with (a clip_vision file, checked by MoA
+Subject Inject): ``moa.image_encoder_file`` (suggested file name), ``moa.image_encoder_layers``
+(e.g. "22,23": the encoder layers that differ from OpenAI's CLIP ViT-L/14) and
+``moa.image_encoder_fingerprint`` (vision_encoder_fingerprint over those layers).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 
 import torch
 from safetensors.torch import save_file
 
 from .errors import WeightFileError
-from .moa import AttentionShape, MoAModel
+from .moa import AttentionShape, MoAModel, RouterConfig
 from .safetensors_io import SafetensorsFile
 
 FORMAT = "moa"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # the newest this pack writes; it reads every version in READ_VERSIONS
+READ_VERSIONS = ("1", "2")
+IMAGE_PREPROCESS = ("clip", "fastcomposer")
 IMAGE_ENCODER = "clip-vit-l-14"
 IMAGE_EMBEDDING = "projected_cls"
 _SIZES = ("router_hidden", "fusion_hidden", "spacetime_dim", "n_layers", "text_dim", "image_embedding_dim")
@@ -50,13 +72,55 @@ def _file_key(model: MoAModel, state_key: str) -> str:
     return state_key
 
 
+_ENCODER_LAYER = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.")
+
+
+def _encoder_layer(key: str) -> int | None:
+    m = _ENCODER_LAYER.match(key)
+    return None if m is None else int(m[1])
+
+
+def vision_encoder_fingerprint(state_dict: dict[str, torch.Tensor], layers) -> str:
+    """A short hash identifying an image encoder's fine-tuned part: sha256 (first 16 hex digits)
+    over the keys ``vision_model.encoder.layers.{i}.*`` for i in layers and
+    ``visual_projection.weight``, sorted by key, each tensor's bytes as contiguous float16 on the
+    CPU (so an fp16 and an fp32 copy of the same weights agree). The contract shared with the MoA
+    trainer (training/): change it in both or not at all."""
+    wanted = sorted({int(i) for i in layers})
+    keys = sorted(k for k in state_dict if k == "visual_projection.weight" or _encoder_layer(k) in wanted)
+    present = {_encoder_layer(k) for k in keys}
+    missing = [f"vision_model.encoder.layers.{i}.*" for i in wanted if i not in present]
+    missing += [] if "visual_projection.weight" in keys else ["visual_projection.weight"]
+    if missing:
+        raise ValueError(f"the image encoder has no {', '.join(missing)}")
+    digest = hashlib.sha256()
+    for k in keys:
+        digest.update(state_dict[k].detach().to(torch.float16).contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _needs_version_2(moa_model: MoAModel) -> bool:
+    return (moa_model.fusion_kind, moa_model.router_config.kind, moa_model.image_preprocess) != ("moa", "learned", "clip")
+
+
 def save_moa_file(path, moa_model: MoAModel, base_family: str, extra_metadata: dict[str, str] | None = None) -> None:
-    fusion = moa_model.fusion
+    fusion, router = moa_model.fusion, moa_model.router_config
     tensors = {_file_key(moa_model, k): v.detach().contiguous().cpu() for k, v in moa_model.state_dict().items()}
+    version_2 = {
+        "moa.fusion": moa_model.fusion_kind,
+        "moa.router": router.kind,
+        "moa.router_share": repr(router.share),
+        "moa.router_quantile": repr(router.quantile),
+        "moa.prior_steps": repr(router.prior_steps),
+        "moa.router_map_layers": json.dumps(list(router.map_layers)),
+        "moa.image_preprocess": moa_model.image_preprocess,
+    } if _needs_version_2(moa_model) else {}
+    spacetime = moa_model.spacetime
     metadata = {
         **(extra_metadata or {}),  # first, so that it cannot overwrite the format's own keys
         "moa.format": FORMAT,
-        "moa.format_version": FORMAT_VERSION,
+        "moa.format_version": "2" if version_2 else "1",
+        **version_2,
         "moa.base_family": base_family,
         "moa.image_encoder": IMAGE_ENCODER,
         "moa.image_embedding": IMAGE_EMBEDDING,
@@ -67,9 +131,36 @@ def save_moa_file(path, moa_model: MoAModel, base_family: str, extra_metadata: d
         "moa.n_layers": str(len(moa_model.layer_ids)),
         "moa.router_hidden": str(moa_model.router_hidden),
         "moa.fusion_hidden": str(fusion.hidden_dim),
-        "moa.spacetime_dim": str(moa_model.spacetime.dim),
+        "moa.spacetime_dim": str(spacetime.dim if spacetime is not None else 0),
     }
     save_file(tensors, os.fspath(path), metadata)
+
+
+def _read_version_2(metadata: dict[str, str], path, layers: list[str]) -> dict:
+    """The MoAModel keyword arguments of the version 2 metadata (defaults for version 1)."""
+    if metadata.get("moa.format_version") == "1":
+        return {}
+    try:
+        map_layers = json.loads(metadata.get("moa.router_map_layers", "[]"))
+        router = RouterConfig(
+            kind=metadata.get("moa.router", "learned"),
+            share=float(metadata.get("moa.router_share", "1.0")),
+            quantile=float(metadata.get("moa.router_quantile", "0.98")),
+            prior_steps=float(metadata.get("moa.prior_steps", "0.0")),
+            map_layers=tuple(map_layers),
+        )
+    except (ValueError, TypeError) as e:
+        raise WeightFileError(path, f"its router metadata is malformed ({e})") from e
+    unknown = sorted(set(router.map_layers) - set(layers))
+    if unknown:
+        raise WeightFileError(path, "moa.router_map_layers names layers that moa.layers does not list", unknown)
+    fusion = metadata.get("moa.fusion", "moa")
+    preprocess = metadata.get("moa.image_preprocess", "clip")
+    if fusion not in ("moa", "fastcomposer"):
+        raise WeightFileError(path, f"moa.fusion {fusion!r} is not one of 'moa', 'fastcomposer'")
+    if preprocess not in IMAGE_PREPROCESS:
+        raise WeightFileError(path, f"moa.image_preprocess {preprocess!r} is not one of {IMAGE_PREPROCESS}")
+    return {"fusion": fusion, "router": router, "image_preprocess": preprocess}
 
 
 def _read_metadata(metadata: dict[str, str], path) -> tuple[list[str], dict[str, int], dict[str, int]]:
@@ -78,8 +169,8 @@ def _read_metadata(metadata: dict[str, str], path) -> tuple[list[str], dict[str,
         found = "has no moa.format metadata" if tag is None else f"has moa.format {tag!r}"
         raise WeightFileError(path, f"is not a MoA file: it {found}, expected {FORMAT!r}")
     version = metadata.get("moa.format_version")
-    if version != FORMAT_VERSION:
-        raise WeightFileError(path, f"MoA format version {version!r} is not supported (this pack reads {FORMAT_VERSION!r})")
+    if version not in READ_VERSIONS:
+        raise WeightFileError(path, f"MoA format version {version!r} is not supported (this pack reads {', '.join(READ_VERSIONS)})")
     try:
         layers = json.loads(metadata["moa.layers"])
         heads = {k: int(v) for k, v in json.loads(metadata["moa.heads"]).items()}
@@ -106,6 +197,7 @@ def load_moa_file(path) -> MoAModel:
     file = SafetensorsFile(path)
     tensors, metadata = file.layout(), file.metadata
     layers, heads, sizes = _read_metadata(metadata, path)
+    kinds = _read_version_2(metadata, path, layers)
     shape_keys = [f"{layer_id}.{p}.weight" for layer_id in layers for p in ("to_q", "to_k")]
     missing = [k for k in shape_keys if k not in tensors]
     if missing:
@@ -122,7 +214,7 @@ def load_moa_file(path) -> MoAModel:
     try:
         with torch.device("meta"):  # no random init to throw away: every value comes from the file
             model = MoAModel(shapes, sizes["router_hidden"], sizes["fusion_hidden"], sizes["spacetime_dim"],
-                             sizes["text_dim"], sizes["image_embedding_dim"])
+                             sizes["text_dim"], sizes["image_embedding_dim"], **kinds)
     except (ValueError, RuntimeError) as e:
         raise WeightFileError(path, f"its metadata describes modules that cannot be built ({e})") from e
     expected = {_file_key(model, k): (k, v.shape) for k, v in model.state_dict().items()}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import uuid
 from dataclasses import dataclass, field
 
@@ -23,8 +24,8 @@ import torch
 from comfy_api.latest import io
 
 from ..mixture_core.errors import WeightFileError
-from ..mixture_core.moa import MoAModel, SubjectBinding, morph_embeddings, timelapse_tokens
-from ..mixture_core.moa_files import check_against_model, load_moa_file
+from ..mixture_core.moa import MoAModel, SubjectBinding, fastcomposer_subject_image, morph_embeddings, timelapse_tokens
+from ..mixture_core.moa_files import check_against_model, load_moa_file, vision_encoder_fingerprint
 from ..mixture_core.subjects import SubjectOptions, SubjectWord, Vocabulary, find_subject_tokens
 from .model_folders import file_fingerprint, full_path, safetensors_in
 from .moa_patch import MoASettings, SubjectsMark, apply_moa, attention_shapes, mark_conditioning
@@ -162,11 +163,35 @@ def apply_timelapse(clip, vocab: Vocabulary, key, tokens, subject: SubjectWord, 
     return out
 
 
-def encode_subject_images(clip_vision, images: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
-    """(n, 768) projected CLS embeddings of every image, input by input, in order."""
+def check_image_encoder(clip_vision, moa: LoadedMoA) -> None:
+    """A MoA file that names its own image encoder (moa.image_encoder_fingerprint, as files
+    converted from FastComposer do) needs that encoder: another CLIP ViT-L/14 gives image
+    embeddings its fusion was not made for."""
+    meta = moa.model.metadata
+    expected = meta.get("moa.image_encoder_fingerprint")
+    if not expected:
+        return
+    wanted = meta.get("moa.image_encoder_file") or "its image encoder"
+    try:
+        layers = [int(x) for x in meta.get("moa.image_encoder_layers", "").split(",") if x.strip()]
+        found = vision_encoder_fingerprint(clip_vision.model.state_dict(), layers)
+    except (ValueError, AttributeError) as e:
+        found = f"none ({e})"
+    if found != expected:
+        raise ValueError(f"clip_vision: the MoA file {os.path.basename(moa.path)} was made with its own image encoder, "
+                         f"{wanted} (in models/clip_vision), and the connected CLIP vision model is another one "
+                         f"(fingerprint {found}, expected {expected}). Load {wanted} with Load CLIP Vision.")
+
+
+def encode_subject_images(clip_vision, images: list[tuple[str, torch.Tensor]], preprocess: str = "clip") -> torch.Tensor:
+    """(n, 768) projected CLS embeddings of every image, input by input, in order. preprocess
+    "fastcomposer": padded to a square and resized first, as FastComposer prepares subjects
+    (otherwise ComfyUI's CLIP preprocessing center-crops)."""
     embeddings = []
     with torch.no_grad():  # as ComfyUI runs nodes (inference mode): no autograd graph through the encoder
         for _, image in images:
+            if preprocess == "fastcomposer":
+                image = fastcomposer_subject_image(image, int(getattr(clip_vision, "image_size", 224)))
             embeddings.append(clip_vision.encode_image(image).image_embeds.float().cpu())
     return torch.cat(embeddings)
 
@@ -203,6 +228,7 @@ def inject(request: InjectRequest):
         raise ValueError(f"moa: expected the output of Load MoA Router, not a {type(r.moa).__name__}")
     check_moa_fits(r.model, r.moa)
     check_clip_vision(r.clip_vision, r.moa.model.fusion.image_dim)
+    check_image_encoder(r.clip_vision, r.moa)
     connected = collect_images(r.images)
     n_images = sum(image.shape[0] for _, image in connected)
     if n_images != len(subjects):
@@ -231,15 +257,17 @@ def inject(request: InjectRequest):
     if o.strength == 0.0:
         return r.model.clone(), conditioning  # the router forced to the prior: the model as it is
 
-    embeddings = encode_subject_images(r.clip_vision, connected)
+    preprocess = r.moa.model.image_preprocess
+    embeddings = encode_subject_images(r.clip_vision, connected, preprocess)
     if o.morph > 0:
-        target = encode_subject_images(r.clip_vision, [("morph_image", morph_image)])[0]
+        target = encode_subject_images(r.clip_vision, [("morph_image", morph_image)], preprocess)[0]
         embeddings[edited] = morph_embeddings(embeddings[edited], target, o.morph)
     model_sampling = r.model.get_model_object("model_sampling")
     mark = SubjectsMark(uuid.uuid4().hex, tuple(s.text for s in subjects))
     settings = MoASettings(
         strength=o.strength,
-        sigma_start=float(model_sampling.percent_to_sigma(o.start_percent)),
+        # A file's prior_steps (FastComposer's delayed subject) delays the start as start_percent does.
+        sigma_start=float(model_sampling.percent_to_sigma(max(o.start_percent, r.moa.model.router_config.prior_steps))),
         sigma_end=float(model_sampling.percent_to_sigma(o.end_percent)),
         bindings=[SubjectBinding(p, embeddings[i], weights[i]) for i, p in enumerate(positions)],
         model_sampling=model_sampling,

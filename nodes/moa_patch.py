@@ -30,6 +30,14 @@ the multimodal context (subject tokens fused with the subject's image embedding,
 and the layer index); every other row (uncond, another prompt) reads its plain context. No
 tensor values are compared, and the mapping lives in that sampler call's options only, so
 several samplers can share one patched model.
+
+Routers (the MoA file's): a learned router mixes per pixel from h; a constant one with a fixed
+share; the training-free attention router (mixture_core.moa_router) with the subject tokens'
+personalized cross-attention maps of the previous step: in the file's map layers the output
+patch records those maps for the marked rows (also before start_percent and in the file's
+prior_steps, so that the first active step has them), and every layer mixes with the share
+derived from them. That router keeps the maps of the running sampling (a SubjectMaps, reset
+when a sampling run starts again from a higher sigma).
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ import comfy.patcher_extension
 import torch
 
 from ..mixture_core.moa import MoALayer, MoAModel, SubjectBinding, bind_subjects_where, is_moa_target
+from ..mixture_core.moa_router import SubjectMaps
+from ..mixture_core.recording import token_grid
 from .patching import attach_patcher
 
 log = logging.getLogger(__name__)
@@ -146,6 +156,10 @@ class MoAPatch:
             key: (moa[layer_id], moa.layer_index(layer_id)) for key, layer_id in locations.items() if layer_id in moa.layer_ids
         }
         self.state = _State()
+        router = moa.router_config
+        self.maps = SubjectMaps(router.quantile) if router.kind == "attention" else None
+        # (block, block_index, "attn2") of the layers whose maps the attention router reads
+        self.map_keys = {key for key, layer_id in locations.items() if layer_id in router.map_layers}
         self.observer: LayerObserver | None = None
         self._key = f"moa_stash_{id(self):x}"
         # transformer_options key of the uuids of the rows that carry this patch's subjects
@@ -216,6 +230,40 @@ class MoAPatch:
         s = self.settings
         return s.sigma_end <= sigma <= s.sigma_start
 
+    def records(self, extra_options: dict, attn: str) -> bool:
+        """Whether this layer call records subject maps for the attention router: a map layer,
+        inside a sampler, before end_percent (the maps of one step serve the next)."""
+        if self.maps is None or attn != "attn2" or not self.settings.bindings:
+            return False
+        block, sigmas = extra_options.get("block"), extra_options.get("sigmas")
+        if block is None or sigmas is None or (tuple(block), extra_options.get("block_index", 0), attn) not in self.map_keys:
+            return False
+        return float(sigmas.reshape(-1)[0]) >= self.settings.sigma_end
+
+    def attention_share(self, layer: MoALayer, h: torch.Tensor, context: torch.Tensor | None, extra_options: dict,
+                        record: bool) -> torch.Tensor | None:
+        """The attention router's personal share (B, T, 1) for this layer call, from the previous
+        step's maps (None: none yet, the prior alone); records this call's maps when `record`."""
+        sigmas, shape = extra_options.get("sigmas"), extra_options.get("original_shape")
+        if sigmas is None or shape is None:
+            return None
+        latent = tuple(shape[-2:])
+        grid = token_grid(h.shape[1], *latent)
+        if grid is None:
+            return None
+        self.maps.step(float(sigmas.reshape(-1)[0]))
+        batch = h.shape[0]
+        chunks = len(extra_options.get("uuids") or extra_options.get("cond_or_uncond") or [0])
+        per_chunk = batch // chunks if batch % chunks == 0 else batch
+        images = torch.arange(batch, device=h.device) % per_chunk  # the image each row shows
+        if record and context is not None:
+            rows = self.subject_rows(extra_options, batch, h.device)
+            if rows is not None:
+                positions = [b.token_index for b in self.settings.bindings]
+                probs = layer.subject_attention(h[rows], context[rows], positions)  # (R, T, S)
+                self.maps.add(probs.transpose(1, 2).unflatten(-1, grid), images[rows], per_chunk, latent)
+        return self.maps.share(images, grid)
+
     def subject_rows(self, extra_options: dict, batch: int, device) -> torch.Tensor | None:
         """(B,) bool: the rows of this call whose conditioning carries this patch's mark; None
         when the call holds no such rows. A chunk is known by (its cond list, its entry's
@@ -284,7 +332,7 @@ class _InputPatch(_PatchBase):
 
     def __call__(self, n, context, value, extra_options):
         p = self.patch
-        if p.layer_for(extra_options, self.attn) is not None and p.active(extra_options):
+        if p.layer_for(extra_options, self.attn) is not None and (p.active(extra_options) or p.records(extra_options, self.attn)):
             extra_options[self.key] = (n, context if self.attn == "attn2" else None)
         return n, context, value
 
@@ -308,6 +356,13 @@ class _OutputPatch(_PatchBase):
             return out
         if self.attn == "attn2":
             context = p.personal_context(context, extra_options, layer_index)
+        share, router = None, p.moa.router_config
+        if router.kind == "attention":
+            share = p.attention_share(layer, h, context, extra_options, p.records(extra_options, self.attn))
+            if share is None or not p.active(extra_options):
+                return out  # no maps yet, or only recording (before start / in the prior steps): the prior alone
+        elif router.kind == "constant":
+            share = router.share
         import comfy.ldm.modules.attention as host_attention
 
         precision = extra_options.get("attn_precision")
@@ -318,7 +373,8 @@ class _OutputPatch(_PatchBase):
         observer = None
         if p.observer is not None:
             observer = functools.partial(p.observer, layer_index, p.moa.layer_ids[layer_index])
-        return layer(h, out, context=context, strength=p.settings.strength, attention=attention, observer=observer)
+        return layer(h, out, context=context, strength=p.settings.strength, attention=attention, observer=observer,
+                     share=share)
 
 
 def apply_moa(model, moa: MoAModel, weights_patcher, settings: MoASettings):

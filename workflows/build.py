@@ -1,6 +1,6 @@
 """Write the shipped workflow files from workflows/graphs.py (a maintainer's tool).
 
-    python3 -m workflows.build [--api-only] [--port 8199]
+    python3 -m workflows.build [--api-only] [--only NAME ...] [--port 8199]
 
 1. workflows/api/<name>.json: each graph in API format.
 2. workflows/<name>.json and docs/workflows/<name>.png: the editor's own format and a
@@ -33,9 +33,12 @@ API_DIR = HERE / "api"
 SHOTS = REPO / "docs" / "workflows"
 
 
-def write_api() -> list:
+def write_api(only=None) -> list:
     API_DIR.mkdir(exist_ok=True)
-    graphs = all_graphs()
+    graphs = [g for g in all_graphs() if not only or g.name in only]
+    unknown = sorted(set(only or ()) - {g.name for g in graphs})
+    if unknown:
+        raise SystemExit(f"error: no workflow named {', '.join(unknown)}")
     for g in graphs:
         (API_DIR / f"{g.name}.json").write_text(json.dumps(g.nodes, indent=2) + "\n")
     return graphs
@@ -218,9 +221,10 @@ def check_files_open_cleanly(page, graphs) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--api-only", action="store_true")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="build only these workflows (the others' files stay as they are)")
     parser.add_argument("--port", type=int, default=8199)
     args = parser.parse_args()
-    graphs = write_api()
+    graphs = write_api(args.only)
     print(f"{len(graphs)} API workflows in {API_DIR}")
     if args.api_only:
         return
@@ -228,7 +232,7 @@ def main():
         proc = start_comfyui(args.port, Path(tmp))
         try:
             build_ui(graphs, args.port)
-            check_template_listing(graphs, args.port)
+            check_template_listing(all_graphs() if args.only else graphs, args.port)
         finally:
             proc.terminate()
             proc.wait(timeout=30)

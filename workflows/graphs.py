@@ -36,6 +36,9 @@ SDXL_NAMES_NOTE = ("The file names inside the MoLE-SDXL release are not known to
                    "the ones the graph expects. Rename the downloads to them, or pick the files in Load MoLE Experts "
                    "(face expert in expert_1 with name `face`, hand expert in expert_2 with name `hand`) and Apply "
                    "MoLE Gating (gates).")
+FC_MOA = ("moa", "fastcomposer.safetensors")
+FC_CLIP_VISION = ("clip_vision", "fastcomposer_image_encoder.safetensors")
+FASTCOMPOSER_URL = "https://huggingface.co/mit-han-lab/fastcomposer/resolve/main/pytorch_model.bin"
 
 SEED = 42
 NEGATIVE = "lowres, blurry, bad anatomy, bad hands, extra fingers, deformed face"
@@ -61,6 +64,8 @@ WHERE = {
     PHOTO_ONE: "a real photo of one person (sides multiples of 8)",
     PHOTO_TWO: "a real photo of two persons (sides multiples of 8)",
     KEEP_PERSON: "a crop of the person to keep in the two-person photo",
+    FC_MOA: "MoA converted from FastComposer: training/convert_fastcomposer.py (see above)",
+    FC_CLIP_VISION: "FastComposer's image encoder: training/convert_fastcomposer.py --clip-vision-out (see above)",
 }
 
 
@@ -117,6 +122,7 @@ class Graph:
     files_note: str = ""
     nodes: dict = field(default_factory=dict)
     files: list = field(default_factory=list)
+    setup: str = ""  # Markdown put in the note before the file list (download and convert steps)
 
     def add(self, class_type: str, title: str | None = None, **inputs) -> "Ref":
         node_id = str(len(self.nodes) + 1)
@@ -132,7 +138,8 @@ class Graph:
         return entry[1]
 
     def note(self) -> str:
-        lines = [f"# {self.title}", "", f"Reproduces {self.figure}. {self.shows}", "",
+        intro = f"Reproduces {self.figure}. {self.shows}" if self.figure else self.shows
+        lines = [f"# {self.title}", "", intro, "", *([self.setup, ""] if self.setup else []),
                  f"Sampling: {self.settings.source}.", "", "## Files it needs", ""]
         for folder, name in self.files:
             where = "ComfyUI/input/" if folder == "input" else f"ComfyUI/models/{folder}/"
@@ -448,6 +455,54 @@ def moa_fig6_router_maps() -> Graph:
     return g
 
 
+FASTCOMPOSER_SETUP = f"""## Setup (once)
+
+1. Download FastComposer's weights (MIT Han Lab, MIT license): {FASTCOMPOSER_URL}
+2. From the pack's folder, convert them: the MoA file, then FastComposer's image encoder (a clip_vision file):
+
+```
+python -m training.convert_fastcomposer path/to/pytorch_model.bin --out ComfyUI/models/moa/{FC_MOA[1]}
+python -m training.convert_fastcomposer path/to/pytorch_model.bin --clip-vision-out ComfyUI/models/clip_vision/{FC_CLIP_VISION[1]}
+```
+
+(or both at once: give `--out` and `--clip-vision-out` to one command). No training: the router reads the
+subject words' cross-attention maps. Faces work best (FastComposer was trained on FFHQ)."""
+
+
+def moa_fastcomposer_quickstart() -> Graph:
+    g = Graph("moa_fastcomposer_quickstart", "MoA without training: FastComposer's weights", "",
+              "MoA with FastComposer's published weights, converted, and the training-free attention router: a subject "
+              "swap at a fixed seed (first image: the prior alone), two-person scenes, and MoA Router Maps showing "
+              "where the router gives the subjects the personalized attention (dark) at the middle and last steps.",
+              MOA_UNIPC, setup=FASTCOMPOSER_SETUP)
+    model, clip, vae = checkpoint(g)
+    moa = g.add("MoA_LoadRouter", "MoA (FastComposer, converted)", moa_name=g.file(FC_MOA))[0]
+    clip_vision = g.add("CLIPVisionLoader", "FastComposer image encoder", clip_name=g.file(FC_CLIP_VISION))[0]
+    neg, empty = negative(g, clip), latent(g)
+    text = "a man sitting at a cafe table, smiling"
+    row = [sample(g, model, encode(g, clip, text, "prompt (prior)"), neg, empty, vae, "prior only")]
+    for i, entry in enumerate(SUBJECTS[:2], 1):
+        patched, pos = inject(g, model, moa, clip, clip_vision, text, "man", [load_image(g, entry)], f"subject {i}")
+        row.append(sample(g, patched, pos, neg, empty, vae, f"subject {i}"))
+    save(g, side_by_side(g, row), "subject_swap")
+    man, woman = load_image(g, SUBJECTS[0], "man"), load_image(g, SUBJECTS[1], "woman")
+    row = []
+    for text in COUPLE_PROMPTS[1:4]:
+        scene = text.split(" ", 5)[-1]
+        patched, pos = inject(g, model, moa, clip, clip_vision, text, "man, woman", [man, woman], scene)
+        if not row:  # the first scene is recorded: its router maps are drawn below
+            patched = g.add("MoA_RecordRouter", model=patched)[0]
+            recorded, recorded_images = patched, None
+        images = sample(g, patched, pos, neg, empty, vae, scene)
+        recorded_images = recorded_images or images
+        row.append(images)
+    save(g, side_by_side(g, row), "couples")
+    maps = g.add("MoA_RouterMaps", model=recorded, images=recorded_images, layers="mean", steps="middle, last",
+                 sample=0, opacity=0.6)[0]
+    save(g, maps, "attention_router_maps")
+    return g
+
+
 def _sdxl(make):
     def make_sdxl() -> Graph:
         return make(sdxl=True)
@@ -461,7 +516,7 @@ WORKFLOWS = [
     mole_fig1_lora_refinement, mole_fig7_gates, _sdxl(mole_fig7_gates), mole_fig8_9_comparison,
     _sdxl(mole_fig8_9_comparison), mole_table3_assignment_ablation, _sdxl(mole_table3_assignment_ablation),
     moa_fig6_router_maps, moa_fig7_subject_swap, moa_fig8_couples, moa_fig11_controlnet_pose, moa_fig12_morphing,
-    moa_fig13_real_photo_swap, moa_fig21_22_style_and_timelapse,
+    moa_fig13_real_photo_swap, moa_fig21_22_style_and_timelapse, moa_fastcomposer_quickstart,
 ]
 SDXL_WORKFLOWS = [make.__name__ for make in WORKFLOWS if make.__name__.endswith("_sdxl")]
 

@@ -266,7 +266,7 @@ def set_item(key, value):
 BAD_FILES = {
     "no_tag": (None, lambda m: m.pop("moa.format"), "no moa.format"),
     "wrong_tag": (None, set_item("moa.format", "mole-gates"), "has moa.format 'mole-gates'"),
-    "version": (None, set_item("moa.format_version", "2"), "version '2' is not supported"),
+    "version": (None, set_item("moa.format_version", "3"), "version '3' is not supported"),
     "bad_heads": (None, set_item("moa.heads", "not json"), "metadata is incomplete or malformed"),
     "encoder": (None, set_item("moa.image_encoder", "dinov2"), "dinov2"),
     "missing": (lambda t: [t.pop(k) for k in [f"{CROSS}.to_v.weight", "fusion.mlp.fc1.bias"]], None, f"2 tensor\\(s\\) are missing\n  {CROSS}.to_v.weight"),

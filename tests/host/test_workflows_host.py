@@ -46,6 +46,12 @@ def model_root(sd15, tmp_path_factory):
     place(graphs.CLIP_VISION, rm.clip_vision_vit_l14())
     place(graphs.OPENPOSE, rm.sd15_controlnet())
     place(graphs.MOA, aw.cached_moa_file(sd15.model, seed=11))
+    # FastComposer's files as the converter writes them (a random state dict in its layout).
+    from helpers import fastcomposer_weights as fw
+    from training import convert_fastcomposer as cf
+
+    moa, vision = cf.convert(fw.fastcomposer_state_dict(sd15.model, rm.clip_vision_vit_l14())[0])
+    cf.write(moa, vision, root / graphs.FC_MOA[0] / graphs.FC_MOA[1], root / graphs.FC_CLIP_VISION[0] / graphs.FC_CLIP_VISION[1])
     layers, kohya = mw.target_layers(sd15.model), mw.kohya_names(sd15.model, "diffusers")
     for entry, seed in ((graphs.FACE_EXPERT, 41), (graphs.HAND_EXPERT, 42), (graphs.STYLE_LORA, 43)):
         mw.write_lora(root / entry[0] / entry[1], layers, kohya, seed=seed)
@@ -62,7 +68,7 @@ def model_root(sd15, tmp_path_factory):
 
 def test_every_figure_has_a_workflow_and_an_api_twin():
     names = {g.name for g in graphs.all_graphs() if g.name not in graphs.SDXL_WORKFLOWS}
-    assert len(names) == 11
+    assert len(names) == 12
     assert {p.stem for p in WORKFLOWS} == names
     assert {p.stem for p in (REPO / "workflows" / "api").glob("*.json")} == names | set(graphs.SDXL_WORKFLOWS)
 
