@@ -155,3 +155,18 @@ def check_against_model(moa_model: MoAModel, expected: dict[str, tuple[int, int]
     if wrong:
         raise WeightFileError(path, f"does not fit this model's attention layers ({len(wrong)} of {len(moa_model.layer_ids)} "
                                     "layers differ; made for another model family?)", wrong)
+
+
+def vision_encoder_fingerprint(state_dict: dict[str, torch.Tensor], layers) -> str:
+    """Identifies the image encoder a MoA file was trained with (metadata
+    ``moa.image_encoder_fingerprint``): sha256, first 16 hex digits, over the tensors of
+    ``vision_model.encoder.layers.{i}.*`` for i in layers and ``visual_projection.weight``, in
+    key order, each as float16 bytes (so the fp16 file and an fp32 copy in memory agree)."""
+    import hashlib
+
+    prefixes = tuple(f"vision_model.encoder.layers.{int(i)}." for i in layers)
+    keys = sorted(k for k in state_dict if k.startswith(prefixes) or k == "visual_projection.weight")
+    digest = hashlib.sha256()
+    for key in keys:
+        digest.update(state_dict[key].detach().to(torch.float16).contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -246,11 +246,15 @@ def apply_timelapse(clip, tokenizer, key, tokens, subject: SubjectWord, position
 
 
 def encode_subject_images(clip_vision, images: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
-    """(n, 768) projected CLS embeddings of every image, input by input, in order."""
+    """(n, 768) projected CLS embeddings of every image, input by input, in order. Each image is
+    padded to a square first, as MoA's training makes subject images (mixture_core.subject_images):
+    a full-body photo keeps its head, which the encoder's center crop would cut off."""
+    from ..mixture_core.subject_images import square_subject
+
     embeddings = []
     with torch.no_grad():  # as ComfyUI runs nodes (inference mode): no autograd graph through the encoder
         for _, image in images:
-            embeddings.append(clip_vision.encode_image(image).image_embeds.float().cpu())
+            embeddings.append(clip_vision.encode_image(square_subject(image, clip_vision.image_size)).image_embeds.float().cpu())
     return torch.cat(embeddings)
 
 
