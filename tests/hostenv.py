@@ -1,66 +1,13 @@
-"""Finding and importing the ComfyUI host and this pack, shared by tests, benchmarks and tools.
+"""The tests' name for comfyui_host (the repository's one way of finding and importing the
+ComfyUI host and this pack), kept so that tests, benchmarks and tools import `hostenv`."""
 
-The host is found, in order, through COMFYUI_PATH, the ComfyUI whose custom_nodes/ holds this
-pack, or ~/comfy/ComfyUI. Nothing here is a stand-in for ComfyUI: it only puts the real one on
-sys.path and loads the pack as ComfyUI would, as a package.
-"""
-
-from __future__ import annotations
-
-import importlib.util
-import os
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-PACK_MODULE = "comfyui_mole_moa"
+_REPO = str(Path(__file__).resolve().parents[1])
+if _REPO not in sys.path:
+    sys.path.append(_REPO)  # last: ComfyUI's own `nodes` module must never be shadowed by the pack's nodes/
 
+from comfyui_host import PACK_MODULE, REPO, find_host, import_host, import_pack  # noqa: E402
 
-def find_host() -> tuple[Path | None, str]:
-    """(host path, reason): the path of a usable ComfyUI checkout, or None and why not."""
-    tried = []
-    env = os.environ.get("COMFYUI_PATH")
-    if env:
-        tried.append(("COMFYUI_PATH", Path(env)))
-    if REPO.parent.name == "custom_nodes":
-        tried.append(("the ComfyUI holding this pack", REPO.parent.parent))
-    tried.append(("the default", Path.home() / "comfy" / "ComfyUI"))
-    for _, path in tried:
-        if (path / "comfy" / "model_patcher.py").is_file() and (path / "nodes.py").is_file():
-            return path.resolve(), ""
-    looked = "; ".join(f"{why}: {path}" for why, path in tried)
-    return None, f"no ComfyUI host found (looked at {looked}). Install it as the README says, or set COMFYUI_PATH."
-
-
-def import_host():
-    """Put the host first on sys.path (its `nodes` module must win over this pack's `nodes/`)
-    and initialise what ComfyUI's main.py would before nodes are used."""
-    host, reason = find_host()
-    if host is None:
-        raise RuntimeError(reason)
-    if str(host) not in sys.path:
-        sys.path.insert(0, str(host))
-    import comfy.options
-
-    comfy.options.enable_args_parsing(False)
-    import torch
-    from comfy.cli_args import args
-
-    if not torch.cuda.is_available():
-        args.cpu = True  # as `main.py --cpu`: this machine has no accelerator
-    import comfy.model_management  # noqa: F401  (selects the device)
-    return host
-
-
-def import_pack():
-    """Import this repository as the package ComfyUI would load from custom_nodes/."""
-    if PACK_MODULE in sys.modules:
-        return sys.modules[PACK_MODULE]
-    import_host()
-    spec = importlib.util.spec_from_file_location(
-        PACK_MODULE, REPO / "__init__.py", submodule_search_locations=[str(REPO)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_MODULE] = module
-    spec.loader.exec_module(module)
-    return module
+__all__ = ["PACK_MODULE", "REPO", "find_host", "import_host", "import_pack"]

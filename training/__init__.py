@@ -1,2 +1,4 @@
-"""MoLE training scripts (python -m training.<script> --help): stage 1 mole_finetune, stage 2
-mole_expert, stage 3 mole_gates; common.py and data.py hold what they share. See README.md."""
+"""Training scripts (python -m training.<script> --help): MoLE stage 1 mole_finetune, stage 2
+mole_expert, stage 3 mole_gates; MoA moa_train. What they share, one job per module: host, cli,
+accelerate_setup, base_model, data, datasets, encoding, losses, optim, grad_checkpoint, loop.
+See README.md."""

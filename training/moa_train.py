@@ -33,6 +33,7 @@ import copy
 import importlib
 import json
 import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +45,7 @@ if __package__ in (None, ""):  # run as a file (accelerate launch training/moa_t
 import torch
 import torch.nn.functional as F
 
-from training import common, moa_data, moa_losses
+from training import accelerate_setup, base_model, cli, encoding, grad_checkpoint, host, loop, moa_data, moa_losses
 
 SD15_ATTN2_KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 VIT_L14_KEYS = {  # transformers CLIPVisionModelWithProjection layout, as Load CLIP Vision reads it
@@ -57,7 +58,7 @@ VIT_L14_LAYERS = 24
 
 
 def parse_args(argv=None):
-    p = common.base_parser(
+    p = cli.base_parser(
         __doc__.split("\n\n")[0],
         epilog="Paper settings (MoA, Sec. 4.1 and Tab. 1): lr 1e-5 in the text, 5e-5 in Tab. 1; batch 128 (4 GPUs x 32), "
         "40k steps, router and localization weights 1e-4, 10%% condition drop, timesteps up to 800. See training/README.md.",
@@ -84,7 +85,7 @@ def parse_args(argv=None):
     g.add_argument("--save-dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="dtype of the written files' tensors")
     p.set_defaults(cache=False)  # each sample has its own subjects: encoded per step
     args = p.parse_args(argv)
-    common.check_args(args)
+    cli.check_args(args)
     if not 0 < args.max_timestep <= 999:
         raise SystemExit(f"error: --max-timestep must be in 1..999, not {args.max_timestep}")
     for name in ("cond_drop", "subject_drop"):
@@ -228,12 +229,12 @@ class MoATraining(torch.nn.Module):
     """The stage model: the frozen UNet, the trainable MoA weights and the image encoder (its
     last K layers trainable); forward(batch) is the loss of one batch in one UNet call."""
 
-    def __init__(self, args, base: common.Base, moa, clip_vision, patch: TrainingPatch):
+    def __init__(self, args, base: base_model.Base, moa, clip_vision, patch: TrainingPatch):
         super().__init__()
         self.unet, self.moa, self.image_encoder = base.unet, moa, clip_vision.model
         self.args, self.base, self.clip_vision, self.patch = args, base, clip_vision, patch
-        self.encoder = common.Encoder(base, args.resolution)
-        self.nodes = importlib.import_module(f"{common.import_pack().__name__}.nodes.moa_nodes")
+        self.encoder = encoding.Encoder(base, args.resolution)
+        self.nodes = importlib.import_module(f"{host.import_pack().__name__}.nodes.moa_nodes")
         self.tokenizer, self.token_key = self.nodes.sd1_tokenizer(base.clip)
         self.last: dict[str, float] = {}
 
@@ -308,6 +309,13 @@ class MoATraining(torch.nn.Module):
         return loss
 
 
+def out_of_place_clip_layer(self, x, mask=None, optimized_attention=None):
+    """comfy.clip_model.CLIPLayer.forward without its in-place residual adds (x += ...), which
+    autograd cannot differentiate through a trained layer."""
+    x = x + self.self_attn(self.layer_norm1(x), mask, optimized_attention)
+    return x + self.mlp(self.layer_norm2(x))
+
+
 def trainable_encoder_layers(clip_model, k: int) -> list[int]:
     n = len(clip_model.vision_model.encoder.layers)
     return list(range(n - k, n))
@@ -328,7 +336,7 @@ def image_encoder_path(output) -> Path:
     return output.with_name(output.stem + "_image_encoder.safetensors")
 
 
-def main(argv=None) -> common.Result:
+def main(argv=None) -> loop.Result:
     from training.data import DataError
 
     args = parse_args(argv)
@@ -338,14 +346,14 @@ def main(argv=None) -> common.Result:
         samples = moa_data.scan_moa_dataset(args.data, args.object_types, report)
     except DataError as e:
         raise SystemExit(f"error: bad training data: {e}") from e
-    accelerator = common.make_accelerator(args, find_unused_parameters=True)  # batches without subjects leave the fusion unused
+    accelerator = accelerate_setup.make_accelerator(args, find_unused_parameters=True)  # batches without subjects leave the fusion unused
     for line in report.lines():
-        common.log.info("MoA data: %s", line)
-    with common.host_session():
+        loop.log.info("MoA data: %s", line)
+    with host.host_session():
         from mixture_core.moa import MoAModel
         from mixture_core.moa_files import save_moa_file, vision_encoder_fingerprint
 
-        base = common.load_base(args.checkpoint)
+        base = base_model.load_base(args.checkpoint)
         import comfy.clip_vision
 
         if base.family != "sd15":
@@ -353,19 +361,20 @@ def main(argv=None) -> common.Result:
         clip_vision = comfy.clip_vision.load(args.clip_vision)
         if clip_vision is None:
             raise SystemExit(f"error: {args.clip_vision} is not a CLIP vision model ComfyUI can load")
-        nodes = importlib.import_module(f"{common.import_pack().__name__}.nodes.moa_nodes")
+        nodes = importlib.import_module(f"{host.import_pack().__name__}.nodes.moa_nodes")
         nodes.check_clip_vision(clip_vision, 768)
-        moa_patch = importlib.import_module(f"{common.import_pack().__name__}.nodes.moa_patch")
+        moa_patch = importlib.import_module(f"{host.import_pack().__name__}.nodes.moa_patch")
 
-        common.freeze(base.unet)
-        common.cast_frozen(base.unet, common.weight_dtype(args))
+        base_model.freeze(base.unet)
+        base_model.cast_frozen(base.unet, cli.weight_dtype(args))
         if args.gradient_checkpointing:
-            common.enable_gradient_checkpointing(base.unet)
+            grad_checkpoint.enable_gradient_checkpointing(base.unet)
         encoder_model = clip_vision.model
-        common.freeze(encoder_model)
+        base_model.freeze(encoder_model)
         encoder_layers = trainable_encoder_layers(encoder_model, args.train_image_encoder_layers)
         for i in encoder_layers:  # FastComposer: requires_grad_(True) and float32 on the last K layers
-            encoder_model.vision_model.encoder.layers[i].float().requires_grad_(True)
+            layer = encoder_model.vision_model.encoder.layers[i].float().requires_grad_(True)
+            layer.forward = types.MethodType(out_of_place_clip_layer, layer)
         for module in encoder_model.modules():  # ComfyUI's per-call weight casts stay out of autograd's way
             if getattr(module, "comfy_cast_weights", False) and any(p.requires_grad for p in module.parameters(recurse=False)):
                 module.comfy_cast_weights = False
@@ -373,9 +382,9 @@ def main(argv=None) -> common.Result:
         moa = MoAModel.from_prior(prior_weights(base.unet)).float()
         router_ids = moa_losses.router_layers(moa.layer_ids, _blocks(args.router_excluded_blocks, moa, "--router-excluded-blocks"))
         localization_ids = moa_losses.localization_layers(moa.layer_ids, _blocks(args.localization_blocks, moa, "--localization-blocks"))
-        common.log.info("MoA: router loss on %d of %d layers: %s", len(router_ids), len(moa.layer_ids), ", ".join(router_ids))
-        common.log.info("MoA: localization loss on %d cross-attention layers: %s", len(localization_ids), ", ".join(localization_ids))
-        common.log.info("MoA: image encoder layers trained: %s", encoder_layers or "none (frozen)")
+        loop.log.info("MoA: router loss on %d of %d layers: %s", len(router_ids), len(moa.layer_ids), ", ".join(router_ids))
+        loop.log.info("MoA: localization loss on %d cross-attention layers: %s", len(localization_ids), ", ".join(localization_ids))
+        loop.log.info("MoA: image encoder layers trained: %s", encoder_layers or "none (frozen)")
         locations = moa_patch.block_locations(moa_patch.attention_modules(base.model_patcher))
         patch = TrainingPatch(moa, locations, router_ids, localization_ids)
         stage_model = MoATraining(args, base, moa, clip_vision, patch)
@@ -407,9 +416,9 @@ def main(argv=None) -> common.Result:
                           "moa.image_encoder_layers": ",".join(map(str, encoder_layers))}
             save_moa_file(path, copy.deepcopy(moa).to(dtype), base.family, extra)
 
-        stage = common.Stage("moa", stage_model, trainable, write_output, data=data, loss=lambda model, batch: model(batch))
-        result = common.train(args, accelerator, base, stage, samples)
-    common.end_accelerator(accelerator)
+        stage = loop.Stage("moa", stage_model, trainable, write_output, data=data, loss=lambda model, batch: model(batch))
+        result = loop.train(args, accelerator, base, stage, samples)
+    accelerate_setup.end_accelerator(accelerator)
     return result
 
 

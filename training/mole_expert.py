@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as a file (accelerate launch training/mole_
 
 import torch
 
-from training import common
+from training import accelerate_setup, base_model, cli, datasets, grad_checkpoint, host, loop
 
 # The MoLE paper's expert settings (rank 256; alpha 64 for the face, 128 for the hand).
 PART_DEFAULTS = {"face": {"rank": 256, "alpha": 64.0}, "hand": {"rank": 256, "alpha": 128.0}}
@@ -34,7 +34,7 @@ BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 
 
 def parse_args(argv=None):
-    p = common.base_parser(
+    p = cli.base_parser(
         __doc__.split("\n\n")[0],
         epilog="Paper settings (MoLE): face lr 2e-5, 30k steps, rank 256, alpha 64; hand lr 1e-5, 60k steps, rank 256, alpha 128.",
     )
@@ -45,7 +45,7 @@ def parse_args(argv=None):
     g.add_argument("--save-dtype", choices=tuple(SAVE_DTYPES), default="fp16")
     g.add_argument("--no-verify", dest="verify", action="store_false", help="skip the check that ComfyUI's LoRA loader maps every layer of the written file")
     args = p.parse_args(argv)
-    common.check_args(args)
+    cli.check_args(args)
     defaults = PART_DEFAULTS.get(args.part, {"rank": 256, "alpha": None})
     args.rank = args.rank or defaults["rank"]
     if args.alpha is None:
@@ -55,7 +55,7 @@ def parse_args(argv=None):
     return args
 
 
-def comfy_key_map(base: common.Base) -> dict:
+def comfy_key_map(base: base_model.Base) -> dict:
     """ComfyUI's LoRA key map of the base UNet (taken before peft changes the module tree)."""
     import comfy.lora
 
@@ -101,7 +101,7 @@ def inject_lora(unet: torch.nn.Module, targets, rank: int, alpha: float) -> dict
     expert starts as the identity."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    common.freeze(unet)
+    base_model.freeze(unet)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=sorted(targets), lora_dropout=0.0, bias="none", init_lora_weights=True)
     inject_adapter_in_model(config, unet, adapter_name=ADAPTER)
     trainable = {n: p for n, p in unet.named_parameters() if ".lora_" in n}
@@ -127,22 +127,22 @@ def kohya_state_dict(unet, names: dict[str, str], alpha: float, dtype) -> dict[s
     return sd
 
 
-def main(argv=None) -> common.Result:
+def main(argv=None) -> loop.Result:
     args = parse_args(argv)
-    accelerator = common.make_accelerator(args)
-    samples = common.scan_data(args)
-    with common.host_session():
-        base = common.load_base(args.checkpoint)
-        targets = common.expert_target_layers(base.unet)
-        names = common.kohya_names(base, targets)
+    accelerator = accelerate_setup.make_accelerator(args)
+    samples = datasets.scan_data(args)
+    with host.host_session():
+        base = base_model.load_base(args.checkpoint)
+        targets = base_model.expert_target_layers(base.unet)
+        names = base_model.kohya_names(base, targets)
         key_map = comfy_key_map(base)
         expected = {f"diffusion_model.{p}.weight" for p in targets}
-        common.log.info("expert '%s': LoRA rank %d alpha %g on %d %s layers", args.part, args.rank, args.alpha, len(targets), base.family)
+        loop.log.info("expert '%s': LoRA rank %d alpha %g on %d %s layers", args.part, args.rank, args.alpha, len(targets), base.family)
 
         trainable = inject_lora(base.unet, targets, args.rank, args.alpha)
-        common.cast_frozen(base.unet, common.weight_dtype(args))
+        base_model.cast_frozen(base.unet, cli.weight_dtype(args))
         if args.gradient_checkpointing:
-            common.enable_gradient_checkpointing(base.unet)
+            grad_checkpoint.enable_gradient_checkpointing(base.unet)
         save_dtype = SAVE_DTYPES[args.save_dtype]
         unet = base.unet
 
@@ -168,9 +168,9 @@ def main(argv=None) -> common.Result:
             }
             save_file(sd, path, metadata)
 
-        stage = common.Stage(f"expert-{args.part}", unet, trainable, write_output)
-        result = common.train(args, accelerator, base, stage, samples)
-    common.end_accelerator(accelerator)
+        stage = loop.Stage(f"expert-{args.part}", unet, trainable, write_output)
+        result = loop.train(args, accelerator, base, stage, samples)
+    accelerate_setup.end_accelerator(accelerator)
     return result
 
 

@@ -27,13 +27,13 @@ if __package__ in (None, ""):  # run as a file (accelerate launch training/mole_
 
 import torch
 
-from training import common
+from training import accelerate_setup, base_model, cli, datasets, encoding, grad_checkpoint, host, loop, losses
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def parse_args(argv=None):
-    p = common.base_parser(
+    p = cli.base_parser(
         __doc__.split("\n\n")[0],
         epilog="Paper settings (MoLE stage 1): Lion, lr 2e-6, batch 64, 300k steps, Min-SNR gamma 5.",
     )
@@ -45,7 +45,7 @@ def parse_args(argv=None):
     g.add_argument("--train-text-encoder", action="store_true",
                    help="train the CLIP text encoder with the UNet (captions are encoded at every step, not cached)")
     args = p.parse_args(argv)
-    common.check_args(args)
+    cli.check_args(args)
     if args.train_text_encoder:
         args.cache = False  # the text encoder changes at every step
     if args.trainable is not None:
@@ -68,7 +68,7 @@ def select_trainable(unet: torch.nn.Module, pattern: str | None) -> dict[str, to
     return trainable
 
 
-def write_checkpoint(path, source_path, base: common.Base, unet, dtype, metadata: dict, text_encoder=None) -> None:
+def write_checkpoint(path, source_path, base: base_model.Base, unet, dtype, metadata: dict, text_encoder=None) -> None:
     """The source checkpoint with its UNet tensors replaced by `unet`'s (ComfyUI's own key layout
     for saving: model_config.process_unet_state_dict_for_saving) and, given a text encoder, its
     text encoder tensors by that one's; everything else copied."""
@@ -95,7 +95,7 @@ def write_checkpoint(path, source_path, base: common.Base, unet, dtype, metadata
     comfy.utils.save_torch_file(out, str(path), metadata={**source_meta, **metadata})
 
 
-def trainable_text_encoder(base: common.Base):
+def trainable_text_encoder(base: base_model.Base):
     """The checkpoint's CLIP ViT-L/14 text encoder as a transformers CLIPTextModel holding the
     same weights (ComfyUI's own implementation adds residuals in place, which autograd cannot
     differentiate through); its last hidden state is the SD1.x conditioning."""
@@ -131,11 +131,11 @@ class UNetAndTextEncoder(torch.nn.Module):
     """Stage 1 with the text encoder: forward(batch) encodes the captions with gradients and
     returns the noise-prediction loss."""
 
-    def __init__(self, args, base: common.Base, text_encoder):
+    def __init__(self, args, base: base_model.Base, text_encoder):
         super().__init__()
         self.unet, self.text_encoder = base.unet, text_encoder
         self.args, self.base = args, base
-        self.encoder = common.Encoder(base, args.resolution)
+        self.encoder = encoding.Encoder(base, args.resolution)
 
     def token_ids(self, caption: str) -> torch.Tensor:
         chunks = self.base.clip.tokenize(caption)["l"]
@@ -146,30 +146,30 @@ class UNetAndTextEncoder(torch.nn.Module):
         latents = torch.cat([self.encoder.latents(batch["pixels"][i : i + 1]) for i in range(len(batch["caption"]))]).to(device)
         ids = torch.cat([self.token_ids(c) for c in batch["caption"]]).to(device)
         context = self.text_encoder(input_ids=ids).last_hidden_state
-        noise, timesteps = common.sample_noise(batch, latents, self.args.seed, self.args.fixed_noise)
-        return common.diffusion_loss(self.unet, latents, context, None, noise.to(device), timesteps.to(device),
+        noise, timesteps = losses.sample_noise(batch, latents, self.args.seed, self.args.fixed_noise)
+        return losses.diffusion_loss(self.unet, latents, context, None, noise.to(device), timesteps.to(device),
                                      self.base.alphas_cumprod.to(device), self.args.min_snr_gamma)
 
 
-def with_text_encoder(args, base: common.Base, stage: common.Stage, text_encoder) -> common.Stage:
+def with_text_encoder(args, base: base_model.Base, stage: loop.Stage, text_encoder) -> loop.Stage:
     trainable = dict(stage.trainable) | {f"text_encoder.{n}": p for n, p in text_encoder.named_parameters()}
-    return common.Stage(stage.name, UNetAndTextEncoder(args, base, text_encoder), trainable, stage.write_output,
+    return loop.Stage(stage.name, UNetAndTextEncoder(args, base, text_encoder), trainable, stage.write_output,
                         loss=lambda model, batch: model(batch))
 
 
-def main(argv=None) -> common.Result:
+def main(argv=None) -> loop.Result:
     args = parse_args(argv)
-    accelerator = common.make_accelerator(args)
-    samples = common.scan_data(args)
-    with common.host_session():
-        base = common.load_base(args.checkpoint)
+    accelerator = accelerate_setup.make_accelerator(args)
+    samples = datasets.scan_data(args)
+    with host.host_session():
+        base = base_model.load_base(args.checkpoint)
         if not str(args.checkpoint).endswith(".safetensors"):
             raise SystemExit("error: --checkpoint must be a .safetensors file (its non-UNet tensors are copied into the output)")
         unet = base.unet
         trainable = select_trainable(unet, args.trainable)
-        common.cast_frozen(unet, common.weight_dtype(args))
+        base_model.cast_frozen(unet, cli.weight_dtype(args))
         if args.gradient_checkpointing:
-            common.enable_gradient_checkpointing(unet)
+            grad_checkpoint.enable_gradient_checkpointing(unet)
         save_dtype = SAVE_DTYPES[args.save_dtype]
 
         def write_output(path, step):
@@ -183,11 +183,11 @@ def main(argv=None) -> common.Result:
 
         text_encoder = trainable_text_encoder(base) if args.train_text_encoder else None
 
-        stage = common.Stage("finetune", unet, trainable, write_output)
+        stage = loop.Stage("finetune", unet, trainable, write_output)
         if args.train_text_encoder:
             stage = with_text_encoder(args, base, stage, text_encoder)
-        result = common.train(args, accelerator, base, stage, samples)
-    common.end_accelerator(accelerator)
+        result = loop.train(args, accelerator, base, stage, samples)
+    accelerate_setup.end_accelerator(accelerator)
     return result
 
 

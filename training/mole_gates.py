@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a file (accelerate launch training/mole_
 
 import torch
 
-from training import common
+from training import accelerate_setup, base_model, cli, datasets, grad_checkpoint, host, loop
 
 GATE_PARAMS = ("local_weight", "local_bias", "global_weight", "global_bias")
 
@@ -35,7 +35,7 @@ GATE_PARAMS = ("local_weight", "local_bias", "global_weight", "global_bias")
 def parse_args(argv=None):
     from mixture_core.mole import GATE_VARIANTS, MODES
 
-    p = common.base_parser(__doc__.split("\n\n")[0], epilog="Paper settings (MoLE): lr 1e-5, 50k steps, batch 64.")
+    p = cli.base_parser(__doc__.split("\n\n")[0], epilog="Paper settings (MoLE): lr 1e-5, 50k steps, batch 64.")
     g = p.add_argument_group("gates")
     g.add_argument("--experts", nargs="+", required=True, metavar="NAME=FILE",
                    help="the frozen experts, named as the gate file will name them: face=face.safetensors hand=hand.safetensors")
@@ -46,7 +46,7 @@ def parse_args(argv=None):
                    help="also write the released MoLE format (two experts named face and hand, released variant); "
                    "default file: <output>_released.safetensors")
     args = p.parse_args(argv)
-    common.check_args(args)
+    cli.check_args(args)
     experts = []
     for item in args.experts:
         name, sep, path = item.partition("=")
@@ -119,23 +119,23 @@ class GatedUNet(torch.nn.Module):
         return dict(zip(self.paths, self.mole))
 
 
-def build_gated_unet(base: common.Base, experts: list, variant: str, mode: str, seed: int) -> GatedUNet:
+def build_gated_unet(base: base_model.Base, experts: list, variant: str, mode: str, seed: int) -> GatedUNet:
     """Check experts and gates against the model (mixture_core.mole_files.build_mole_layers, the
     assembly the Apply MoLE Gating node uses), make the gates trainable (as
     MoLELayer(trainable_gates=True)), and patch each layer onto its module's forward."""
     from mixture_core.mole import wrap_forward
     from mixture_core.mole_files import GateFile, build_mole_layers, resolve_names
 
-    helpers = common.node_helpers()
+    helpers = host.node_helpers()
     resolve = helpers.layer_resolver(base.model_patcher)
     module_widths = helpers.module_widths(base.model_patcher)
     first = resolve_names(experts[0].layers, resolve, experts[0].path, "LoRA")
     widths = {first[name]: module_widths(first[name]) for name in experts[0].layers}
     gate = GateFile(None, variant, [e.name for e in experts], initial_gates(widths, len(experts), variant, seed), base.family, "module")
     layers = build_mole_layers(experts, gate, resolve, mode=mode, strength=1.0, dtype=torch.float32, module_widths=module_widths)
-    common.freeze(base.unet)
+    base_model.freeze(base.unet)
     for path, layer in layers.items():
-        common.freeze(layer)
+        base_model.freeze(layer)
         for name in GATE_PARAMS:
             getattr(layer, name).requires_grad_(True)
         module = base.unet.get_submodule(path)
@@ -149,24 +149,24 @@ def gate_weights(model: GatedUNet) -> dict:
     return {p: GateWeights(*(getattr(layer, n).detach().float().cpu().clone() for n in GATE_PARAMS)) for p, layer in model.layers().items()}
 
 
-def main(argv=None) -> common.Result:
+def main(argv=None) -> loop.Result:
     args = parse_args(argv)
-    accelerator = common.make_accelerator(args)
-    samples = common.scan_data(args)
+    accelerator = accelerate_setup.make_accelerator(args)
+    samples = datasets.scan_data(args)
     from mixture_core.mole_files import read_gate_file, save_gate_file, save_released_gate_file
     from mixture_core.safetensors_io import load_safetensors
 
-    with common.host_session():
-        base = common.load_base(args.checkpoint)
+    with host.host_session():
+        base = base_model.load_base(args.checkpoint)
         experts = load_experts(args.expert_files)
         model = build_gated_unet(base, experts, args.variant, args.mode, args.seed)
         names = [e.name for e in experts]
-        common.log.info("gates for experts %s on %d %s layers (%s variant, mode %s)", names, len(model.paths), base.family, args.variant, args.mode)
-        common.cast_frozen(model, common.weight_dtype(args))
+        loop.log.info("gates for experts %s on %d %s layers (%s variant, mode %s)", names, len(model.paths), base.family, args.variant, args.mode)
+        base_model.cast_frozen(model, cli.weight_dtype(args))
         if args.gradient_checkpointing:
-            common.enable_gradient_checkpointing(base.unet)
+            grad_checkpoint.enable_gradient_checkpointing(base.unet)
         trainable = {f"{p}.{n}": getattr(layer, n) for p, layer in model.layers().items() for n in GATE_PARAMS}
-        kohya = common.kohya_names(base, model.paths) if args.released_format else None
+        kohya = base_model.kohya_names(base, model.paths) if args.released_format else None
 
         def write_output(path, step):
             gates = gate_weights(model)
@@ -183,9 +183,9 @@ def main(argv=None) -> common.Result:
                 save_released_gate_file(released, gates, kohya)
                 read_gate_file(*load_safetensors(released), released)
 
-        stage = common.Stage("gates", model, trainable, write_output)
-        result = common.train(args, accelerator, base, stage, samples)
-    common.end_accelerator(accelerator)
+        stage = loop.Stage("gates", model, trainable, write_output)
+        result = loop.train(args, accelerator, base, stage, samples)
+    accelerate_setup.end_accelerator(accelerator)
     return result
 
 

@@ -169,7 +169,7 @@ class _Server:
 def start_host(extra_model_paths: list[str], input_dir: str | None, output_dir: str):
     """Import ComfyUI, set its folders, load its nodes and this pack (through its own loader)."""
     sys.path.insert(0, str(REPO))
-    from training.common import import_host
+    from training.host import import_host
 
     import_host()
     import utils.extra_config  # before nodes: importing it puts comfy/ (and its utils.py) on the path

@@ -60,9 +60,9 @@ def test_text_encoder_trains_with_the_unet(tmp_path, checkpoint, sd15):
     ComfyUI's CLIP), its tensors change in the output, the VAE does not, and ComfyUI loads it."""
     import comfy.sd
 
-    from training import common, mole_finetune
+    from training import base_model, mole_finetune
 
-    base = common.Base(str(checkpoint), sd15.model, sd15.clip, sd15.vae, sd15.model.model.diffusion_model, "sd15", torch.zeros(1000))
+    base = base_model.Base(str(checkpoint), sd15.model, sd15.clip, sd15.vae, sd15.model.model.diffusion_model, "sd15", torch.zeros(1000))
     text_encoder = mole_finetune.trainable_text_encoder(base)
     tokens = sd15.clip.tokenize("a photo of a man waving")
     with torch.no_grad():

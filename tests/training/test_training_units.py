@@ -9,7 +9,7 @@ import argparse
 import pytest
 import torch
 
-from training import common
+from training import grad_checkpoint, host, losses, optim
 
 
 def test_min_snr_weights_follow_the_formula():
@@ -20,8 +20,8 @@ def test_min_snr_weights_follow_the_formula():
     def unet(x, timesteps, context, y, transformer_options):  # predicts zero: per-image MSE is 1
         return torch.zeros_like(x)
 
-    plain = common.diffusion_loss(unet, latents, None, None, noise, timesteps, alphas)
-    weighted = common.diffusion_loss(unet, latents, None, None, noise, timesteps, alphas, min_snr_gamma=5.0)
+    plain = losses.diffusion_loss(unet, latents, None, None, noise, timesteps, alphas)
+    weighted = losses.diffusion_loss(unet, latents, None, None, noise, timesteps, alphas, min_snr_gamma=5.0)
     a = alphas[timesteps]
     snr = a / (1 - a)
     assert float(plain) == pytest.approx(1.0)
@@ -30,7 +30,7 @@ def test_min_snr_weights_follow_the_formula():
 
 def test_lion_step_matches_its_definition():
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
-    opt = common.Lion([p], lr=0.1, betas=(0.9, 0.99), weight_decay=0.1)
+    opt = optim.Lion([p], lr=0.1, betas=(0.9, 0.99), weight_decay=0.1)
     m = torch.tensor([0.0, 0.0, 0.0])
     w = p.detach().clone()
     for g in (torch.tensor([0.5, -0.1, 0.0]), torch.tensor([-0.2, 0.3, 1.0])):
@@ -44,7 +44,7 @@ def test_lion_step_matches_its_definition():
 def test_scheduler_horizon_counts_accelerate_process_steps():
     args = argparse.Namespace(lr_warmup_steps=2, steps=10, lr_scheduler="linear")
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = common.make_scheduler(args, opt, num_processes=2)
+    sched = optim.make_scheduler(args, opt, num_processes=2)
     lrs = []
     for _ in range(20):  # Accelerate steps it once per process per optimizer step
         lrs.append(sched.get_last_lr()[0])
@@ -56,19 +56,19 @@ def test_scheduler_horizon_counts_accelerate_process_steps():
 def test_noise_depends_on_position_not_on_batching():
     latents = torch.zeros(4, 4, 8, 8)
     whole = {"index": torch.tensor([3, 1, 0, 2]), "position": torch.tensor([10, 11, 12, 13])}
-    n_all, t_all = common.sample_noise(whole, latents, seed=5, fixed=False)
+    n_all, t_all = losses.sample_noise(whole, latents, seed=5, fixed=False)
     half = {"index": torch.tensor([0, 2]), "position": torch.tensor([12, 13])}
-    n_half, t_half = common.sample_noise(half, latents[:2], seed=5, fixed=False)
+    n_half, t_half = losses.sample_noise(half, latents[:2], seed=5, fixed=False)
     assert torch.equal(n_all[2:], n_half) and torch.equal(t_all[2:], t_half)
     assert ((t_all >= 0) & (t_all < 1000)).all()
-    fixed_a, _ = common.sample_noise(whole, latents, 5, fixed=True)
-    fixed_b, _ = common.sample_noise({"index": whole["index"], "position": whole["position"] + 100}, latents, 5, fixed=True)
+    fixed_a, _ = losses.sample_noise(whole, latents, 5, fixed=True)
+    fixed_b, _ = losses.sample_noise({"index": whole["index"], "position": whole["position"] + 100}, latents, 5, fixed=True)
     assert torch.equal(fixed_a, fixed_b)  # --fixed-noise: per image, whatever the step
 
 
 @pytest.mark.host
 def test_gradient_checkpointing_gives_the_same_gradients():
-    common.import_host()
+    host.import_host()
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
@@ -89,7 +89,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for checkpointing in (False, True):
         unet = build()
         if checkpointing:
-            assert common.enable_gradient_checkpointing(unet) == len(unet.input_blocks) + 1 + len(unet.output_blocks)
+            assert grad_checkpoint.enable_gradient_checkpointing(unet) == len(unet.input_blocks) + 1 + len(unet.output_blocks)
         unet(x, timesteps=t, context=ctx, transformer_options={}).square().mean().backward()
         grads.append({n: p.grad.clone() for n, p in unet.named_parameters()})
     for name, g in grads[0].items():

@@ -1,0 +1,71 @@
+"""The command line every training script shares: model and data, optimisation, engineering
+options, and their checks (which run before anything is loaded)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+
+def base_parser(description: str, epilog: str = "") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--checkpoint", required=True, help="single-file SD checkpoint (.safetensors), the file ComfyUI's Load Checkpoint loads")
+    g.add_argument("--data", required=True, help="image folder: images with same-name .txt captions, or a metadata.jsonl ({\"file_name\", \"text\"})")
+    g.add_argument("--resolution", type=int, default=512, help="square training size in pixels, a multiple of 64 (default 512; 1024 for SDXL)")
+    g.add_argument("--crop", choices=("center", "random"), default="center", help="square crop after resizing the shorter side (default center)")
+    g.add_argument("--flip", action="store_true", help="random horizontal flips")
+    g.add_argument("--no-cache", dest="cache", action="store_false",
+                   help="encode images and captions at every step instead of once up front (needed for random crops/flips, which are never cached)")
+    g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes for image decoding (uncached runs)")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    g.add_argument("--batch-size", type=int, default=1, help="images per process per micro-batch")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (effective batch = batch-size x grad-accum x processes)")
+    g.add_argument("--lr", type=float, required=True, help="learning rate")
+    g.add_argument("--optimizer", choices=("adamw", "lion", "sgd"), default="adamw",
+                   help="adamw (default), lion, or plain sgd (no per-element normalisation: the runs the equivalence tests compare)")
+    g.add_argument("--weight-decay", type=float, default=1e-2)
+    g.add_argument("--beta1", type=float, default=None, help="default 0.9 (AdamW), 0.9 (Lion)")
+    g.add_argument("--beta2", type=float, default=None, help="default 0.999 (AdamW), 0.99 (Lion)")
+    g.add_argument("--lr-scheduler", default="constant", choices=("constant", "constant_with_warmup", "linear", "cosine"))
+    g.add_argument("--lr-warmup-steps", type=int, default=0)
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    g.add_argument("--min-snr-gamma", type=float, default=None, help="Min-SNR loss weighting, min(SNR, gamma)/SNR (the MoLE paper uses 5)")
+    g.add_argument("--fixed-noise", action="store_true",
+                   help="draw each image's noise and timestep once (per image, not per step): an overfitting check, not for real training")
+
+    g = p.add_argument_group("engineering")
+    g.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
+                   help="autocast precision; frozen weights are stored in it too (trainable ones stay fp32)")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet blocks in the backward pass (less memory, ~30%% slower)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--output", required=True, help="the file to write (.safetensors)")
+    g.add_argument("--work-dir", default=None, help="checkpoints and log (default: <output without .safetensors>-work)")
+    g.add_argument("--save-every", type=int, default=0, help="save a resumable checkpoint (and the output file as of then) every N steps")
+    g.add_argument("--keep-checkpoints", type=int, default=0, help="keep only the newest N checkpoints (0: all)")
+    g.add_argument("--resume", default=None, help="checkpoint folder to resume from, or 'latest' (newest in the work dir)")
+    g.add_argument("--log-every", type=int, default=1, help="log line every N steps")
+    return p
+
+
+def check_args(args) -> None:
+    if args.resolution % 64:
+        raise SystemExit(f"error: --resolution must be a multiple of 64, not {args.resolution}")
+    for name in ("steps", "batch_size", "grad_accum"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
+    if args.cache and (args.crop == "random" or args.flip):
+        args.cache = False  # random crops and flips differ per step: nothing to cache
+    if not str(args.output).endswith(".safetensors"):
+        raise SystemExit(f"error: --output must be a .safetensors file, not {args.output}")
+    if args.work_dir is None:
+        args.work_dir = str(Path(args.output).with_suffix("")) + "-work"
+
+
+def weight_dtype(args) -> torch.dtype:
+    """The storage dtype of frozen weights for --mixed-precision."""
+    return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
