@@ -2,11 +2,13 @@
 batched step (one UNet call, one VAE call, one image-encoder call per batch) against the loop it
 replaced (one call of each per sample), at batch 1 and 4.
 
-    /work/tools/heavy python3 -m bench.bench_moa_train [--resolution 64] [--batches 1 4] [--reps 3] [--threads 2]
+    /work/tools/heavy python3 -m bench.bench_moa_train [--resolution 64] [--batches 1 4] [--subjects 1] [--reps 2] [--threads 2]
 
 Runs the real trainer (training.moa_train.main, 1 step) on the random SD1.5 checkpoint and
 random CLIP ViT-L/14 of the tests to build the stage model, then times, interleaved, on a
-generated two-person data folder (FastComposer layout, subject images augmented as in training):
+generated two-person data folder (FastComposer layout, subject images augmented as in training,
+--subjects of the two bound per image; on a CPU, CLIP ViT-L/14 at 224 px costs seconds per
+subject image and dominates):
 
 * loop: the batch's samples one at a time (the trainer before batching), losses averaged;
 * batched: the whole batch in one call.
@@ -44,10 +46,11 @@ def build(resolution: int, work: Path):
     return result.stage.model, data
 
 
-def batch_of(data_folder, resolution: int, size: int, start: int):
+def batch_of(data_folder, resolution: int, size: int, start: int, subjects: int):
     from training import moa_data
 
-    dataset = moa_data.MoADataset(moa_data.scan_moa_dataset(data_folder), resolution, moa_data.Draws(condition_drop=0, subject_drop=0))
+    draws = moa_data.Draws(condition_drop=0, subject_drop=0, max_subjects=subjects)
+    dataset = moa_data.MoADataset(moa_data.scan_moa_dataset(data_folder), resolution, draws)
     return moa_data.collate_list([dataset[((start + i) % len(dataset), start + i)] for i in range(size)])
 
 
@@ -67,17 +70,18 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--subjects", type=int, default=1, choices=(1, 2), help="subjects bound per image")
+    p.add_argument("--reps", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model, data = build(args.resolution, Path(tmp))
         model.train()
-        print(f"MoA training step, {args.resolution} px, {torch.get_num_threads()} threads, device {next(model.moa.parameters()).device}")
+        print(f"MoA training step, {args.resolution} px, {args.subjects} subject(s) per image, {torch.get_num_threads()} threads, device {next(model.moa.parameters()).device}")
         print(f"{'batch':>5} {'loop samples/s':>15} {'batched samples/s':>18} {'ratio':>6}")
         for size in args.batches:
-            batch = batch_of(data, args.resolution, size, 0)
+            batch = batch_of(data, args.resolution, size, 0, args.subjects)
             step(model, batch, False)  # warm-up (allocator, text cache)
             times = {True: [], False: []}
             for _ in range(args.reps):
