@@ -2,7 +2,8 @@
 batched step (one UNet call, one VAE call, one image-encoder call per batch) against the loop it
 replaced (one call of each per sample), at batch 1 and 4.
 
-    /work/tools/heavy python3 -m bench.bench_moa_train [--resolution 64] [--batches 1 4] [--subjects 1] [--reps 2] [--threads 2]
+    /work/tools/heavy python3 -m bench.bench_moa_train [--resolution 64] [--batches 1 4] [--subjects 1]
+        [--reps 2] [--threads 2]
 
 Runs the real trainer (training.moa_train.main, 1 step) on the random SD1.5 checkpoint and
 random CLIP ViT-L/14 of the tests to build the stage model, then times, interleaved, on a
@@ -40,9 +41,30 @@ def build(resolution: int, work: Path):
     from training import moa_train
 
     data = make_moa_dataset(work / "data", n=4, size=max(64, resolution))
-    result = moa_train.main(["--checkpoint", str(rm.sd15_checkpoint()), "--clip-vision", str(rm.clip_vision_vit_l14()),
-                             "--data", str(data), "--output", str(work / "moa.safetensors"), "--resolution", str(resolution),
-                             "--steps", "1", "--lr", "1e-5", "--cond-drop", "0", "--subject-drop", "0"])
+    result = moa_train.main(
+        [
+            "--checkpoint",
+            str(rm.sd15_checkpoint()),
+            "--clip-vision",
+            str(rm.clip_vision_vit_l14()),
+            "--data",
+            str(data),
+            "--output",
+            str(work / "moa.safetensors"),
+            "--resolution",
+            str(resolution),
+            "--steps",
+            "1",
+            "--lr",
+            "1e-5",
+            "--cond-drop",
+            "0",
+            "--subject-drop",
+            "0",
+            "--max-subjects",
+            "1",
+        ]
+    )
     return result.stage.model, data
 
 
@@ -58,7 +80,11 @@ def step(model, batch, per_sample: bool) -> None:
     if per_sample:
         n = len(batch["items"])
         for i in range(n):
-            one = {"items": batch["items"][i : i + 1], "index": batch["index"][i : i + 1], "position": batch["position"][i : i + 1]}
+            one = {
+                "items": batch["items"][i : i + 1],
+                "index": batch["index"][i : i + 1],
+                "position": batch["position"][i : i + 1],
+            }
             (model(one) / n).backward()
     else:
         model(batch).backward()
@@ -78,7 +104,10 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         model, data = build(args.resolution, Path(tmp))
         model.train()
-        print(f"MoA training step, {args.resolution} px, {args.subjects} subject(s) per image, {torch.get_num_threads()} threads, device {next(model.moa.parameters()).device}")
+        print(
+            f"MoA training step, {args.resolution} px, {args.subjects} subject(s) per image, "
+            f"{torch.get_num_threads()} threads, device {next(model.moa.parameters()).device}"
+        )
         print(f"{'batch':>5} {'loop samples/s':>15} {'batched samples/s':>18} {'ratio':>6}")
         for size in args.batches:
             batch = batch_of(data, args.resolution, size, 0, args.subjects)

@@ -77,25 +77,38 @@ class ScanReport:
     subjects_per_image: Counter = field(default_factory=Counter)
 
     def lines(self) -> list[str]:
-        out = [f"{self.images} training images; subjects per image: "
-               + ", ".join(f"{k}: {v}" for k, v in sorted(self.subjects_per_image.items()))]
+        out = [
+            f"{self.images} training images; subjects per image: "
+            + ", ".join(f"{k}: {v}" for k, v in sorted(self.subjects_per_image.items()))
+        ]
         if self.labels_kept or self.labels_left:
-            out.append(f"segments kept: {dict(self.labels_kept)}; left out (other object types): {dict(self.labels_left)}")
+            out.append(
+                f"segments kept: {dict(self.labels_kept)}; left out (other object types): {dict(self.labels_left)}"
+            )
         if self.skipped_no_subject:
-            out.append(f"{len(self.skipped_no_subject)} images hold no subject of the kept types and are left out, "
-                       f"such as {self.skipped_no_subject[0]}")
+            out.append(
+                f"{len(self.skipped_no_subject)} images hold no subject of the kept types and are left out, "
+                f"such as {self.skipped_no_subject[0]}"
+            )
         return out
 
 
 def word_at(caption: str, end: int, where) -> str:
     """The word ending at char offset `end`, as 'word#k' (its k-th occurrence)."""
-    if not (0 < end <= len(caption)) or not caption[end - 1].isalnum() or (end < len(caption) and caption[end].isalnum()):
+    if (
+        not (0 < end <= len(caption))
+        or not caption[end - 1].isalnum()
+        or (end < len(caption) and caption[end].isalnum())
+    ):
         raise DataError(where, f"segment end {end} does not fall at the end of a word of the caption {caption!r}")
     start = end
     while start > 0 and caption[start - 1].isalnum():
         start -= 1
     word = caption[start:end]
-    occurrence = sum(1 for m in re.finditer(rf"(?<![0-9A-Za-z]){re.escape(word)}(?![0-9A-Za-z])", caption) if m.start() < start) + 1
+    occurrence = (
+        sum(1 for m in re.finditer(rf"(?<![0-9A-Za-z]){re.escape(word)}(?![0-9A-Za-z])", caption) if m.start() < start)
+        + 1
+    )
     return f"{word}#{occurrence}"
 
 
@@ -141,8 +154,11 @@ def _ffhq(root: Path, ids_file: Path, object_types, report: ScanReport) -> list[
             label = s.get("coco_label")
             if object_types is not None:
                 if label is None:
-                    raise DataError(info, f"segment {k} has no coco_label to select object types by "
-                                          "(train on every segment with --object-types all)")
+                    raise DataError(
+                        info,
+                        f"segment {k} has no coco_label to select object types by "
+                        "(train on every segment with --object-types all)",
+                    )
                 if label not in object_types:
                     report.labels_left[label] += 1
                     continue
@@ -182,7 +198,10 @@ def _folder(root: Path) -> list[MoASample]:
                 raise DataError(mask, f"is missing (mask of {word!r} on {where})")
             _check_image(mask)
             if _image_size(mask) != _image_size(image):
-                raise DataError(mask, f"mask size {_image_size(mask)} does not match the image's {_image_size(image)} ({image.name})")
+                raise DataError(
+                    mask,
+                    f"mask size {_image_size(mask)} does not match the image's {_image_size(image)} ({image.name})",
+                )
             found.append(Subject(f"{word}#{k or 1}", ("png", mask)))
         samples.append(MoASample(image, caption, tuple(found)))
     return samples
@@ -211,10 +230,17 @@ def scan_moa_dataset(root, object_types=OBJECT_TYPES, report: ScanReport | None 
     elif (root / METADATA).is_file():
         samples = _folder(root)
     else:
-        raise DataError(root, f"is not a MoA data folder: it needs {' or '.join(IDS_FILES)} (FastComposer's FFHQ-wild "
-                              f"layout) or {METADATA} with subjects")
+        raise DataError(
+            root,
+            f"is not a MoA data folder: it needs {' or '.join(IDS_FILES)} (FastComposer's FFHQ-wild "
+            f"layout) or {METADATA} with subjects",
+        )
     if not samples:
-        why = f" ({len(report.skipped_no_subject)} images hold no segment of the types {object_types})" if report.skipped_no_subject else ""
+        why = (
+            f" ({len(report.skipped_no_subject)} images hold no segment of the types {object_types})"
+            if report.skipped_no_subject
+            else ""
+        )
         raise DataError(root, f"holds no training images{why}")
     report.images = len(samples)
     report.subjects_per_image.update(len(s.subjects) for s in samples)
@@ -279,18 +305,22 @@ def subject_augmentations():
     from torchvision.transforms import v2
 
     before = v2.RandomApply([ZoomIn(1.0, 2.0)], p=0.5)
-    after = v2.Compose([
-        v2.RandomApply([v2.RandomAffine(degrees=30, interpolation=v2.InterpolationMode.BILINEAR)], p=0.75),
-        v2.RandomApply([v2.ColorJitter(0.5, 0.5, 0.5, 0.5)], p=0.5),
-        v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 2.0))], p=0.5),
-        v2.RandomGrayscale(p=0.1),
-        v2.RandomHorizontalFlip(),
-        v2.RandomApply([v2.ElasticTransform()], p=0.5),
-    ])
+    after = v2.Compose(
+        [
+            v2.RandomApply([v2.RandomAffine(degrees=30, interpolation=v2.InterpolationMode.BILINEAR)], p=0.75),
+            v2.RandomApply([v2.ColorJitter(0.5, 0.5, 0.5, 0.5)], p=0.5),
+            v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 2.0))], p=0.5),
+            v2.RandomGrayscale(p=0.1),
+            v2.RandomHorizontalFlip(),
+            v2.RandomApply([v2.ElasticTransform()], p=0.5),
+        ]
+    )
     return before, after
 
 
-def make_subject_image(image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator, augment=None) -> torch.Tensor:
+def make_subject_image(
+    image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator, augment=None
+) -> torch.Tensor:
     """(H, W, 3) image and (H, W) mask of the full photo -> (224, 224, 3): the subject on noise,
     box-cropped, (augmented), padded to a square, resized (FastComposer's order)."""
     crop = cut_out(image, mask, noise_background(image.shape, generator))
@@ -356,23 +386,37 @@ class MoADataset(torch.utils.data.Dataset):
             g = torch.Generator().manual_seed(rng.randrange(2**63))
             with torch.random.fork_rng(devices=[]):  # torchvision's random transforms draw from the global generator
                 torch.manual_seed(rng.randrange(2**63))
-                subject_images = torch.stack([make_subject_image(full, full_masks[sub], g, self.augment) for sub in bound])
-        return {"index": index, "position": position, "pixels": load_image(s.image, self.resolution),
-                "caption": "" if dropped else s.caption, "words": [sub.word for sub in bound],
-                "masks": torch.stack([masks[sub] for sub in bound]) if bound else empty[None][:0],
-                "foreground": foreground, "subject_images": subject_images}
+                subject_images = torch.stack(
+                    [make_subject_image(full, full_masks[sub], g, self.augment) for sub in bound]
+                )
+        return {
+            "index": index,
+            "position": position,
+            "pixels": load_image(s.image, self.resolution),
+            "caption": "" if dropped else s.caption,
+            "words": [sub.word for sub in bound],
+            "masks": torch.stack([masks[sub] for sub in bound]) if bound else empty[None][:0],
+            "foreground": foreground,
+            "subject_images": subject_images,
+        }
 
 
 def collate_list(items: list[dict]) -> dict:
     """Samples stay a list (each has its own subjects); index and position as tensors for the noise."""
-    return {"items": items, "index": torch.tensor([i["index"] for i in items]), "position": torch.tensor([i["position"] for i in items])}
+    return {
+        "items": items,
+        "index": torch.tensor([i["index"] for i in items]),
+        "position": torch.tensor([i["position"] for i in items]),
+    }
 
 
 def main(argv=None) -> int:
     """Check a MoA data folder before training and say what the trainer will see."""
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--data", required=True, help="the folder --data of training.moa_train will read")
-    p.add_argument("--object-types", default=",".join(OBJECT_TYPES), help="COCO labels kept as subjects, or 'all' (default person)")
+    p.add_argument(
+        "--object-types", default=",".join(OBJECT_TYPES), help="COCO labels kept as subjects, or 'all' (default person)"
+    )
     args = p.parse_args(argv)
     report = ScanReport()
     try:

@@ -42,7 +42,9 @@ def parse_blocks(spec: str, layer_ids: list[str], flag: str) -> tuple[str, ...]:
     known = sorted({diffusers_block(i) for i in layer_ids})
     unknown = [b for b in names if b not in known]
     if unknown:
-        raise ValueError(f"{flag}: {', '.join(unknown)} is not a UNet block with attention layers (these are: {', '.join(known)})")
+        raise ValueError(
+            f"{flag}: {', '.join(unknown)} is not a UNet block with attention layers (these are: {', '.join(known)})"
+        )
     return names
 
 
@@ -73,7 +75,9 @@ def router_loss(router: list[torch.Tensor], foreground: torch.Tensor) -> torch.T
     maps = []
     for r0 in router:
         grid = _grid(r0.shape[1], size)
-        maps.append(F.interpolate(r0.unflatten(1, grid)[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0])
+        maps.append(
+            F.interpolate(r0.unflatten(1, grid)[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+        )
     prior = torch.stack(maps).mean(0)
     return (((1 - foreground) * (1 - prior)) ** 2).mean()
 
@@ -89,7 +93,9 @@ def localization_loss(attention: list[torch.Tensor], masks: torch.Tensor, valid:
     valid = valid.float()
     for probs in attention:
         grid = _grid(probs.shape[1], tuple(masks.shape[-2:]))
-        m = F.interpolate(masks.float(), size=grid, mode="bilinear", antialias=True, align_corners=False).flatten(2)  # (B, n, T)
+        m = F.interpolate(masks.float(), size=grid, mode="bilinear", antialias=True, align_corners=False).flatten(
+            2
+        )  # (B, n, T)
         a = probs.movedim(1, 2).float()  # (B, n, T)
         background = (a * (1 - m)).sum(-1) / ((1 - m).sum(-1) + 1e-5)
         subject = (a * m).sum(-1) / (m.sum(-1) + 1e-5)

@@ -60,29 +60,65 @@ VIT_L14_LAYERS = 24
 def parse_args(argv=None):
     p = cli.base_parser(
         __doc__.split("\n\n")[0],
-        epilog="Paper settings (MoA, Sec. 4.1 and Tab. 1): lr 1e-5 in the text, 5e-5 in Tab. 1; batch 128 (4 GPUs x 32), "
-        "40k steps, router and localization weights 1e-4, 10%% condition drop, timesteps up to 800. See training/README.md.",
+        epilog="Paper settings (MoA, Sec. 4.1 and Tab. 1): lr 1e-5 in the text, 5e-5 in Tab. 1; batch 128 "
+        "(4 GPUs x 32), 40k steps, router and localization weights 1e-4, 10%% condition drop, timesteps up to 800. "
+        "See training/README.md.",
     )
     g = p.add_argument_group("MoA")
-    g.add_argument("--clip-vision", required=True, help="CLIP ViT-L/14 vision model (.safetensors), as Load CLIP Vision reads it")
-    g.add_argument("--train-image-encoder-layers", type=int, default=2,
-                   help="train the last K of the image encoder's 24 layers (FastComposer: 2; 0 keeps it frozen)")
+    g.add_argument(
+        "--clip-vision", required=True, help="CLIP ViT-L/14 vision model (.safetensors), as Load CLIP Vision reads it"
+    )
+    g.add_argument(
+        "--train-image-encoder-layers",
+        type=int,
+        default=2,
+        help="train the last K of the image encoder's 24 layers (FastComposer: 2; 0 keeps it frozen)",
+    )
     g.add_argument("--router-loss-weight", type=float, default=1e-4)
     g.add_argument("--localization-loss-weight", type=float, default=1e-4)
-    g.add_argument("--router-excluded-blocks", default=",".join(moa_losses.ROUTER_EXCLUDED_BLOCKS),
-                   help="diffusers UNet blocks left out of the router loss (paper Sec. 3.3.1: the first and the last; '' for none)")
-    g.add_argument("--localization-blocks", default=",".join(moa_losses.LOCALIZATION_BLOCKS),
-                   help="diffusers UNet blocks whose cross-attention the localization loss reads (FastComposer's 5 middle blocks)")
-    g.add_argument("--cond-drop", type=float, default=moa_data.CONDITION_DROP, help="share of samples trained without caption and subjects")
-    g.add_argument("--subject-drop", type=float, default=moa_data.SUBJECT_DROP,
-                   help="chance that each subject is left unbound (its word stays plain text), FastComposer's 1 - object_appear_prob")
-    g.add_argument("--max-subjects", type=int, default=moa_data.MAX_SUBJECTS, help="subjects bound per image at most (a random choice of more)")
-    g.add_argument("--object-types", default=",".join(moa_data.OBJECT_TYPES),
-                   help="FastComposer-layout segments kept as subjects, by coco_label (comma-separated), or 'all'")
-    g.add_argument("--no-subject-augmentation", dest="subject_augmentation", action="store_false",
-                   help="subject images without FastComposer's augmentations (zoom, rotation, colour, blur, gray, flip, elastic)")
+    g.add_argument(
+        "--router-excluded-blocks",
+        default=",".join(moa_losses.ROUTER_EXCLUDED_BLOCKS),
+        help="diffusers UNet blocks left out of the router loss (paper Sec. 3.3.1: the first and last; '' for none)",
+    )
+    g.add_argument(
+        "--localization-blocks",
+        default=",".join(moa_losses.LOCALIZATION_BLOCKS),
+        help="diffusers UNet blocks whose cross-attention the localization loss reads (FastComposer's 5 middle blocks)",
+    )
+    g.add_argument(
+        "--cond-drop",
+        type=float,
+        default=moa_data.CONDITION_DROP,
+        help="share of samples trained without caption and subjects",
+    )
+    g.add_argument(
+        "--subject-drop",
+        type=float,
+        default=moa_data.SUBJECT_DROP,
+        help="chance that each subject is left unbound (its word stays plain text): FastComposer's 1 - appear prob",
+    )
+    g.add_argument(
+        "--max-subjects",
+        type=int,
+        default=moa_data.MAX_SUBJECTS,
+        help="subjects bound per image at most (a random choice of more)",
+    )
+    g.add_argument(
+        "--object-types",
+        default=",".join(moa_data.OBJECT_TYPES),
+        help="FastComposer-layout segments kept as subjects, by coco_label (comma-separated), or 'all'",
+    )
+    g.add_argument(
+        "--no-subject-augmentation",
+        dest="subject_augmentation",
+        action="store_false",
+        help="subject images without FastComposer's augmentations (zoom, rotation, colour, blur, gray, flip, elastic)",
+    )
     g.add_argument("--max-timestep", type=int, default=800, help="timesteps are drawn from 0..this (of 0..999)")
-    g.add_argument("--save-dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="dtype of the written files' tensors")
+    g.add_argument(
+        "--save-dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="dtype of the written files' tensors"
+    )
     p.set_defaults(cache=False)  # each sample has its own subjects: encoded per step
     args = p.parse_args(argv)
     cli.check_args(args)
@@ -92,7 +128,9 @@ def parse_args(argv=None):
         if not 0 <= getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be in [0, 1), not {getattr(args, name)}")
     if not 0 <= args.train_image_encoder_layers <= VIT_L14_LAYERS:
-        raise SystemExit(f"error: --train-image-encoder-layers must be in 0..{VIT_L14_LAYERS}, not {args.train_image_encoder_layers}")
+        raise SystemExit(
+            f"error: --train-image-encoder-layers must be in 0..{VIT_L14_LAYERS}, not {args.train_image_encoder_layers}"
+        )
     if args.max_subjects < 1:
         raise SystemExit(f"error: --max-subjects must be at least 1, not {args.max_subjects}")
     try:
@@ -125,19 +163,32 @@ def check_files(args) -> None:
         shapes = _header(args.checkpoint, "--checkpoint")
         width = shapes.get(SD15_ATTN2_KEY, (0, 0))[1]
         if width != 768:
-            family = ("SDXL" if any(k.startswith("conditioner.embedders.1.") for k in shapes)
-                      else "SD2.x (1024-wide text)" if width == 1024 else "not an SD1.x UNet")
-            raise SystemExit(f"error: --checkpoint {args.checkpoint}: MoA trains on SD1.5 checkpoints (768-wide cross-attention); "
-                             f"this one is {family}")
+            family = (
+                "SDXL"
+                if any(k.startswith("conditioner.embedders.1.") for k in shapes)
+                else "SD2.x (1024-wide text)"
+                if width == 1024
+                else "not an SD1.x UNet"
+            )
+            raise SystemExit(
+                f"error: --checkpoint {args.checkpoint}: MoA trains on SD1.5 checkpoints (768-wide cross-attention); "
+                f"this one is {family}"
+            )
     shapes = _header(args.clip_vision, "--clip-vision")
     wrong = [f"{k} {shapes.get(k, 'missing')} (ViT-L/14: {v})" for k, v in VIT_L14_KEYS.items() if shapes.get(k) != v]
     if any(k.startswith(f"vision_model.encoder.layers.{VIT_L14_LAYERS}.") for k in shapes):
         wrong.append(f"more than {VIT_L14_LAYERS} layers")
     if wrong:
-        hint = (" (OpenAI's original key names: convert it to the transformers layout, the file "
-                "openai/clip-vit-large-patch14 ships)" if any(k.startswith("visual.") for k in shapes) else "")
-        raise SystemExit(f"error: --clip-vision {args.clip_vision}: MoA encodes subjects with CLIP ViT-L/14 "
-                         f"(transformers layout, 224 px, 768-wide projection); this file has {'; '.join(wrong)}{hint}")
+        hint = (
+            " (OpenAI's original key names: convert it to the transformers layout, the file "
+            "openai/clip-vit-large-patch14 ships)"
+            if any(k.startswith("visual.") for k in shapes)
+            else ""
+        )
+        raise SystemExit(
+            f"error: --clip-vision {args.clip_vision}: MoA encodes subjects with CLIP ViT-L/14 "
+            f"(transformers layout, 224 px, 768-wide projection); this file has {'; '.join(wrong)}{hint}"
+        )
 
 
 # ---- the forward pass with MoA, recording what the losses need -----------------------------
@@ -189,12 +240,14 @@ class TrainingPatch:
 
     def patches(self) -> dict:
         return {f"{attn}_patch": [self._keep(attn)] for attn in ("attn1", "attn2")} | {
-            f"{attn}_output_patch": [self._mix(attn)] for attn in ("attn1", "attn2")}
+            f"{attn}_output_patch": [self._mix(attn)] for attn in ("attn1", "attn2")
+        }
 
     def _keep(self, attn):
         def patch(n, context, value, extra_options):
             extra_options[f"moa_train_{attn}"] = (n, context)
             return n, context, value
+
         return patch
 
     def _mix(self, attn):
@@ -203,7 +256,9 @@ class TrainingPatch:
         def patch(out, extra_options):
             h, context = extra_options.pop(f"moa_train_{attn}")
             block = extra_options.get("block")
-            found = None if block is None else self.layers.get((tuple(block), extra_options.get("block_index", 0), attn))
+            found = (
+                None if block is None else self.layers.get((tuple(block), extra_options.get("block_index", 0), attn))
+            )
             if found is None:
                 return out
             layer, index, layer_id = found
@@ -222,6 +277,7 @@ class TrainingPatch:
                 if not record.closed:
                     record.attention.append(torch.gather(probs, 2, columns))
             return mixed
+
         return patch
 
 
@@ -244,7 +300,9 @@ class MoATraining(torch.nn.Module):
         import comfy.clip_model
 
         cv, device = self.clip_vision, next(self.moa.parameters()).device
-        pixels = comfy.clip_model.clip_preprocess(images.to(device), size=cv.image_size, mean=cv.image_mean, std=cv.image_std)
+        pixels = comfy.clip_model.clip_preprocess(
+            images.to(device), size=cv.image_size, mean=cv.image_mean, std=cv.image_std
+        )
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.args.train_image_encoder_layers > 0):
             return self.image_encoder(pixel_values=pixels, intermediate_output=-2)[2].float()
 
@@ -255,7 +313,9 @@ class MoATraining(torch.nn.Module):
         positions = []
         for word in words:
             try:
-                positions.append(self.nodes.find_subject_tokens(self.tokenizer, chunks, self.nodes.parse_subject_words(word))[0])
+                positions.append(
+                    self.nodes.find_subject_tokens(self.tokenizer, chunks, self.nodes.parse_subject_words(word))[0]
+                )
             except ValueError:
                 positions.append(None)
         return positions
@@ -266,7 +326,9 @@ class MoATraining(torch.nn.Module):
         latents = self.encoder.latents(torch.stack([i["pixels"] for i in items])).to(device)
         noise, timesteps = [], []
         for key in keys:  # per sample, from its key: the same draws at any batch size or resume point
-            g = torch.Generator().manual_seed((args.seed * 1_000_003 + key * 7 + (1 if args.fixed_noise else 0)) % (2**63))
+            g = torch.Generator().manual_seed(
+                (args.seed * 1_000_003 + key * 7 + (1 if args.fixed_noise else 0)) % (2**63)
+            )
             timesteps.append(int(torch.randint(0, args.max_timestep + 1, (1,), generator=g)))
             noise.append(torch.randn(latents.shape[1:], generator=g))
         noise, timesteps = torch.stack(noise).to(device), torch.tensor(timesteps, device=device)
@@ -293,11 +355,18 @@ class MoATraining(torch.nn.Module):
 
         a = self.base.alphas_cumprod.to(device)[timesteps].float()[:, None, None, None]
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        pred = self.unet(noisy, timesteps=timesteps.float(), context=context, y=None if y is None else y.to(device),
-                         transformer_options={"patches": self.patch.patches(), TrainingPatch.KEY: (bindings, record)})
+        pred = self.unet(
+            noisy,
+            timesteps=timesteps.float(),
+            context=context,
+            y=None if y is None else y.to(device),
+            transformer_options={"patches": self.patch.patches(), TrainingPatch.KEY: (bindings, record)},
+        )
         foreground = torch.stack([i["foreground"] for i in items]).to(device)
         reconstruction = moa_losses.masked_reconstruction(pred, noise, foreground)
-        latent_foreground = F.interpolate(foreground[:, None], size=latents.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        latent_foreground = F.interpolate(
+            foreground[:, None], size=latents.shape[-2:], mode="bilinear", align_corners=False
+        )[:, 0]
         router = moa_losses.router_loss(record.router, latent_foreground)
         loss = reconstruction + args.router_loss_weight * router
         self.last = {"reconstruction": float(reconstruction.detach()), "router": float(router.detach())}
@@ -346,7 +415,9 @@ def main(argv=None) -> loop.Result:
         samples = moa_data.scan_moa_dataset(args.data, args.object_types, report)
     except DataError as e:
         raise SystemExit(f"error: bad training data: {e}") from e
-    accelerator = accelerate_setup.make_accelerator(args, find_unused_parameters=True)  # batches without subjects leave the fusion unused
+    accelerator = accelerate_setup.make_accelerator(
+        args, find_unused_parameters=True
+    )  # batches without subjects leave the fusion unused
     for line in report.lines():
         loop.log.info("MoA data: %s", line)
     with host.host_session():
@@ -376,14 +447,26 @@ def main(argv=None) -> loop.Result:
             layer = encoder_model.vision_model.encoder.layers[i].float().requires_grad_(True)
             layer.forward = types.MethodType(out_of_place_clip_layer, layer)
         for module in encoder_model.modules():  # ComfyUI's per-call weight casts stay out of autograd's way
-            if getattr(module, "comfy_cast_weights", False) and any(p.requires_grad for p in module.parameters(recurse=False)):
+            if getattr(module, "comfy_cast_weights", False) and any(
+                p.requires_grad for p in module.parameters(recurse=False)
+            ):
                 module.comfy_cast_weights = False
 
         moa = MoAModel.from_prior(prior_weights(base.unet)).float()
-        router_ids = moa_losses.router_layers(moa.layer_ids, _blocks(args.router_excluded_blocks, moa, "--router-excluded-blocks"))
-        localization_ids = moa_losses.localization_layers(moa.layer_ids, _blocks(args.localization_blocks, moa, "--localization-blocks"))
-        loop.log.info("MoA: router loss on %d of %d layers: %s", len(router_ids), len(moa.layer_ids), ", ".join(router_ids))
-        loop.log.info("MoA: localization loss on %d cross-attention layers: %s", len(localization_ids), ", ".join(localization_ids))
+        router_ids = moa_losses.router_layers(
+            moa.layer_ids, _blocks(args.router_excluded_blocks, moa, "--router-excluded-blocks")
+        )
+        localization_ids = moa_losses.localization_layers(
+            moa.layer_ids, _blocks(args.localization_blocks, moa, "--localization-blocks")
+        )
+        loop.log.info(
+            "MoA: router loss on %d of %d layers: %s", len(router_ids), len(moa.layer_ids), ", ".join(router_ids)
+        )
+        loop.log.info(
+            "MoA: localization loss on %d cross-attention layers: %s",
+            len(localization_ids),
+            ", ".join(localization_ids),
+        )
         loop.log.info("MoA: image encoder layers trained: %s", encoder_layers or "none (frozen)")
         locations = moa_patch.block_locations(moa_patch.attention_modules(base.model_patcher))
         patch = TrainingPatch(moa, locations, router_ids, localization_ids)
@@ -394,10 +477,23 @@ def main(argv=None) -> loop.Result:
         def data(args, accelerator, start_micro):
             from training.data import StreamSampler
 
-            draws = moa_data.Draws(args.object_types, args.max_subjects, args.subject_drop, args.cond_drop, args.subject_augmentation)
-            sampler = StreamSampler(len(samples), args.batch_size, args.seed, accelerator.process_index, accelerator.num_processes, start_micro)
-            return torch.utils.data.DataLoader(moa_data.MoADataset(samples, args.resolution, draws, args.seed), batch_sampler=sampler,
-                                               collate_fn=moa_data.collate_list, num_workers=args.num_workers)
+            draws = moa_data.Draws(
+                args.object_types, args.max_subjects, args.subject_drop, args.cond_drop, args.subject_augmentation
+            )
+            sampler = StreamSampler(
+                len(samples),
+                args.batch_size,
+                args.seed,
+                accelerator.process_index,
+                accelerator.num_processes,
+                start_micro,
+            )
+            return torch.utils.data.DataLoader(
+                moa_data.MoADataset(samples, args.resolution, draws, args.seed),
+                batch_sampler=sampler,
+                collate_fn=moa_data.collate_list,
+                num_workers=args.num_workers,
+            )
 
         def write_output(path, step):
             dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.save_dtype]
@@ -406,17 +502,24 @@ def main(argv=None) -> loop.Result:
                 "moa.source_checkpoint": Path(args.checkpoint).name,
                 "moa.router_loss_layers": json.dumps(router_ids),
                 "moa.localization_loss_layers": json.dumps(localization_ids),
-                "moa.training_args": json.dumps({k: v for k, v in vars(args).items() if k not in ("data", "checkpoint", "output", "work_dir")}, default=str),
+                "moa.training_args": json.dumps(
+                    {k: v for k, v in vars(args).items() if k not in ("data", "checkpoint", "output", "work_dir")},
+                    default=str,
+                ),
             }
             if encoder_layers:
                 encoder_file = image_encoder_path(path)
                 state = write_image_encoder(encoder_file, encoder_model, dtype)
-                extra |= {"moa.image_encoder_file": encoder_file.name,
-                          "moa.image_encoder_fingerprint": vision_encoder_fingerprint(state, encoder_layers),
-                          "moa.image_encoder_layers": ",".join(map(str, encoder_layers))}
+                extra |= {
+                    "moa.image_encoder_file": encoder_file.name,
+                    "moa.image_encoder_fingerprint": vision_encoder_fingerprint(state, encoder_layers),
+                    "moa.image_encoder_layers": ",".join(map(str, encoder_layers)),
+                }
             save_moa_file(path, copy.deepcopy(moa).to(dtype), base.family, extra)
 
-        stage = loop.Stage("moa", stage_model, trainable, write_output, data=data, loss=lambda model, batch: model(batch))
+        stage = loop.Stage(
+            "moa", stage_model, trainable, write_output, data=data, loss=lambda model, batch: model(batch)
+        )
         result = loop.train(args, accelerator, base, stage, samples)
     accelerate_setup.end_accelerator(accelerator)
     return result
@@ -437,9 +540,13 @@ def prior_weights(unet: torch.nn.Module) -> dict[str, dict]:
     for path, m in unet.named_modules():
         if is_moa_target(path) and hasattr(m, "to_q"):
             out = m.to_out[0]
-            prior[path] = {"to_q": m.to_q.weight.detach().float().cpu(), "to_k": m.to_k.weight.detach().float().cpu(),
-                           "to_v": m.to_v.weight.detach().float().cpu(),
-                           "to_out": (out.weight.detach().float().cpu(), out.bias.detach().float().cpu()), "heads": m.heads}
+            prior[path] = {
+                "to_q": m.to_q.weight.detach().float().cpu(),
+                "to_k": m.to_k.weight.detach().float().cpu(),
+                "to_v": m.to_v.weight.detach().float().cpu(),
+                "to_out": (out.weight.detach().float().cpu(), out.bias.detach().float().cpu()),
+                "heads": m.heads,
+            }
     return prior
 
 

@@ -23,7 +23,9 @@ def pixels(rng, size: int) -> np.ndarray:
     return np.kron(rng.rand(4, 4, 3), np.ones((size // 4, size // 4, 1)))  # blocky, not white noise
 
 
-def write_fastcomposer_item(root: Path, image_id: str, image: np.ndarray, segments: np.ndarray, info: dict, nested: bool = True):
+def write_fastcomposer_item(
+    root: Path, image_id: str, image: np.ndarray, segments: np.ndarray, info: dict, nested: bool = True
+):
     from PIL import Image
 
     folder = root / image_id[:5] if nested else root
@@ -59,8 +61,18 @@ def make_moa_dataset(folder: Path, n: int = 2, size: int = 64, layout: str = "ff
             Image.fromarray((image * 255).astype("uint8")).save(folder / f"{name}.png")
             for k, word in ((1, "man"), (2, "woman")):
                 Image.fromarray(((segments == k) * 255).astype("uint8")).save(folder / f"{name}_{word}.png")
-            lines.append(json.dumps({"file_name": f"{name}.png", "text": CAPTION, "subjects": [
-                {"word": "man", "mask": f"{name}_man.png"}, {"word": "woman", "mask": f"{name}_woman.png"}]}))
+            lines.append(
+                json.dumps(
+                    {
+                        "file_name": f"{name}.png",
+                        "text": CAPTION,
+                        "subjects": [
+                            {"word": "man", "mask": f"{name}_man.png"},
+                            {"word": "woman", "mask": f"{name}_woman.png"},
+                        ],
+                    }
+                )
+            )
     if layout.startswith("ffhq"):
         (folder / "image_ids_train.txt").write_text("\n".join(ids) + "\n")
     else:

@@ -20,7 +20,11 @@ from training.moa_data import Draws, MoADataset, ScanReport, make_subject_image,
 NO_DRAWS = Draws(subject_drop=0, condition_drop=0, augment=False)
 
 # SD1.5's MoA layers: attn1 and attn2 of its 16 transformer blocks (SAI naming).
-SD15_BLOCKS = [f"input_blocks.{i}.1" for i in (1, 2, 4, 5, 7, 8)] + ["middle_block.1"] + [f"output_blocks.{i}.1" for i in range(3, 12)]
+SD15_BLOCKS = (
+    [f"input_blocks.{i}.1" for i in (1, 2, 4, 5, 7, 8)]
+    + ["middle_block.1"]
+    + [f"output_blocks.{i}.1" for i in range(3, 12)]
+)
 SD15_LAYERS = [f"{b}.transformer_blocks.0.{a}" for b in SD15_BLOCKS for a in ("attn1", "attn2")]
 
 
@@ -33,17 +37,28 @@ def test_router_loss_layers_are_the_papers_on_sd15():
     router = moa_losses.router_layers(SD15_LAYERS)
     left_out = sorted({i.rsplit(".transformer_blocks", 1)[0] for i in set(SD15_LAYERS) - set(router)})
     assert len(SD15_LAYERS) == 32 and len(router) == 22
-    assert left_out == ["input_blocks.1.1", "input_blocks.2.1", "output_blocks.10.1", "output_blocks.11.1", "output_blocks.9.1"]
+    assert left_out == [
+        "input_blocks.1.1",
+        "input_blocks.2.1",
+        "output_blocks.10.1",
+        "output_blocks.11.1",
+        "output_blocks.9.1",
+    ]
 
 
 def test_localization_layers_are_fastcomposers_on_sd15():
     """FastComposer's 5 middle diffusers blocks: the 11 attn2 outside down_blocks.0 and up_blocks.3."""
     loc = moa_losses.localization_layers(SD15_LAYERS)
-    blocks = [f"input_blocks.{i}.1" for i in (4, 5, 7, 8)] + ["middle_block.1"] + [f"output_blocks.{i}.1" for i in range(3, 9)]
+    blocks = (
+        [f"input_blocks.{i}.1" for i in (4, 5, 7, 8)]
+        + ["middle_block.1"]
+        + [f"output_blocks.{i}.1" for i in range(3, 9)]
+    )
     assert loc == [f"{b}.transformer_blocks.0.attn2" for b in blocks]
     # the flags' block names are checked against the model
     assert moa_losses.localization_layers(SD15_LAYERS, moa_losses.parse_blocks("mid_block", SD15_LAYERS, "--x")) == [
-        "middle_block.1.transformer_blocks.0.attn2"]
+        "middle_block.1.transformer_blocks.0.attn2"
+    ]
     with pytest.raises(ValueError, match="--x: down_blocks.3 is not a UNet block with attention layers"):
         moa_losses.parse_blocks("down_blocks.3", SD15_LAYERS, "--x")
 
@@ -59,7 +74,10 @@ def test_fastcomposer_nested_layout_keeps_four_person_subjects(tmp_path):
     seg = np.zeros((64, 64), dtype=np.int64)
     for k in range(6):
         seg[8:56, k * 10 : k * 10 + 8] = k + 1
-    info = {"caption": caption, "segments": [segment(k + 1, caption, w, "dog" if w == "dog" else "person") for k, w in enumerate(words)]}
+    info = {
+        "caption": caption,
+        "segments": [segment(k + 1, caption, w, "dog" if w == "dog" else "person") for k, w in enumerate(words)],
+    }
     root = tmp_path / "ffhq_wild_files"
     write_fastcomposer_item(root, "0012345", np.random.RandomState(0).rand(64, 64, 3), seg, info)
     (root / "image_ids_train.txt").write_text("0012345\n")
@@ -71,7 +89,11 @@ def test_fastcomposer_nested_layout_keeps_four_person_subjects(tmp_path):
     assert report.labels_left == {"dog": 1}
     item = MoADataset([sample], 64, NO_DRAWS)[(0, 3)]
     assert len(item["words"]) == 4 and set(item["words"]) < {"man#1", "woman#1", "boy#1", "girl#1", "baby#1"}
-    assert item["caption"] == caption and item["masks"].shape == (4, 64, 64) and item["subject_images"].shape == (4, 224, 224, 3)
+    assert (
+        item["caption"] == caption
+        and item["masks"].shape == (4, 64, 64)
+        and item["subject_images"].shape == (4, 224, 224, 3)
+    )
     # every bound mask is its own person's column
     for word, mask in zip(item["words"], item["masks"]):
         k = words.index(word.split("#")[0])
@@ -131,7 +153,11 @@ def test_augmented_subject_images_vary_and_stay_in_range(tmp_path):
     samples = scan_moa_dataset(make_moa_dataset(tmp_path / "d", n=1))
     data = MoADataset(samples, 64, Draws(subject_drop=0, condition_drop=0, augment=True))
     a, b, again = data[(0, 0)], data[(0, 1)], data[(0, 0)]
-    assert a["subject_images"].shape == (2, 224, 224, 3) and 0 <= a["subject_images"].min() and a["subject_images"].max() <= 1
+    assert (
+        a["subject_images"].shape == (2, 224, 224, 3)
+        and 0 <= a["subject_images"].min()
+        and a["subject_images"].max() <= 1
+    )
     assert not torch.equal(a["subject_images"], b["subject_images"])
     assert torch.equal(a["subject_images"], again["subject_images"])  # seeded by the stream position: resumable
 
@@ -203,7 +229,9 @@ def test_localization_loss_is_fastcomposers_balanced_l1():
     assert float(moa_losses.localization_loss([coarse], masks, valid)) == pytest.approx(float(expected), abs=1e-5)
     assert abs(float(expected) + 0.5) > 0.1  # not the area pooling of the trainer before (which gives -0.5)
     # a sample without subjects counts as 0 in the batch mean (FastComposer's .mean() over the batch)
-    two = moa_losses.localization_loss([torch.cat([on, on])], torch.cat([masks, masks]), torch.tensor([[True, True, False], [False] * 3]))
+    two = moa_losses.localization_loss(
+        [torch.cat([on, on])], torch.cat([masks, masks]), torch.tensor([[True, True, False], [False] * 3])
+    )
     assert float(two) == pytest.approx(-1 / 16, abs=1e-5)
 
 

@@ -21,7 +21,12 @@ STEPS = 5
 
 
 def moa_args(checkpoint, data, output, steps, *extra):
-    return [*tiny_args(checkpoint, data, output, steps), "--clip-vision", str(rm.clip_vision_vit_l14()), *map(str, extra)]
+    return [
+        *tiny_args(checkpoint, data, output, steps),
+        "--clip-vision",
+        str(rm.clip_vision_vit_l14()),
+        *map(str, extra),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +36,28 @@ def micro_run(tmp_path_factory, checkpoint):
     224 px costs seconds per image on one CPU thread, the UNet at 64 px far less."""
     root = tmp_path_factory.mktemp("moa_micro")
     out = root / "moa" / "moa_micro.safetensors"
-    result = moa_train.main(moa_args(checkpoint, make_moa_dataset(root / "data", n=1), out, STEPS, "--lr", "1e-3",
-                                     "--fixed-noise", "--cond-drop", "0", "--subject-drop", "0", "--max-subjects", "1",
-                                     "--no-subject-augmentation", "--router-loss-weight", "1", "--localization-loss-weight", "1"))
+    result = moa_train.main(
+        moa_args(
+            checkpoint,
+            make_moa_dataset(root / "data", n=1),
+            out,
+            STEPS,
+            "--lr",
+            "1e-3",
+            "--fixed-noise",
+            "--cond-drop",
+            "0",
+            "--subject-drop",
+            "0",
+            "--max-subjects",
+            "1",
+            "--no-subject-augmentation",
+            "--router-loss-weight",
+            "1",
+            "--localization-loss-weight",
+            "1",
+        )
+    )
     return result, out
 
 
@@ -47,7 +71,7 @@ def test_micro_task_learns_and_leaves_the_prior_alone(micro_run, checkpoint):
     unet = result.stage.model.unet.state_dict()
     with safe_open(str(checkpoint), framework="pt") as f:
         for key in [k for k in f.keys() if k.startswith("model.diffusion_model.")]:
-            mine = unet[key[len("model.diffusion_model."):]]
+            mine = unet[key[len("model.diffusion_model.") :]]
             assert torch.equal(mine.to(f.get_tensor(key).dtype), f.get_tensor(key)), key
 
 
@@ -59,8 +83,12 @@ def test_losses_cover_the_papers_and_fastcomposers_layers(micro_run):
         meta = f.metadata()
     router, localization = json.loads(meta["moa.router_loss_layers"]), json.loads(meta["moa.localization_loss_layers"])
     assert len(json.loads(meta["moa.layers"])) == 32 and len(router) == 22 and len(localization) == 11
-    assert not any(i.startswith(("input_blocks.1.", "input_blocks.2.", "output_blocks.9.", "output_blocks.10.", "output_blocks.11."))
-                   for i in router)
+    assert not any(
+        i.startswith(
+            ("input_blocks.1.", "input_blocks.2.", "output_blocks.9.", "output_blocks.10.", "output_blocks.11.")
+        )
+        for i in router
+    )
     assert all(i.endswith("attn2") for i in localization)
 
 
@@ -114,12 +142,24 @@ def test_trained_files_load_and_sample_through_the_nodes(micro_run, sd15, pack):
         loaded = moa_nodes.LoadMoARouter.execute(out.name).result[0]
         assert loaded.model.metadata.get("moa.trained_steps") == str(STEPS)
         model, positive = moa_nodes.MoASubjectInject.execute(
-            model=sd15.model, moa=loaded, clip=sd15.clip, clip_vision=clip_vision, text="a man waving", subject_words="man",
-            image_1=photo, subject_weights="1.0", strength=1.0, start_percent=0.0, end_percent=1.0).result
+            model=sd15.model,
+            moa=loaded,
+            clip=sd15.clip,
+            clip_vision=clip_vision,
+            text="a man waving",
+            subject_words="man",
+            image_1=photo,
+            subject_weights="1.0",
+            strength=1.0,
+            start_percent=0.0,
+            end_percent=1.0,
+        ).result
         latent = {"samples": torch.zeros(1, 4, 8, 8)}
         negative = nodes.CLIPTextEncode().encode(sd15.clip, "")[0]
         with_moa = nodes.common_ksampler(model, 7, 1, 2.0, "euler", "normal", positive, negative, latent)[0]["samples"]
-        plain = nodes.common_ksampler(sd15.model, 7, 1, 2.0, "euler", "normal", positive, negative, latent)[0]["samples"]
+        plain = nodes.common_ksampler(sd15.model, 7, 1, 2.0, "euler", "normal", positive, negative, latent)[0][
+            "samples"
+        ]
     assert torch.isfinite(with_moa).all() and not torch.equal(with_moa, plain)
     (image,) = seen
     assert image.shape[1] == image.shape[2]  # square
@@ -138,7 +178,9 @@ def test_moa_patch_survives_gradient_checkpoint_recomputation(micro_run):
     from training import moa_data
 
     samples = moa_data.scan_moa_dataset(model.args.data)
-    bound = moa_data.MoADataset(samples, 64, moa_data.Draws(max_subjects=1, subject_drop=0, condition_drop=0, augment=False))
+    bound = moa_data.MoADataset(
+        samples, 64, moa_data.Draws(max_subjects=1, subject_drop=0, condition_drop=0, augment=False)
+    )
     unbound = moa_data.MoADataset(samples, 64, moa_data.Draws(condition_drop=1, augment=False))
     batch = moa_data.collate_list([bound[(0, 0)], unbound[(0, 1)]])  # one subject and none: padded
     params = [p for p in model.parameters() if p.requires_grad]
@@ -193,15 +235,25 @@ def test_wrong_inputs_stop_before_any_model_loads(tmp_path, checkpoint, monkeypa
     out = tmp_path / "x.safetensors"
 
     vit_h = tmp_path / "vit_h.safetensors"  # shapes are all the check reads: small stand-in tensors of ViT-H's names
-    save_file({"vision_model.embeddings.patch_embedding.weight": torch.zeros(1280, 3, 1, 1),
-               "vision_model.encoder.layers.31.layer_norm1.weight": torch.zeros(1280)}, str(vit_h))
+    save_file(
+        {
+            "vision_model.embeddings.patch_embedding.weight": torch.zeros(1280, 3, 1, 1),
+            "vision_model.encoder.layers.31.layer_norm1.weight": torch.zeros(1280),
+        },
+        str(vit_h),
+    )
     args = moa_args(checkpoint, data, out, 1, "--lr", "1e-4")
     with pytest.raises(SystemExit, match=r"--clip-vision .*vit_h.safetensors: MoA encodes subjects with CLIP ViT-L/14"):
         moa_train.main([*args[:-4], "--clip-vision", str(vit_h), "--lr", "1e-4"])
 
     sdxl = tmp_path / "sdxl.safetensors"
-    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2),
-               "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(2, 2048)}, str(sdxl))
+    save_file(
+        {
+            "conditioner.embedders.1.model.ln_final.weight": torch.zeros(2),
+            "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(2, 2048),
+        },
+        str(sdxl),
+    )
     with pytest.raises(SystemExit, match="MoA trains on SD1.5 checkpoints .* this one is SDXL"):
         moa_train.main(moa_args(sdxl, data, out, 1, "--lr", "1e-4"))
 
