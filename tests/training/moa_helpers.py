@@ -42,9 +42,12 @@ def segment(k: int, caption: str, word: str, label: str = "person", occurrence: 
     return {"id": k, "word": word, "end": start + len(word), "coco_label": label}
 
 
-def make_moa_dataset(folder: Path, n: int = 2, size: int = 64, layout: str = "ffhq", seed: int = 0) -> Path:
+def make_moa_dataset(
+    folder: Path, n: int = 2, size: int = 64, layout: str = "ffhq", seed: int = 0, words=("man", "woman")
+) -> Path:
     """n images of 'a man and a woman in a park' with a mask per person, in FastComposer's
-    nested layout ("ffhq"), flat ("ffhq-flat") or the plain folder layout ("folder")."""
+    nested layout ("ffhq"), flat ("ffhq-flat") or the plain folder layout ("folder"); `words`: the
+    persons annotated as segments (the others stay plain caption words)."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -54,7 +57,8 @@ def make_moa_dataset(folder: Path, n: int = 2, size: int = 64, layout: str = "ff
         image, segments = pixels(rng, size), person_segments(size)
         name = f"{70000 + i:07d}"  # FFHQ-wild ids are long; the first 5 characters name the folder
         if layout.startswith("ffhq"):
-            info = {"caption": CAPTION, "segments": [segment(1, CAPTION, "man"), segment(2, CAPTION, "woman")]}
+            ids_of = {"man": 1, "woman": 2}
+            info = {"caption": CAPTION, "segments": [segment(ids_of[w], CAPTION, w) for w in words]}
             write_fastcomposer_item(folder, name, image, segments, info, nested=layout == "ffhq")
             ids.append(name)
         else:
