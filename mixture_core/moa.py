@@ -284,21 +284,6 @@ class FastComposerFusion(nn.Module):
         return layer_norm(self.mlp2(fused), self.layer_norm)
 
 
-def fastcomposer_subject_image(image: torch.Tensor, size: int = 224) -> torch.Tensor:
-    """A subject image (B, H, W, C) in [0, 1] prepared as FastComposer prepares reference images
-    at inference (fastcomposer/transforms.py, get_test_object_transforms: PadToSquare with black,
-    then Resize((size, size)), bilinear with antialias), as (B, size, size, 3). The CLIP
-    normalization that follows is the clip_vision model's own (the same mean and std)."""
-    x = image[..., :3].movedim(-1, 1)
-    h, w = x.shape[-2:]
-    if h > w:  # PadToSquare pads (h - w) // 2 on each side (an odd difference stays one short)
-        x = F.pad(x, ((h - w) // 2, (h - w) // 2, 0, 0))
-    elif w > h:
-        x = F.pad(x, (0, 0, (w - h) // 2, (w - h) // 2))
-    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x.clamp(0.0, 1.0).movedim(1, -1)
-
-
 ROUTER_KINDS = ("learned", "constant", "attention")
 FUSION_KINDS = ("moa", "fastcomposer")
 

@@ -24,7 +24,8 @@ import torch
 from comfy_api.latest import io
 
 from ..mixture_core.errors import WeightFileError
-from ..mixture_core.moa import MoAModel, SubjectBinding, fastcomposer_subject_image, morph_embeddings, timelapse_tokens
+from ..mixture_core.moa import MoAModel, SubjectBinding, morph_embeddings, timelapse_tokens
+from ..mixture_core.subject_images import square_subject
 from ..mixture_core.moa_files import check_against_model, load_moa_file, vision_encoder_fingerprint
 from ..mixture_core.subjects import SubjectOptions, SubjectWord, Vocabulary, find_subject_tokens
 from .model_folders import file_fingerprint, full_path, safetensors_in
@@ -183,16 +184,15 @@ def check_image_encoder(clip_vision, moa: LoadedMoA) -> None:
                          f"(fingerprint {found}, expected {expected}). Load {wanted} with Load CLIP Vision.")
 
 
-def encode_subject_images(clip_vision, images: list[tuple[str, torch.Tensor]], preprocess: str = "clip") -> torch.Tensor:
-    """(n, 768) projected CLS embeddings of every image, input by input, in order. preprocess
-    "fastcomposer": padded to a square and resized first, as FastComposer prepares subjects
-    (otherwise ComfyUI's CLIP preprocessing center-crops)."""
+def encode_subject_images(clip_vision, images: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+    """(n, 768) projected CLS embeddings of every image, input by input, in order. Each image is
+    padded to a square first, as MoA's training and FastComposer make subject images
+    (mixture_core.subject_images): a full-body photo keeps its head, which the encoder's center
+    crop would cut off. The CLIP normalization that follows is the clip_vision model's own."""
     embeddings = []
     with torch.no_grad():  # as ComfyUI runs nodes (inference mode): no autograd graph through the encoder
         for _, image in images:
-            if preprocess == "fastcomposer":
-                image = fastcomposer_subject_image(image, int(getattr(clip_vision, "image_size", 224)))
-            embeddings.append(clip_vision.encode_image(image).image_embeds.float().cpu())
+            embeddings.append(clip_vision.encode_image(square_subject(image, clip_vision.image_size)).image_embeds.float().cpu())
     return torch.cat(embeddings)
 
 
@@ -257,10 +257,9 @@ def inject(request: InjectRequest):
     if o.strength == 0.0:
         return r.model.clone(), conditioning  # the router forced to the prior: the model as it is
 
-    preprocess = r.moa.model.image_preprocess
-    embeddings = encode_subject_images(r.clip_vision, connected, preprocess)
+    embeddings = encode_subject_images(r.clip_vision, connected)
     if o.morph > 0:
-        target = encode_subject_images(r.clip_vision, [("morph_image", morph_image)], preprocess)[0]
+        target = encode_subject_images(r.clip_vision, [("morph_image", morph_image)])[0]
         embeddings[edited] = morph_embeddings(embeddings[edited], target, o.morph)
     model_sampling = r.model.get_model_object("model_sampling")
     mark = SubjectsMark(uuid.uuid4().hex, tuple(s.text for s in subjects))

@@ -6,11 +6,12 @@ import json
 import pytest
 import torch
 
+from mixture_core.subject_images import square_subject
+
 from mixture_core.errors import WeightFileError
 from mixture_core.moa import (
     AttentionShape,
     FastComposerFusion,
-    fastcomposer_subject_image,
     MoALayer,
     MoAModel,
     RouterConfig,
@@ -76,7 +77,7 @@ def test_subject_image_is_prepared_as_fastcomposer_prepares_it(size):
     h, w = size
     pixels = torch.randint(0, 256, (3, h, w), generator=torch.Generator().manual_seed(h * w), dtype=torch.uint8)
     expected = reference(pixels)  # (3, 224, 224) in [0, 1], rounded to uint8 levels by the uint8 resize
-    ours = fastcomposer_subject_image(pixels.movedim(0, -1)[None].float() / 255)
+    ours = square_subject(pixels.movedim(0, -1)[None].float() / 255)
     assert ours.shape == (1, 224, 224, 3)
     # ComfyUI's clip_preprocess rounds a 224 px image to uint8 levels: compare at that rounding.
     torch.testing.assert_close((ours[0].movedim(-1, 0) * 255).round() / 255, expected, rtol=0, atol=1.01 / 255)
