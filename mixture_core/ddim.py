@@ -225,7 +225,8 @@ def null_text_inversion(
     """
     ts = list(timesteps) if timesteps is not None else ddim_timesteps(len(alphas_cumprod), len(pivots) - 1)
     if len(pivots) != len(ts) + 1:
-        raise ValueError(f"null_text_inversion needs {len(ts) + 1} pivots (x_T .. x0) for {len(ts)} steps, got {len(pivots)}")
+        raise ValueError(f"null_text_inversion needs {len(ts) + 1} pivots (x_T .. x0) for {len(ts)} steps, "
+                         f"got {len(pivots)}")
     levels = _levels(alphas_cumprod, ts)
     in_dtype = pivots[0].dtype
     guided = not math.isclose(cfg, 1.0)
