@@ -1,6 +1,8 @@
-"""MoA DDIM Swap cost against a plain KSampler generation with the same steps, in one run.
+"""MoA DDIM Swap cost against a plain KSampler generation with the same steps, in one run; or,
+with --reconstruction, how well invert -> regenerate (no MoA) returns the photo at several cfg.
 
     python3 -m bench.bench_ddim_swap [--size 256] [--steps 10] [--reps 3]
+    python3 -m bench.bench_ddim_swap --reconstruction [--size 64] [--steps 10] [--refine 3] [--iters 10]
 
 Uses the random-weight SD1.5 checkpoint, CLIP ViT-L/14 and MoA file of the test helpers (made
 once and cached). A swap is one inversion (prior) plus one generation (MoA) plus VAE
@@ -27,7 +29,15 @@ def main():
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reconstruction", action="store_true",
+                        help="reconstruction error of plain / refined DDIM and null-text inversion at --cfgs")
+    parser.add_argument("--cfgs", default="1,3,7.5")
+    parser.add_argument("--refine", type=int, default=3, help="refine_iters of 'refined' and null-text")
+    parser.add_argument("--iters", type=int, default=10, help="null-text Adam updates per step")
+    parser.add_argument("--lr", type=float, default=0.01, help="null-text learning rate")
     args = parser.parse_args()
+    if args.reconstruction:
+        return reconstruction(args)
 
     import hostenv
     from helpers import moa_weights, random_models
@@ -73,6 +83,51 @@ def main():
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"{args.size}x{args.size}, {args.steps} steps, cfg 1, CPU threads {torch.get_num_threads()}: "
           f"plain generation {med['plain']:.2f} s, MoA DDIM swap {med['swap']:.2f} s, ratio {med['swap'] / med['plain']:.2f} (target <= 2.1)")
+
+
+def reconstruction(args):
+    """Invert the photo with the prior and regenerate with the same model (the swap without MoA):
+    relative error of the regenerated latent to the photo's, and the cost in UNet evaluations
+    (one per latent row; 'backward' = those the null-text optimization differentiates)."""
+    import hostenv
+    from helpers.fixtures import load_sd15
+
+    sd15 = load_sd15()
+    hostenv.import_pack()
+    import nodes
+
+    ddim_nodes = importlib.import_module(f"{hostenv.PACK_MODULE}.nodes.ddim_nodes")
+    counts = {"rows": 0, "backward": 0}
+
+    def count(apply_model, a):
+        counts["rows"] += a["input"].shape[0]
+        counts["backward"] += a["input"].shape[0] if torch.is_grad_enabled() else 0
+        return apply_model(a["input"], a["timestep"], **a["c"])
+
+    model = sd15.model.clone()
+    model.set_model_unet_function_wrapper(count)
+    y, x = torch.meshgrid(torch.linspace(0, 1, args.size), torch.linspace(0, 1, args.size), indexing="ij")
+    photo = torch.stack([x, y, 0.5 + 0.5 * torch.sin(6 * x) * torch.cos(4 * y)], dim=-1)[None]
+    positive = nodes.CLIPTextEncode().encode(sd15.clip, "a person")[0]
+    negative = nodes.CLIPTextEncode().encode(sd15.clip, "")[0]
+    methods = {"plain DDIM": {"refine_iters": 0, "inversion": "ddim"},
+               f"refined DDIM ({args.refine})": {"refine_iters": args.refine, "inversion": "ddim"},
+               f"null-text ({args.iters} it, lr {args.lr})": {"refine_iters": args.refine, "inversion": "null_text",
+                                                              "null_text_iters": args.iters, "null_text_lr": args.lr}}
+    print(f"random SD1.5, {args.size}x{args.size}, {args.steps} steps, invert at cfg 1 -> regenerate at cfg, "
+          f"CPU threads {torch.get_num_threads()}")
+    print(f"{'method':<28}{'cfg':>5}{'rel. error':>12}{'UNet evals':>12}{'backward':>10}{'time s':>9}")
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        target = sd15.vae.encode(photo)
+        for cfg in (float(c) for c in args.cfgs.split(",")):
+            for name, options in methods.items():
+                counts.update(rows=0, backward=0)
+                start = time.perf_counter()
+                out = ddim_nodes.MoADDIMSwap.execute(model, model, positive, negative, sd15.vae, photo, args.steps,
+                                                     cfg, 1.0, **options).result[1]["samples"]
+                seconds = time.perf_counter() - start
+                error = float((out - target).norm() / target.norm())
+                print(f"{name:<28}{cfg:>5g}{error:>12.4f}{counts['rows']:>12}{counts['backward']:>10}{seconds:>9.1f}")
 
 
 if __name__ == "__main__":

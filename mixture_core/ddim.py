@@ -17,6 +17,12 @@ that undoes it (the noisier end's t): so ``ddim_sample(ddim_invert(x))`` is the 
 to the one approximation of inversion, eps evaluated at the less noisy end of the step.
 ``refine_iters`` removes that approximation with a fixed-point solve (see ``ddim_invert``).
 
+Guided sampling (cfg > 1) from such a latent no longer retraces the cfg-1 path: each step's
+guided eps differs from the one inversion used, and the errors compound. ``null_text_inversion``
+(Mokady et al. 2023, "Null-text inversion", which the MoA paper's real-image subject swap, Sec. 5.3,
+builds on) fixes that by optimizing the unconditional embedding per step so that the guided step
+lands on the inversion's trajectory.
+
 Precision: the noise-level coefficients are computed in Python floats (float64); the
 running state is kept in at least float32 (float64 stays float64) and the result is
 returned in the input dtype. ``eps_fn`` receives x in the input dtype.
@@ -30,6 +36,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 EpsFn = Callable[[torch.Tensor, int], torch.Tensor]
+# eps of the unconditional branch given the embeddings that replace the negative prompt's
+NullEpsFn = Callable[[torch.Tensor, int, Sequence[torch.Tensor]], torch.Tensor]
 Callback = Callable[[int, int, torch.Tensor], None]
 
 
@@ -145,6 +153,7 @@ def ddim_invert(
     *,
     timesteps: Optional[Sequence[int]] = None,
     refine_iters: int = 0,
+    trajectory: Optional[list] = None,
 ) -> torch.Tensor:
     """Map clean x0 (alpha = 1) up to x_T at alpha[timesteps[0]]: the mirror of ``ddim_sample``.
 
@@ -155,10 +164,13 @@ def ddim_invert(
     estimate (one more eps_fn call per step), a fixed-point solve of the sampling step's
     equation, so invert -> sample becomes exact as it converges. ``timesteps`` and
     ``callback`` are as in ``ddim_sample`` (callback once per step, not per refine call).
+    ``trajectory``, a list, receives the states visited in sampling order (x_T first, x0 last,
+    working dtype): the pivots of ``null_text_inversion``.
     """
     ts = list(timesteps) if timesteps is not None else ddim_timesteps(len(alphas_cumprod), steps)
     levels = _levels(alphas_cumprod, ts)
     x = x0.to(torch.promote_types(x0.dtype, torch.float32))
+    visited = [x]
     n = len(ts)
     for i in range(n):
         k = n - 1 - i  # transition levels[k + 1] (less noisy) -> levels[k], timestep ts[k]
@@ -166,6 +178,95 @@ def ddim_invert(
         for _ in range(refine_iters):
             x_next = ddim_step(x, _eps(eps_fn, x_next, ts[k], x0.dtype), levels[k + 1], levels[k])
         x = x_next
+        if trajectory is not None:
+            visited.append(x)
         if callback is not None:
             callback(i, n, x)
+    if trajectory is not None:
+        trajectory.extend(reversed(visited))
     return x.to(x0.dtype)
+
+
+# ----------------------------------------------------------------------------- null-text inversion
+
+
+def null_text_inversion(
+    pivots: Sequence[torch.Tensor],
+    cond_eps_fn: EpsFn,
+    uncond_eps_fn: NullEpsFn,
+    nulls: Sequence[torch.Tensor],
+    alphas_cumprod: torch.Tensor,
+    cfg: float,
+    callback: Optional[Callback] = None,
+    *,
+    timesteps: Optional[Sequence[int]] = None,
+    inner_iters: int = 10,
+    lr: float = 1e-2,
+    early_stop: float = 1e-5,
+) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+    """Null-text inversion (Mokady et al. 2023, Alg. 1): per-step unconditional embeddings that
+    make cfg-guided DDIM sampling from ``pivots[0]`` retrace the pivot trajectory.
+
+    ``pivots`` are the latents of a (cfg 1) DDIM inversion in sampling order, x_T first and the
+    clean latent last (``ddim_invert(..., trajectory=list)``). Guided eps is
+    ``e_u + cfg (e_c - e_u)`` with ``e_c = cond_eps_fn(x, t)`` (once per step, no gradient) and
+    ``e_u = uncond_eps_fn(x, t, embeddings)``. At step i, starting from step i-1's result (the
+    paper's warm start), Adam (``lr``) minimizes the MSE between the guided step from the current
+    latent and the pivot ``pivots[i+1]``, for at most ``inner_iters`` updates, stopping early once
+    the MSE is below ``early_stop``; the latent then moves on with the optimized embeddings, so
+    errors of earlier steps are corrected by later ones. Costs per step one cond call plus at most
+    ``inner_iters`` uncond calls with backward and one without (none at cfg 1, where the
+    embeddings have no effect).
+
+    Returns (the reconstruction of the clean latent, one list of embeddings per step, aligned with
+    ``timesteps``: what the unconditional branch must use at that step to retrace the pivots).
+    ``callback(i, n, x)`` runs after each step; ``uncond_eps_fn`` may raise to cancel. Works under
+    an outer ``torch.inference_mode()``/``no_grad()``: the optimization enables grad itself.
+    """
+    ts = list(timesteps) if timesteps is not None else ddim_timesteps(len(alphas_cumprod), len(pivots) - 1)
+    if len(pivots) != len(ts) + 1:
+        raise ValueError(f"null_text_inversion needs {len(ts) + 1} pivots (x_T .. x0) for {len(ts)} steps, "
+                         f"got {len(pivots)}")
+    levels = _levels(alphas_cumprod, ts)
+    in_dtype = pivots[0].dtype
+    guided = not math.isclose(cfg, 1.0)
+    per_step = []
+    # Pivots made under inference mode cannot be saved for backward: normal copies.
+    with torch.inference_mode(False):
+        work = torch.promote_types(in_dtype, torch.float32)
+        targets = [p.clone().to(work) for p in pivots]
+        params = [n.detach().clone().float().requires_grad_(True) for n in nulls]
+        x = targets[0]
+        for i, t in enumerate(ts):
+            with torch.no_grad():
+                e_c = _eps(cond_eps_fn, x, t, in_dtype)
+            if not guided:
+                x_prev = ddim_step(x, e_c, levels[i], levels[i + 1])
+            else:
+                x_prev = _null_text_step(x, e_c, t, params, uncond_eps_fn, cfg, levels[i], levels[i + 1],
+                                         targets[i + 1], in_dtype, inner_iters, lr, early_stop)
+            x = x_prev.detach()
+            per_step.append([p.detach().clone() for p in params])
+            if callback is not None:
+                callback(i, len(ts), x)
+    return x.to(in_dtype), per_step
+
+
+def _null_text_step(x, e_c, t, params, uncond_eps_fn, cfg, alpha_t, alpha_prev, target, in_dtype,
+                    inner_iters, lr, early_stop):
+    """Optimize ``params`` in place for one step; return the guided step's result with them."""
+    optimizer = torch.optim.Adam(params, lr=lr)
+    for j in range(inner_iters + 1):
+        last = j == inner_iters  # the final evaluation after the last update needs no gradient
+        with torch.set_grad_enabled(not last):
+            e_u = uncond_eps_fn(x.to(in_dtype), t, params).to(device=x.device, dtype=x.dtype)
+            x_prev = ddim_step(x, e_u + cfg * (e_c - e_u), alpha_t, alpha_prev)
+            loss = torch.nn.functional.mse_loss(x_prev, target)
+        if last or loss.item() < early_stop:
+            return x_prev
+        # autograd.grad, not backward(): only the embeddings get gradients, never model weights.
+        grads = torch.autograd.grad(loss, params)
+        for p, g in zip(params, grads):
+            p.grad = g
+        optimizer.step()
+    return x_prev

@@ -17,6 +17,7 @@ from mixture_core.ddim import (
     ddim_sample,
     ddim_step,
     ddim_timesteps,
+    null_text_inversion,
     scaled_linear_alphas_cumprod,
     sigmas_from_alphas_cumprod,
     timestep_from_sigma,
@@ -206,3 +207,90 @@ def test_sigma_alpha_conversions_and_timestep_lookup():
     assert timestep_from_sigma(100.0, table) == 999
     many = timestep_from_sigma(table[[3, 7, 900]].reshape(3, 1), table)
     assert many.shape == (3, 1) and many.flatten().tolist() == [3, 7, 900]
+
+
+# ----------------------------------------------------------------------------- null-text inversion
+
+
+def conditional_gaussian_problem(seed=0, shape=SHAPE):
+    """Conditional data N(mu_c, s^2), unconditional N(mu_u + e, s^2): the 'embedding' e shifts the
+    unconditional mean, so guidance (cfg > 1) pulls sampling off the cond-only (cfg 1) path unless
+    e is tuned per step."""
+    g = torch.Generator().manual_seed(seed)
+    mu_c = 0.5 * torch.randn(shape, generator=g, dtype=torch.float64)
+    mu_u = 0.5 * torch.randn(shape, generator=g, dtype=torch.float64)
+    s = 0.2 + torch.rand(shape, generator=g, dtype=torch.float64)
+    x0 = mu_c + s * torch.randn(shape, generator=g, dtype=torch.float64)
+
+    def eps_gauss(x, t, mu):
+        a = float(ALPHAS[t])
+        return math.sqrt(1 - a) * (x.double() - math.sqrt(a) * mu) / (a * s**2 + 1 - a)
+
+    calls = []
+
+    def cond(x, t):
+        return eps_gauss(x, t, mu_c)
+
+    def uncond(x, t, embeddings):
+        calls.append(t)
+        return eps_gauss(x, t, mu_u + embeddings[0])
+
+    def guided(cfg, embeddings_at):  # eps of cfg guidance with the embeddings of timestep t
+        def eps(x, t):
+            e_u = uncond(x, t, embeddings_at(t))
+            return e_u + cfg * (cond(x, t) - e_u)
+
+        return eps
+
+    return x0, cond, uncond, guided, calls
+
+
+NULL0 = [torch.zeros(SHAPE)]
+
+
+@pytest.mark.parametrize("cfg", [3.0, 7.5])
+def test_null_text_inversion_reconstructs_at_cfg_above_one(cfg):
+    x0, cond, uncond, guided, calls = conditional_gaussian_problem()
+    steps, iters = 10, 20
+    pivots = []
+    x_T = ddim_invert(x0, cond, ALPHAS, steps, refine_iters=5, trajectory=pivots)
+    assert len(pivots) == steps + 1 and torch.equal(pivots[0], x_T) and torch.equal(pivots[-1], x0)
+    plain = rel_err(ddim_sample(x_T, guided(cfg, lambda t: NULL0), ALPHAS, steps), x0)
+    calls.clear()
+    recon, per_step = null_text_inversion(pivots, cond, uncond, NULL0, ALPHAS, cfg, inner_iters=iters, lr=0.1)
+    nulltext = rel_err(recon, x0)
+    assert plain > 1.0, f"cfg {cfg}: plain DDIM should drift far from the photo, error {plain:.3e}"
+    assert nulltext < 0.02 and nulltext < plain / 100, f"cfg {cfg}: null-text {nulltext:.3e} vs plain {plain:.3e}"
+    assert steps < len(calls) <= steps * (iters + 1)
+    # The embeddings, used at their own steps by a plain guided sampler, give the same result ...
+    ts = ddim_timesteps(1000, steps)
+    by_t = dict(zip(ts, per_step))
+    replay = ddim_sample(x_T, guided(cfg, lambda t: by_t[t]), ALPHAS, steps)
+    assert rel_err(replay, recon) < 1e-5
+    # ... and one step off (each step with the next step's embeddings) they do not.
+    shifted = dict(zip(ts, per_step[1:] + per_step[-1:]))
+    assert rel_err(ddim_sample(x_T, guided(cfg, lambda t: shifted[t]), ALPHAS, steps), x0) > 10 * nulltext
+
+
+def test_null_text_inversion_cost_early_stop_cfg1_and_inference_mode():
+    x0, cond, uncond, _, calls = conditional_gaussian_problem()
+    pivots = []
+    ddim_invert(x0, cond, ALPHAS, 4, refine_iters=3, trajectory=pivots)
+    # cfg 1: the unconditional branch does not matter; no calls, embeddings returned as given.
+    recon, per_step = null_text_inversion(pivots, cond, uncond, NULL0, ALPHAS, 1.0)
+    assert calls == [] and all(torch.equal(e[0], NULL0[0]) for e in per_step)
+    assert rel_err(recon, ddim_sample(pivots[0], cond, ALPHAS, 4)) < 1e-12  # plain cfg-1 sampling
+    # An early-stop threshold above any loss: one uncond call per step, no update.
+    recon, per_step = null_text_inversion(pivots, cond, uncond, NULL0, ALPHAS, 3.0, inner_iters=5, early_stop=1e9)
+    assert len(calls) == 4 and all(torch.equal(e[0], NULL0[0]) for e in per_step)
+    # Threshold 0: every step uses all its updates plus the final evaluation; works under inference mode.
+    calls.clear()
+    seen = []
+    with torch.inference_mode():
+        inference_pivots = [p.clone() for p in pivots]
+        recon, per_step = null_text_inversion(inference_pivots, cond, uncond, NULL0, ALPHAS, 3.0, inner_iters=5,
+                                              early_stop=0.0, callback=lambda i, n, x: seen.append((i, n)))
+    assert len(calls) == 4 * 6 and seen == [(i, 4) for i in range(4)]
+    assert not torch.equal(per_step[0][0], NULL0[0]) and not NULL0[0].any()  # the input is not modified
+    with pytest.raises(ValueError, match="pivots"):
+        null_text_inversion(pivots[1:], cond, uncond, NULL0, ALPHAS, 3.0, timesteps=ddim_timesteps(1000, 4))

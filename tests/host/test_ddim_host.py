@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import pytest
@@ -128,3 +129,96 @@ def test_non_epsilon_models_and_bad_sizes_are_refused(ddim_nodes, sd15, photo_la
         ddim_nodes.DDIMInvert.execute(v_model, prompt, photo_latent, 2, 1.0, 0)
     with pytest.raises(ValueError, match="multiples of 8"):
         ddim_nodes.MoADDIMSwap.execute(sd15.model, sd15.model, prompt, prompt, sd15.vae, torch.rand(1, 60, 64, 3), 2, 1.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- null-text inversion
+
+
+@pytest.fixture(scope="module")
+def photo_and_empty(sd15):
+    import nodes
+
+    y, x = torch.meshgrid(torch.linspace(0, 1, 64), torch.linspace(0, 1, 64), indexing="ij")
+    image = torch.stack([x, y, 0.5 * (x + y)], dim=-1)[None]
+    return image, nodes.CLIPTextEncode().encode(sd15.clip, "")[0]
+
+
+@contextlib.contextmanager
+def progress_hook(hook):
+    import comfy.utils
+
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        yield
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+
+
+SWAP = {"steps": 2, "cfg": 3.0, "inversion_cfg": 1.0, "refine_iters": 2, "null_text_iters": 4, "null_text_lr": 0.05}
+
+
+def test_null_text_swap_holds_the_photo_at_cfg_3(ddim_nodes, sd15, prompt, photo_and_empty):
+    """Without MoA (moa_model = the prior), the swap is invert -> regenerate: at cfg 3 plain DDIM
+    drifts from the photo, null-text inversion stays much closer; one progress bar covers the
+    three passes. Run under inference mode, as ComfyUI's executor runs nodes."""
+    image, empty = photo_and_empty
+    target = sd15.vae.encode(image)
+    seen, errors = [], {}
+    with torch.inference_mode(), progress_hook(lambda value, total, *a, **k: seen.append((value, total))):
+        for inversion in ("ddim", "null_text"):
+            seen.clear()
+            out = ddim_nodes.MoADDIMSwap.execute(sd15.model, sd15.model, prompt, empty, sd15.vae, image,
+                                                 inversion=inversion, **SWAP).result[1]["samples"]
+            errors[inversion] = relative_error(out, target)
+            passes = 3 if inversion == "null_text" else 2
+            assert seen == [(i, passes * 2) for i in range(1, passes * 2 + 1)], (inversion, seen)
+    print(f"random SD1.5, 2 steps, cfg 3: invert->regenerate relative error {errors['ddim']:.3f} plain DDIM, "
+          f"{errors['null_text']:.3f} null-text")
+    assert errors["null_text"] < errors["ddim"] / 3, errors
+    # The weight copies for autograd were on a clone only: the shared model is back as it was.
+    assert not any(getattr(m, "weight_function", None) for m in sd15.model.model.diffusion_model.modules())
+
+
+def test_null_text_embeddings_apply_at_their_own_steps(ddim_nodes, sd15, prompt, photo_and_empty):
+    """Regenerating with the per-step embeddings reproduces the optimization's own reconstruction;
+    with the embeddings of the other step, or at cfg 1 (no negative), it does not."""
+    image, empty = photo_and_empty
+    latent = {"samples": sd15.vae.encode(image)}
+    with torch.inference_mode():
+        pivots = []
+        noise = ddim_nodes.run_ddim(sd15.model, latent, prompt, empty, 2, 1.0, invert=True, refine_iters=2,
+                                    trajectory=pivots)
+        recon, by_t = ddim_nodes.run_null_text(sd15.model, {"samples": noise}, pivots, prompt, empty, 2, 3.0,
+                                               inner_iters=4, lr=0.05)
+        replay = ddim_nodes.run_ddim(sd15.model, {"samples": noise}, prompt, empty, 2, 3.0, invert=False,
+                                     negative_per_step=by_t)
+        t_hi, t_lo = sorted(by_t, reverse=True)
+        swapped = ddim_nodes.run_ddim(sd15.model, {"samples": noise}, prompt, empty, 2, 3.0, invert=False,
+                                      negative_per_step={t_hi: by_t[t_lo], t_lo: by_t[t_hi]})
+    assert len(by_t) == 2 and all(len(e) == 1 and e[0].shape == empty[0][0].shape for e in by_t.values())
+    assert not torch.equal(by_t[t_hi][0], by_t[t_lo][0])
+    assert relative_error(replay, recon) < 1e-4
+    assert relative_error(swapped, recon) > 100 * relative_error(replay, recon)
+
+
+def test_null_text_swap_stops_at_cancel(ddim_nodes, sd15, prompt, photo_and_empty):
+    """Cancel pressed during the optimization pass stops it at the next embedding update."""
+    import comfy.model_management as mm
+
+    image, empty = photo_and_empty
+    seen = []
+
+    def press_cancel_after_first_update(value, total, *args, **kwargs):
+        seen.append(value)
+        if value == 3:  # after the first null-text step; ComfyUI's Cancel button sets this flag
+            mm.interrupt_current_processing(True)
+
+    try:
+        with torch.inference_mode(), progress_hook(press_cancel_after_first_update), \
+                pytest.raises(mm.InterruptProcessingException):
+            ddim_nodes.MoADDIMSwap.execute(sd15.model, sd15.model, prompt, empty, sd15.vae, image,
+                                           inversion="null_text", **SWAP)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert seen == [1, 2, 3]
