@@ -67,8 +67,10 @@ def import_host() -> Path:
         raise RuntimeError(reason)
     shadow = sys.modules.get("nodes")
     if shadow is not None and Path(getattr(shadow, "__file__", "") or "").resolve().parent == REPO / "nodes":
-        raise RuntimeError("this repository's nodes/ package was imported as the top-level 'nodes' module; "
-                           "import the host first (comfyui_host.import_host())")
+        raise RuntimeError(
+            "this repository's nodes/ package was imported as the top-level 'nodes' module; "
+            "import the host first (comfyui_host.import_host())"
+        )
     if str(host) in sys.path:
         sys.path.remove(str(host))
     sys.path.insert(0, str(host))
@@ -81,6 +83,7 @@ def import_host() -> Path:
     if not torch.cuda.is_available() and not torch.backends.mps.is_available():
         args.cpu = True  # as `main.py --cpu`: this machine has no accelerator
     import comfy.model_management  # noqa: F401  (selects the device)
+
     return host
 
 

@@ -29,8 +29,11 @@ def main():
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--reconstruction", action="store_true",
-                        help="reconstruction error of plain / refined DDIM and null-text inversion at --cfgs")
+    parser.add_argument(
+        "--reconstruction",
+        action="store_true",
+        help="reconstruction error of plain / refined DDIM and null-text inversion at --cfgs",
+    )
     parser.add_argument("--cfgs", default="1,3,7.5")
     parser.add_argument("--refine", type=int, default=3, help="refine_iters of 'refined' and null-text")
     parser.add_argument("--iters", type=int, default=10, help="null-text Adam updates per step")
@@ -47,6 +50,7 @@ def main():
     hostenv.import_pack()
     import comfy.clip_vision
     import folder_paths
+
     import nodes
 
     moa_nodes = importlib.import_module(f"{hostenv.PACK_MODULE}.nodes.moa_nodes")
@@ -59,18 +63,31 @@ def main():
     photo = torch.rand(1, args.size, args.size, 3, generator=gen)
     subject = torch.rand(1, 224, 224, 3, generator=gen)
     moa_model, positive = moa_nodes.MoASubjectInject.execute(
-        model=sd15.model, moa=moa, clip=sd15.clip, clip_vision=clip_vision, text="a person", subject_words="person",
-        image_1=subject, subject_weights="1.0", strength=1.0, start_percent=0.0, end_percent=1.0).result
+        model=sd15.model,
+        moa=moa,
+        clip=sd15.clip,
+        clip_vision=clip_vision,
+        text="a person",
+        subject_words="person",
+        image_1=subject,
+        subject_weights="1.0",
+        strength=1.0,
+        start_percent=0.0,
+        end_percent=1.0,
+    ).result
     negative = nodes.CLIPTextEncode().encode(sd15.clip, "")[0]
     latent = {"samples": torch.zeros(1, 4, args.size // 8, args.size // 8)}
 
     def plain():
-        out = nodes.common_ksampler(moa_model, 1, args.steps, 1.0, "euler", "ddim_uniform", positive, negative, latent)[0]
+        out = nodes.common_ksampler(moa_model, 1, args.steps, 1.0, "euler", "ddim_uniform", positive, negative, latent)[
+            0
+        ]
         return sd15.vae.decode(out["samples"])
 
     def swap():
-        return ddim_nodes.MoADDIMSwap.execute(sd15.model, moa_model, positive, negative, sd15.vae, photo,
-                                              args.steps, 1.0, 1.0).result[0]
+        return ddim_nodes.MoADDIMSwap.execute(
+            sd15.model, moa_model, positive, negative, sd15.vae, photo, args.steps, 1.0, 1.0
+        ).result[0]
 
     times = {"plain": [], "swap": []}
     with torch.inference_mode():
@@ -81,8 +98,10 @@ def main():
                 fn()
                 times[name].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{args.size}x{args.size}, {args.steps} steps, cfg 1, CPU threads {torch.get_num_threads()}: "
-          f"plain generation {med['plain']:.2f} s, MoA DDIM swap {med['swap']:.2f} s, ratio {med['swap'] / med['plain']:.2f} (target <= 2.1)")
+    print(
+        f"{args.size}x{args.size}, {args.steps} steps, cfg 1, CPU threads {torch.get_num_threads()}: "
+        f"plain generation {med['plain']:.2f} s, MoA DDIM swap {med['swap']:.2f} s, ratio {med['swap'] / med['plain']:.2f} (target <= 2.1)"
+    )
 
 
 def reconstruction(args):
@@ -110,12 +129,20 @@ def reconstruction(args):
     photo = torch.stack([x, y, 0.5 + 0.5 * torch.sin(6 * x) * torch.cos(4 * y)], dim=-1)[None]
     positive = nodes.CLIPTextEncode().encode(sd15.clip, "a person")[0]
     negative = nodes.CLIPTextEncode().encode(sd15.clip, "")[0]
-    methods = {"plain DDIM": {"refine_iters": 0, "inversion": "ddim"},
-               f"refined DDIM ({args.refine})": {"refine_iters": args.refine, "inversion": "ddim"},
-               f"null-text ({args.iters} it, lr {args.lr})": {"refine_iters": args.refine, "inversion": "null_text",
-                                                              "null_text_iters": args.iters, "null_text_lr": args.lr}}
-    print(f"random SD1.5, {args.size}x{args.size}, {args.steps} steps, invert at cfg 1 -> regenerate at cfg, "
-          f"CPU threads {torch.get_num_threads()}")
+    methods = {
+        "plain DDIM": {"refine_iters": 0, "inversion": "ddim"},
+        f"refined DDIM ({args.refine})": {"refine_iters": args.refine, "inversion": "ddim"},
+        f"null-text ({args.iters} it, lr {args.lr})": {
+            "refine_iters": args.refine,
+            "inversion": "null_text",
+            "null_text_iters": args.iters,
+            "null_text_lr": args.lr,
+        },
+    }
+    print(
+        f"random SD1.5, {args.size}x{args.size}, {args.steps} steps, invert at cfg 1 -> regenerate at cfg, "
+        f"CPU threads {torch.get_num_threads()}"
+    )
     print(f"{'method':<28}{'cfg':>5}{'rel. error':>12}{'UNet evals':>12}{'backward':>10}{'time s':>9}")
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
         target = sd15.vae.encode(photo)
@@ -123,8 +150,9 @@ def reconstruction(args):
             for name, options in methods.items():
                 counts.update(rows=0, backward=0)
                 start = time.perf_counter()
-                out = ddim_nodes.MoADDIMSwap.execute(model, model, positive, negative, sd15.vae, photo, args.steps,
-                                                     cfg, 1.0, **options).result[1]["samples"]
+                out = ddim_nodes.MoADDIMSwap.execute(
+                    model, model, positive, negative, sd15.vae, photo, args.steps, cfg, 1.0, **options
+                ).result[1]["samples"]
                 seconds = time.perf_counter() - start
                 error = float((out - target).norm() / target.norm())
                 print(f"{name:<28}{cfg:>5g}{error:>12.4f}{counts['rows']:>12}{counts['backward']:>10}{seconds:>9.1f}")

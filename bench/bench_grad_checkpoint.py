@@ -23,9 +23,9 @@ def main():
     args = parser.parse_args()
 
     import torch
-
     from helpers.cpu_memory import peak_tensor_memory
     from test_training_units import tiny_unet
+
     from training.grad_checkpoint import enable_gradient_checkpointing
 
     torch.set_num_threads(1)
@@ -37,7 +37,11 @@ def main():
             unet = tiny_unet(args.channels)
             if checkpointing:
                 enable_gradient_checkpointing(unet)
-            peaks.append(peak_tensor_memory(lambda: unet(x, timesteps=t, context=ctx, transformer_options={}).square().mean().backward()))
+            peaks.append(
+                peak_tensor_memory(
+                    lambda: unet(x, timesteps=t, context=ctx, transformer_options={}).square().mean().backward()
+                )
+            )
         print(f"{size:6d}  {peaks[0] / 2**20:9.1f}  {peaks[1] / 2**20:16.1f}  {peaks[1] / peaks[0]:.2f}")
 
 

@@ -48,14 +48,17 @@ def moa_models(patcher, subjects: int, seed: int = 0):
     moa = files.load_moa_file(tmp)
     tmp.unlink()
     gen = torch.Generator().manual_seed(seed)
-    bindings = [core.SubjectBinding(2 + 3 * i, torch.randn(moa.fusion.image_dim, generator=gen)) for i in range(subjects)]
+    bindings = [
+        core.SubjectBinding(2 + 3 * i, torch.randn(moa.fusion.image_dim, generator=gen)) for i in range(subjects)
+    ]
     model_sampling = patcher.get_model_object("model_sampling")
 
     weights = importlib.import_module(f"{pack.__name__}.nodes.patching").weights_patcher(moa)
 
     def patched(strength):
-        settings = adapter.MoASettings(strength=strength, sigma_start=float("inf"), sigma_end=0.0, bindings=bindings,
-                                       model_sampling=model_sampling)
+        settings = adapter.MoASettings(
+            strength=strength, sigma_start=float("inf"), sigma_end=0.0, bindings=bindings, model_sampling=model_sampling
+        )
         return adapter.apply_moa(patcher, moa, weights, settings)
 
     weight_bytes = sum(p.numel() * p.element_size() for p in moa.parameters())
@@ -74,8 +77,12 @@ def step_fn(patcher, size, batch, device, dtype):
     def run():
         """Seconds of one UNet forward (loading/patching the model is not timed)."""
         mm.load_models_gpu([patcher] + patcher.get_nested_additional_models(), force_full_load=True)
-        options = dict(patcher.model_options["transformer_options"], cond_or_uncond=chunks, sigmas=sigma,
-                       uuids=["cond", "uncond"][:len(chunks)])
+        options = dict(
+            patcher.model_options["transformer_options"],
+            cond_or_uncond=chunks,
+            sigmas=sigma,
+            uuids=["cond", "uncond"][: len(chunks)],
+        )
         moa_patch = importlib.import_module(f"{hostenv.import_pack().__name__}.nodes.moa_patch").find_moa_patch(patcher)
         if moa_patch is not None:  # the cond chunk carries the subjects, as the sampler's wrapper would say
             options[moa_patch.rows_key] = frozenset({(0, "cond")})
@@ -106,14 +113,18 @@ def main():
 
     base = build_unet(device, dtype)
     moa, moa_off, weight_bytes = moa_models(base, args.subjects)
-    print(f"device {device} ({torch.get_num_threads()} threads), dtype {dtype}, batch {args.batch}, "
-          f"MoA on 32 attention layers, {args.subjects} subject(s), MoA weights {weight_bytes / 2**20:.1f} MiB")
+    print(
+        f"device {device} ({torch.get_num_threads()} threads), dtype {dtype}, batch {args.batch}, "
+        f"MoA on 32 attention layers, {args.subjects} subject(s), MoA weights {weight_bytes / 2**20:.1f} MiB"
+    )
     for size in args.sizes:
-        runs = {name: step_fn(p, size, args.batch, device, dtype) for name, p in
-                (("base", base), ("moa", moa), ("strength0", moa_off))}
+        runs = {
+            name: step_fn(p, size, args.batch, device, dtype)
+            for name, p in (("base", base), ("moa", moa), ("strength0", moa_off))
+        }
         counted = {name: flops(run) for name, run in runs.items()}
         times = {name: [] for name in runs}
-        for name, run in runs.items():
+        for run in runs.values():
             run()  # warm-up (and model load) outside the timing
         for _ in range(args.reps):
             for name, run in runs.items():  # interleaved so drift hits all three alike
@@ -121,18 +132,25 @@ def main():
         med = {name: statistics.median(v) for name, v in times.items()}
         predicted = counted["moa"] / counted["base"]
         measured = med["moa"] / med["base"]
-        print(f"{size}x{size}: base {med['base'] * 1e3:.1f} ms, MoA {med['moa'] * 1e3:.1f} ms, "
-              f"patches at strength 0 {med['strength0'] * 1e3:.1f} ms | FLOPs base {counted['base'] / 1e9:.1f} G, "
-              f"MoA +{(predicted - 1) * 100:.1f}% | ratio measured {measured:.3f} vs predicted {predicted:.3f} "
-              f"(measured/predicted {measured / predicted:.3f}); patches at strength 0 cost "
-              f"{(med['strength0'] / med['base'] - 1) * 100:+.1f}% (MoA Subject Inject at strength 0: an unpatched clone, +0%)")
+        print(
+            f"{size}x{size}: base {med['base'] * 1e3:.1f} ms, MoA {med['moa'] * 1e3:.1f} ms, "
+            f"patches at strength 0 {med['strength0'] * 1e3:.1f} ms | FLOPs base {counted['base'] / 1e9:.1f} G, "
+            f"MoA +{(predicted - 1) * 100:.1f}% | ratio measured {measured:.3f} vs predicted {predicted:.3f} "
+            f"(measured/predicted {measured / predicted:.3f}); patches at strength 0 cost "
+            f"{(med['strength0'] / med['base'] - 1) * 100:+.1f}% (MoA Subject Inject at strength 0: an unpatched clone, +0%)"
+        )
         spread = {name: (min(v) * 1e3, max(v) * 1e3) for name, v in times.items()}
-        print("  min..max ms: " + ", ".join(f"{name} {lo:.0f}..{hi:.0f}" for name, (lo, hi) in spread.items())
-              + f" | ratio of the fastest runs {spread['moa'][0] / spread['base'][0]:.3f} (less sensitive to other load on the machine)")
+        print(
+            "  min..max ms: "
+            + ", ".join(f"{name} {lo:.0f}..{hi:.0f}" for name, (lo, hi) in spread.items())
+            + f" | ratio of the fastest runs {spread['moa'][0] / spread['base'][0]:.3f} (less sensitive to other load on the machine)"
+        )
         if device.type == "cuda":
             peaks = peak_cuda_memory(runs)
-            print(f"  peak CUDA memory: base {peaks['base'] / 2**20:.0f} MiB, MoA {peaks['moa'] / 2**20:.0f} MiB "
-                  f"(+{(peaks['moa'] - peaks['base']) / 2**20:.0f} MiB; MoA weights {weight_bytes / 2**20:.0f} MiB)")
+            print(
+                f"  peak CUDA memory: base {peaks['base'] / 2**20:.0f} MiB, MoA {peaks['moa'] / 2**20:.0f} MiB "
+                f"(+{(peaks['moa'] - peaks['base']) / 2**20:.0f} MiB; MoA weights {weight_bytes / 2**20:.0f} MiB)"
+            )
 
 
 if __name__ == "__main__":

@@ -30,10 +30,22 @@ def build_unet(device, dtype):
     import comfy.supported_models
 
     config = comfy.supported_models.SD15.unet_config | dict(
-        num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
-        transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1,
-        num_heads=8, num_head_channels=-1, in_channels=4, out_channels=4, use_spatial_transformer=True,
-        legacy=False, image_size=32, num_classes=None, dims=2, disable_self_attentions=None, use_checkpoint=False,
+        num_res_blocks=[2, 2, 2, 2],
+        channel_mult=[1, 2, 4, 4],
+        transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+        transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        transformer_depth_middle=1,
+        num_heads=8,
+        num_head_channels=-1,
+        in_channels=4,
+        out_channels=4,
+        use_spatial_transformer=True,
+        legacy=False,
+        image_size=32,
+        num_classes=None,
+        dims=2,
+        disable_self_attentions=None,
+        use_checkpoint=False,
     )
     model_config = comfy.supported_models.SD15(config)
     model_config.set_inference_dtype(dtype, None)
@@ -64,14 +76,21 @@ def mole_model(patcher, rank, strength):
     gen = torch.Generator().manual_seed(1)
 
     def expert(name):
-        pairs = {p: LoRAPair(torch.randn(rank, d_in, generator=gen) / d_in**0.5,
-                             torch.randn(d_out, rank, generator=gen) * 0.01, float(rank), conv)
-                 for p, (d_in, d_out, conv) in layers.items()}
+        pairs = {
+            p: LoRAPair(
+                torch.randn(rank, d_in, generator=gen) / d_in**0.5,
+                torch.randn(d_out, rank, generator=gen) * 0.01,
+                float(rank),
+                conv,
+            )
+            for p, (d_in, d_out, conv) in layers.items()
+        }
         return Expert(name, None, 1.0, pairs)
 
     gate = GateFile(None, "released", ["face", "hand"], mw.random_gates(layers, 2, "released"))
-    built = build_mole_layers([expert("face"), expert("hand")], gate, lambda name: name, strength=strength,
-                              dtype=patcher.model_dtype())
+    built = build_mole_layers(
+        [expert("face"), expert("hand")], gate, lambda name: name, strength=strength, dtype=patcher.model_dtype()
+    )
     patched = patcher.clone()
     for path, layer in built.items():
         patching.chain_forward(patched, path, lambda prev, layer=layer: wrap_forward(layer, prev))
@@ -140,14 +159,18 @@ def main():
     mole, weight_bytes = mole_model(base, args.rank, 1.0)
     node_off = base.clone()  # what Apply MoLE Gating returns at strength 0
     gain_off, _ = mole_model(base, args.rank, 0.0)  # every layer patched, all gains 0
-    print(f"device {device} ({torch.get_num_threads()} threads), dtype {dtype}, batch {args.batch}, "
-          f"two rank-{args.rank} experts on 192 layers, expert+gate weights {weight_bytes / 2**20:.1f} MiB")
+    print(
+        f"device {device} ({torch.get_num_threads()} threads), dtype {dtype}, batch {args.batch}, "
+        f"two rank-{args.rank} experts on 192 layers, expert+gate weights {weight_bytes / 2**20:.1f} MiB"
+    )
     for size in args.sizes:
-        runs = {name: step_fn(p, size, args.batch, device, dtype) for name, p in
-                (("base", base), ("mole", mole), ("strength0", node_off), ("gain0", gain_off))}
+        runs = {
+            name: step_fn(p, size, args.batch, device, dtype)
+            for name, p in (("base", base), ("mole", mole), ("strength0", node_off), ("gain0", gain_off))
+        }
         counted = {name: flops(run) for name, run in runs.items()}
         times = {name: [] for name in runs}
-        for name, run in runs.items():
+        for run in runs.values():
             run()  # warm-up (and model load) outside the timing
         for _ in range(args.reps):
             for name, run in runs.items():  # interleaved so drift hits all three alike
@@ -157,15 +180,19 @@ def main():
         spread = ", ".join(f"{name} {(statistics.median(v) / min(v) - 1) * 100:.1f}%" for name, v in times.items())
         predicted = counted["mole"] / counted["base"]
         measured = med["mole"] / med["base"]
-        print(f"{size}x{size}: base {med['base'] * 1e3:.1f} ms, MoLE {med['mole'] * 1e3:.1f} ms | FLOPs base {counted['base'] / 1e9:.1f} G, "
-              f"MoLE +{(predicted - 1) * 100:.1f}% | ratio measured {measured:.3f} vs predicted {predicted:.3f} "
-              f"(measured/predicted {measured / predicted:.3f}); strength 0 (node) costs {(med['strength0'] / med['base'] - 1) * 100:+.1f}%, "
-              f"patched with all gains 0 {(med['gain0'] / med['base'] - 1) * 100:+.1f}% (best of {args.reps}; "
-              f"median above best: {spread})")
+        print(
+            f"{size}x{size}: base {med['base'] * 1e3:.1f} ms, MoLE {med['mole'] * 1e3:.1f} ms | FLOPs base {counted['base'] / 1e9:.1f} G, "
+            f"MoLE +{(predicted - 1) * 100:.1f}% | ratio measured {measured:.3f} vs predicted {predicted:.3f} "
+            f"(measured/predicted {measured / predicted:.3f}); strength 0 (node) costs {(med['strength0'] / med['base'] - 1) * 100:+.1f}%, "
+            f"patched with all gains 0 {(med['gain0'] / med['base'] - 1) * 100:+.1f}% (best of {args.reps}; "
+            f"median above best: {spread})"
+        )
         if device.type == "cuda":
             peaks = peak_cuda_memory(runs)
-            print(f"  peak CUDA memory: base {peaks['base'] / 2**20:.0f} MiB, MoLE {peaks['mole'] / 2**20:.0f} MiB "
-                  f"(+{(peaks['mole'] - peaks['base']) / 2**20:.0f} MiB; expert+gate weights {weight_bytes / 2**20:.0f} MiB)")
+            print(
+                f"  peak CUDA memory: base {peaks['base'] / 2**20:.0f} MiB, MoLE {peaks['mole'] / 2**20:.0f} MiB "
+                f"(+{(peaks['mole'] - peaks['base']) / 2**20:.0f} MiB; expert+gate weights {weight_bytes / 2**20:.0f} MiB)"
+            )
 
 
 if __name__ == "__main__":

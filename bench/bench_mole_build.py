@@ -59,14 +59,16 @@ def main():
     files = {part: folder / f"bench_sdxl_{part}_r{args.rank}.safetensors" for part in ("face", "hand")}
     gates = folder / "bench_sdxl_gates.safetensors"
     start = time.perf_counter()
-    for seed, (part, path) in enumerate(files.items()):
+    for seed, path in enumerate(files.values()):
         if not path.exists():
             mw.write_lora(path, layers, names, rank=args.rank, seed=seed)
     if not gates.exists():
         mw.write_released_gates(gates, layers, names, dtype=torch.bfloat16)
     size = sum(p.stat().st_size for p in files.values()) / 2**30
-    print(f"{len(layers)} layers, rank {args.rank}: experts {size:.2f} GB on disk "
-          f"(written in {time.perf_counter() - start:.0f} s)")
+    print(
+        f"{len(layers)} layers, rank {args.rank}: experts {size:.2f} GB on disk "
+        f"(written in {time.perf_counter() - start:.0f} s)"
+    )
 
     read_times, build_times = [], []
     with model_folders(loras=folder, mole=folder):
@@ -79,14 +81,17 @@ def main():
                         torch.empty_like(tensor).copy_(tensor)  # touch every byte (get_tensor may map lazily)
             read_times.append(time.perf_counter() - start)
             start = time.perf_counter()
-            experts = mole.LoadMoLEExperts.execute(files["face"].name, "face", 1.0, files["hand"].name, "hand",
-                                                   1.0).result[0]
+            experts = mole.LoadMoLEExperts.execute(
+                files["face"].name, "face", 1.0, files["hand"].name, "hand", 1.0
+            ).result[0]
             patched = mole.ApplyMoLEGating.execute(patcher, experts, gates.name, "both", 1.0).result[0]
             build_times.append(time.perf_counter() - start)
             del patched, experts
     read, build = min(read_times), min(build_times)
-    print(f"Load MoLE Experts + Apply MoLE Gating: {build:.1f} s (best of {args.reps}); "
-          f"reading the two files alone: {read:.1f} s; ratio build/read x{build / read:.2f}")
+    print(
+        f"Load MoLE Experts + Apply MoLE Gating: {build:.1f} s (best of {args.reps}); "
+        f"reading the two files alone: {read:.1f} s; ratio build/read x{build / read:.2f}"
+    )
     if tmp:
         tmp.cleanup()
 

@@ -33,11 +33,9 @@ def child(kind, size, folder):
     import gc
 
     import torch
-
-    from bench.bench_mole import build_unet, step_fn
     from helpers.fixtures import model_folders
 
-    from bench.bench_mole import hostenv
+    from bench.bench_mole import build_unet, hostenv, step_fn
 
     device, dtype = torch.device("cpu"), torch.float32
     model = build_unet(device, dtype)
@@ -48,7 +46,9 @@ def child(kind, size, folder):
     weights = 0
     if kind == "mole":
         with model_folders(loras=Path(folder), mole=Path(folder)):
-            experts = nodes.LoadMoLEExperts.execute("face.safetensors", "face", 1.0, "hand.safetensors", "hand", 1.0).result[0]
+            experts = nodes.LoadMoLEExperts.execute(
+                "face.safetensors", "face", 1.0, "hand.safetensors", "hand", 1.0
+            ).result[0]
             model = nodes.ApplyMoLEGating.execute(model, experts, "gates.safetensors", "both", 1.0).result[0]
         bank = model.get_additional_models_with_key("mole")[0].model
         weights = sum(p.numel() * p.element_size() for p in bank.parameters())
@@ -60,9 +60,9 @@ def child(kind, size, folder):
 
 def write_files(folder: Path, rank: int) -> None:
     import torch
+    from helpers import mole_weights as mw
 
     from bench.bench_mole import build_unet
-    from helpers import mole_weights as mw
 
     base = build_unet(torch.device("cpu"), torch.float32)
     layers, names = mw.target_layers(base), mw.kohya_names(base, "diffusers")
@@ -84,22 +84,42 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         write_files(Path(folder), args.rank)
         for kind in ("base", "mole"):
-            out = subprocess.run([sys.executable, "-m", "bench.bench_mole_memory", "--child", kind, "--size", str(args.size),
-                                  "--folder", folder], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.bench_mole_memory",
+                    "--child",
+                    kind,
+                    "--size",
+                    str(args.size),
+                    "--folder",
+                    folder,
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             res[kind] = json.loads(out.stdout.strip().splitlines()[-1])
     base, mole = res["base"], res["mole"]
     growth = mole["peak"] - base["peak"]
     tokens = 2 * (args.size // 8) ** 2  # batch 2 at the first level, the largest
     order = tokens * 2 * args.rank * 4
     print(f"{args.size}x{args.size}, batch 2, two rank-{args.rank} experts on 192 layers (fp32 model):")
-    print(f"  peak RSS: base {base['peak'] / MIB:.0f} MiB, MoLE {mole['peak'] / MIB:.0f} MiB, growth {growth / MIB:.0f} MiB; "
-          f"MoLE layer weights {mole['weights'] / MIB:.0f} MiB; growth / weights = {growth / mole['weights']:.3f}")
-    print(f"  loading the experts raised the peak by {(mole['before_step'] - mole['before_mole']) / MIB:.0f} MiB; "
-          f"the step itself: base +{(base['peak'] - base['before_step']) / MIB:.0f} MiB, "
-          f"MoLE +{(mole['peak'] - mole['before_step']) / MIB:.0f} MiB; "
-          f"tokens x total rank x 4 bytes at the first level = {order / MIB:.1f} MiB")
-    print(f"  growth beyond the weights: {(growth - mole['weights']) / MIB:.0f} MiB "
-          f"= {(growth - mole['weights']) / order:.1f} x tokens x total rank x 4 bytes")
+    print(
+        f"  peak RSS: base {base['peak'] / MIB:.0f} MiB, MoLE {mole['peak'] / MIB:.0f} MiB, growth {growth / MIB:.0f} MiB; "
+        f"MoLE layer weights {mole['weights'] / MIB:.0f} MiB; growth / weights = {growth / mole['weights']:.3f}"
+    )
+    print(
+        f"  loading the experts raised the peak by {(mole['before_step'] - mole['before_mole']) / MIB:.0f} MiB; "
+        f"the step itself: base +{(base['peak'] - base['before_step']) / MIB:.0f} MiB, "
+        f"MoLE +{(mole['peak'] - mole['before_step']) / MIB:.0f} MiB; "
+        f"tokens x total rank x 4 bytes at the first level = {order / MIB:.1f} MiB"
+    )
+    print(
+        f"  growth beyond the weights: {(growth - mole['weights']) / MIB:.0f} MiB "
+        f"= {(growth - mole['weights']) / order:.1f} x tokens x total rank x 4 bytes"
+    )
 
 
 if __name__ == "__main__":

@@ -33,11 +33,36 @@ print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
 
 def peak_of_run(tree: Path, checkpoint: Path, data: Path, work: Path) -> int:
     """Peak RSS (bytes) of `python -m training.mole_expert` run from `tree`, in a fresh parent."""
-    cmd = [sys.executable, "-m", "training.mole_expert", "--part", "face", "--rank", "4", "--alpha", "4", "--lr", "1e-4",
-           "--checkpoint", str(checkpoint), "--data", str(data), "--output", str(work / "face.safetensors"),
-           "--resolution", "64", "--steps", "1"]
-    out = subprocess.run([sys.executable, "-c", MEASURE, *cmd], cwd=tree, capture_output=True, text=True,
-                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "training.mole_expert",
+        "--part",
+        "face",
+        "--rank",
+        "4",
+        "--alpha",
+        "4",
+        "--lr",
+        "1e-4",
+        "--checkpoint",
+        str(checkpoint),
+        "--data",
+        str(data),
+        "--output",
+        str(work / "face.safetensors"),
+        "--resolution",
+        "64",
+        "--steps",
+        "1",
+    ]
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, *cmd],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
     if out.returncode:
         raise SystemExit(out.stderr)
     return int(out.stdout.strip().splitlines()[-1])

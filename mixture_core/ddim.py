@@ -31,7 +31,7 @@ returned in the input dtype. ``eps_fn`` receives x in the input dtype.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -123,9 +123,9 @@ def ddim_sample(
     eps_fn: EpsFn,
     alphas_cumprod: torch.Tensor,
     steps: int,
-    callback: Optional[Callback] = None,
+    callback: Callback | None = None,
     *,
-    timesteps: Optional[Sequence[int]] = None,
+    timesteps: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Denoise x_T (at alpha[timesteps[0]]) to clean x0 (alpha = 1) with ``len(timesteps)`` calls.
 
@@ -149,11 +149,11 @@ def ddim_invert(
     eps_fn: EpsFn,
     alphas_cumprod: torch.Tensor,
     steps: int,
-    callback: Optional[Callback] = None,
+    callback: Callback | None = None,
     *,
-    timesteps: Optional[Sequence[int]] = None,
+    timesteps: Sequence[int] | None = None,
     refine_iters: int = 0,
-    trajectory: Optional[list] = None,
+    trajectory: list | None = None,
 ) -> torch.Tensor:
     """Map clean x0 (alpha = 1) up to x_T at alpha[timesteps[0]]: the mirror of ``ddim_sample``.
 
@@ -197,9 +197,9 @@ def null_text_inversion(
     nulls: Sequence[torch.Tensor],
     alphas_cumprod: torch.Tensor,
     cfg: float,
-    callback: Optional[Callback] = None,
+    callback: Callback | None = None,
     *,
-    timesteps: Optional[Sequence[int]] = None,
+    timesteps: Sequence[int] | None = None,
     inner_iters: int = 10,
     lr: float = 1e-2,
     early_stop: float = 1e-5,
@@ -225,8 +225,9 @@ def null_text_inversion(
     """
     ts = list(timesteps) if timesteps is not None else ddim_timesteps(len(alphas_cumprod), len(pivots) - 1)
     if len(pivots) != len(ts) + 1:
-        raise ValueError(f"null_text_inversion needs {len(ts) + 1} pivots (x_T .. x0) for {len(ts)} steps, "
-                         f"got {len(pivots)}")
+        raise ValueError(
+            f"null_text_inversion needs {len(ts) + 1} pivots (x_T .. x0) for {len(ts)} steps, got {len(pivots)}"
+        )
     levels = _levels(alphas_cumprod, ts)
     in_dtype = pivots[0].dtype
     guided = not math.isclose(cfg, 1.0)
@@ -243,8 +244,21 @@ def null_text_inversion(
             if not guided:
                 x_prev = ddim_step(x, e_c, levels[i], levels[i + 1])
             else:
-                x_prev = _null_text_step(x, e_c, t, params, uncond_eps_fn, cfg, levels[i], levels[i + 1],
-                                         targets[i + 1], in_dtype, inner_iters, lr, early_stop)
+                x_prev = _null_text_step(
+                    x,
+                    e_c,
+                    t,
+                    params,
+                    uncond_eps_fn,
+                    cfg,
+                    levels[i],
+                    levels[i + 1],
+                    targets[i + 1],
+                    in_dtype,
+                    inner_iters,
+                    lr,
+                    early_stop,
+                )
             x = x_prev.detach()
             per_step.append([p.detach().clone() for p in params])
             if callback is not None:
@@ -252,8 +266,9 @@ def null_text_inversion(
     return x.to(in_dtype), per_step
 
 
-def _null_text_step(x, e_c, t, params, uncond_eps_fn, cfg, alpha_t, alpha_prev, target, in_dtype,
-                    inner_iters, lr, early_stop):
+def _null_text_step(
+    x, e_c, t, params, uncond_eps_fn, cfg, alpha_t, alpha_prev, target, in_dtype, inner_iters, lr, early_stop
+):
     """Optimize ``params`` in place for one step; return the guided step's result with them."""
     optimizer = torch.optim.Adam(params, lr=lr)
     for j in range(inner_iters + 1):

@@ -8,8 +8,8 @@ a file without alpha uses alpha = rank (scale 1), as ComfyUI's LoraLoader does.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -71,7 +71,9 @@ def _as_matrix(t: torch.Tensor, key: str, path: str | None) -> tuple[torch.Tenso
     )
 
 
-def parse_lora_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike | None = None) -> dict[str, LoRAPair]:
+def parse_lora_state_dict(
+    state_dict: dict[str, torch.Tensor], path: str | os.PathLike | None = None
+) -> dict[str, LoRAPair]:
     """Group a LoRA state dict into LoRAPairs keyed by the layer name as written in the file
     (for example ``lora_unet_down_blocks_0_attentions_0_proj_in`` or
     ``unet.down_blocks.0.attentions.0.proj_in``)."""

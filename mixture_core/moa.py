@@ -41,8 +41,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -114,10 +114,12 @@ class AttentionShape:
         return self.heads * self.dim_head
 
     @classmethod
-    def from_weights(cls, to_q: torch.Tensor, to_k: torch.Tensor, heads: int) -> "AttentionShape":
+    def from_weights(cls, to_q: torch.Tensor, to_k: torch.Tensor, heads: int) -> AttentionShape:
         """The shape of an attention with these (out, in) projection weights."""
         if to_q.ndim != 2 or to_k.ndim != 2:
-            raise ValueError(f"projection weights must be (out, in) matrices, not {tuple(to_q.shape)} and {tuple(to_k.shape)}")
+            raise ValueError(
+                f"projection weights must be (out, in) matrices, not {tuple(to_q.shape)} and {tuple(to_k.shape)}"
+            )
         inner, dim = to_q.shape
         if to_k.shape[0] != inner:
             raise ValueError(f"to_q has {inner} output features but to_k {to_k.shape[0]}")
@@ -159,7 +161,9 @@ class MoALayer(nn.Module):
         probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1).mean(1)  # (B, T, S)
         return probs[..., list(token_indices)]
 
-    def personal(self, h: torch.Tensor, context: torch.Tensor | None = None, attention: Attention | None = None) -> torch.Tensor:
+    def personal(
+        self, h: torch.Tensor, context: torch.Tensor | None = None, attention: Attention | None = None
+    ) -> torch.Tensor:
         """The personalized attention's output, (B, T, dim); context None means self-attention."""
         context = h if context is None else cast_like(context, h)
         q, k, v = linear(h, self.to_q), linear(context, self.to_k), linear(context, self.to_v)
@@ -229,8 +233,14 @@ class MultimodalFusion(nn.Module):
     """fused = text + MLP([text, image, spacetime(t, layer)]); the last layer starts at zero
     so an untrained fusion leaves the text embedding exactly as it is."""
 
-    def __init__(self, text_dim: int = TEXT_DIM, image_dim: int = IMAGE_DIM, hidden_dim: int = FUSION_HIDDEN,
-                 spacetime_dim: int = SPACETIME_DIM, n_layers: int = 32):
+    def __init__(
+        self,
+        text_dim: int = TEXT_DIM,
+        image_dim: int = IMAGE_DIM,
+        hidden_dim: int = FUSION_HIDDEN,
+        spacetime_dim: int = SPACETIME_DIM,
+        n_layers: int = 32,
+    ):
         super().__init__()
         self.text_dim, self.image_dim, self.hidden_dim = text_dim, image_dim, hidden_dim
         self.spacetime = SpacetimeEncoding(n_layers, spacetime_dim)
@@ -238,7 +248,9 @@ class MultimodalFusion(nn.Module):
         nn.init.zeros_(self.mlp.fc2.weight)
         nn.init.zeros_(self.mlp.fc2.bias)
 
-    def forward(self, text: torch.Tensor, image: torch.Tensor, timestep: torch.Tensor, layer_index: int) -> torch.Tensor:
+    def forward(
+        self, text: torch.Tensor, image: torch.Tensor, timestep: torch.Tensor, layer_index: int
+    ) -> torch.Tensor:
         """(N, text_dim) tokens, (N, image_dim) image embeddings, (N,) timesteps -> (N, text_dim)."""
         spacetime = cast_like(self.spacetime(timestep.to(text.device), layer_index), text)
         return text + self.mlp(torch.cat([text, cast_like(image, text), spacetime], dim=-1))
@@ -351,7 +363,9 @@ def bind_subjects(
         if not 0 <= b.token_index < context.shape[1]:
             raise ValueError(f"token index {b.token_index} is outside the {context.shape[1]}-token context")
         if tuple(b.image_embedding.shape) != (fusion.image_dim,):
-            raise ValueError(f"a subject image embedding has shape {tuple(b.image_embedding.shape)}, expected ({fusion.image_dim},)")
+            raise ValueError(
+                f"a subject image embedding has shape {tuple(b.image_embedding.shape)}, expected ({fusion.image_dim},)"
+            )
         if b.weight < 0:
             raise ValueError(f"subject weight must be >= 0, not {b.weight}")
     active = [b for b in bindings if b.weight != 0]
@@ -419,10 +433,18 @@ class MoAModel(nn.Module):
     ``input_blocks.1.1.transformer_blocks.0.attn1``), and the multimodal fusion. A layer's
     index for the spacetime encoding is its position in the layer list."""
 
-    def __init__(self, shapes: dict[str, AttentionShape], router_hidden: int = ROUTER_HIDDEN,
-                 fusion_hidden: int = FUSION_HIDDEN, spacetime_dim: int = SPACETIME_DIM,
-                 text_dim: int = TEXT_DIM, image_dim: int = IMAGE_DIM, fusion: str = "moa",
-                 router: RouterConfig = RouterConfig(), image_preprocess: str = "clip"):
+    def __init__(
+        self,
+        shapes: dict[str, AttentionShape],
+        router_hidden: int = ROUTER_HIDDEN,
+        fusion_hidden: int = FUSION_HIDDEN,
+        spacetime_dim: int = SPACETIME_DIM,
+        text_dim: int = TEXT_DIM,
+        image_dim: int = IMAGE_DIM,
+        fusion: str = "moa",
+        router: RouterConfig = RouterConfig(),
+        image_preprocess: str = "clip",
+    ):
         super().__init__()
         if not shapes:
             raise ValueError("a MoA model needs at least one layer")
@@ -461,7 +483,7 @@ class MoAModel(nn.Module):
         return {layer_id: layer.shape for layer_id, layer in zip(self.layer_ids, self.layers)}
 
     @classmethod
-    def from_prior(cls, prior: dict[str, dict], **hyper) -> "MoAModel":
+    def from_prior(cls, prior: dict[str, dict], **hyper) -> MoAModel:
         """A model whose personalized attentions start as copies of the prior's, for training.
         prior: {layer_id: {"to_q": W, "to_k": W, "to_v": W, "to_out": (W, b), "heads": int}}."""
         shapes = {}
@@ -474,10 +496,17 @@ class MoAModel(nn.Module):
         with torch.no_grad():
             for layer_id, p in prior.items():
                 params = dict(model[layer_id].named_parameters())
-                values = {"to_q.weight": p["to_q"], "to_k.weight": p["to_k"], "to_v.weight": p["to_v"],
-                          "to_out.weight": p["to_out"][0], "to_out.bias": p["to_out"][1]}
+                values = {
+                    "to_q.weight": p["to_q"],
+                    "to_k.weight": p["to_k"],
+                    "to_v.weight": p["to_v"],
+                    "to_out.weight": p["to_out"][0],
+                    "to_out.bias": p["to_out"][1],
+                }
                 for name, value in values.items():
                     if params[name].shape != value.shape:
-                        raise ValueError(f"{layer_id}: prior {name} has shape {tuple(value.shape)}, expected {tuple(params[name].shape)}")
+                        raise ValueError(
+                            f"{layer_id}: prior {name} has shape {tuple(value.shape)}, expected {tuple(params[name].shape)}"
+                        )
                     params[name].copy_(value)
         return model

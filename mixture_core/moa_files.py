@@ -65,10 +65,10 @@ def _file_key(model: MoAModel, state_key: str) -> str:
     """The file's name for a state-dict entry: layer ids instead of list positions, and the
     spacetime encoding (owned by the fusion) at the top level."""
     if state_key.startswith("layers."):
-        index, rest = state_key[len("layers."):].split(".", 1)
+        index, rest = state_key[len("layers.") :].split(".", 1)
         return f"{model.layer_ids[int(index)]}.{rest}"
     if state_key.startswith("fusion.spacetime."):
-        return state_key[len("fusion."):]
+        return state_key[len("fusion.") :]
     return state_key
 
 
@@ -100,21 +100,29 @@ def vision_encoder_fingerprint(state_dict: dict[str, torch.Tensor], layers) -> s
 
 
 def _needs_version_2(moa_model: MoAModel) -> bool:
-    return (moa_model.fusion_kind, moa_model.router_config.kind, moa_model.image_preprocess) != ("moa", "learned", "clip")
+    return (moa_model.fusion_kind, moa_model.router_config.kind, moa_model.image_preprocess) != (
+        "moa",
+        "learned",
+        "clip",
+    )
 
 
 def save_moa_file(path, moa_model: MoAModel, base_family: str, extra_metadata: dict[str, str] | None = None) -> None:
     fusion, router = moa_model.fusion, moa_model.router_config
     tensors = {_file_key(moa_model, k): v.detach().contiguous().cpu() for k, v in moa_model.state_dict().items()}
-    version_2 = {
-        "moa.fusion": moa_model.fusion_kind,
-        "moa.router": router.kind,
-        "moa.router_share": repr(router.share),
-        "moa.router_quantile": repr(router.quantile),
-        "moa.prior_steps": repr(router.prior_steps),
-        "moa.router_map_layers": json.dumps(list(router.map_layers)),
-        "moa.image_preprocess": moa_model.image_preprocess,
-    } if _needs_version_2(moa_model) else {}
+    version_2 = (
+        {
+            "moa.fusion": moa_model.fusion_kind,
+            "moa.router": router.kind,
+            "moa.router_share": repr(router.share),
+            "moa.router_quantile": repr(router.quantile),
+            "moa.prior_steps": repr(router.prior_steps),
+            "moa.router_map_layers": json.dumps(list(router.map_layers)),
+            "moa.image_preprocess": moa_model.image_preprocess,
+        }
+        if _needs_version_2(moa_model)
+        else {}
+    )
     spacetime = moa_model.spacetime
     metadata = {
         **(extra_metadata or {}),  # first, so that it cannot overwrite the format's own keys
@@ -170,7 +178,9 @@ def _read_metadata(metadata: dict[str, str], path) -> tuple[list[str], dict[str,
         raise WeightFileError(path, f"is not a MoA file: it {found}, expected {FORMAT!r}")
     version = metadata.get("moa.format_version")
     if version not in READ_VERSIONS:
-        raise WeightFileError(path, f"MoA format version {version!r} is not supported (this pack reads {', '.join(READ_VERSIONS)})")
+        raise WeightFileError(
+            path, f"MoA format version {version!r} is not supported (this pack reads {', '.join(READ_VERSIONS)})"
+        )
     try:
         layers = json.loads(metadata["moa.layers"])
         heads = {k: int(v) for k, v in json.loads(metadata["moa.heads"]).items()}
@@ -181,12 +191,19 @@ def _read_metadata(metadata: dict[str, str], path) -> tuple[list[str], dict[str,
         raise WeightFileError(path, f"moa.layers must be a JSON list of layer ids, not {metadata['moa.layers'][:80]!r}")
     encoder = (metadata.get("moa.image_encoder"), metadata.get("moa.image_embedding"))
     if encoder != (IMAGE_ENCODER, IMAGE_EMBEDDING):
-        raise WeightFileError(path, f"its subjects are encoded as {encoder}, this pack provides {(IMAGE_ENCODER, IMAGE_EMBEDDING)}")
+        raise WeightFileError(
+            path, f"its subjects are encoded as {encoder}, this pack provides {(IMAGE_ENCODER, IMAGE_EMBEDDING)}"
+        )
     if not layers or sizes["n_layers"] != len(layers) or len(set(layers)) != len(layers):
-        raise WeightFileError(path, f"moa.n_layers is {sizes['n_layers']} but moa.layers lists {len(set(layers))} distinct layers")
+        raise WeightFileError(
+            path, f"moa.n_layers is {sizes['n_layers']} but moa.layers lists {len(set(layers))} distinct layers"
+        )
     if set(heads) != set(layers):
-        raise WeightFileError(path, "moa.heads does not give the heads of exactly the layers in moa.layers",
-                              sorted(set(heads).symmetric_difference(layers)))
+        raise WeightFileError(
+            path,
+            "moa.heads does not give the heads of exactly the layers in moa.layers",
+            sorted(set(heads).symmetric_difference(layers)),
+        )
     return layers, heads, sizes
 
 
@@ -205,7 +222,9 @@ def load_moa_file(path) -> MoAModel:
     shapes, wrong = {}, []
     for layer_id in layers:
         try:
-            shapes[layer_id] = AttentionShape.from_weights(tensors[f"{layer_id}.to_q.weight"], tensors[f"{layer_id}.to_k.weight"], heads[layer_id])
+            shapes[layer_id] = AttentionShape.from_weights(
+                tensors[f"{layer_id}.to_q.weight"], tensors[f"{layer_id}.to_k.weight"], heads[layer_id]
+            )
         except ValueError as e:
             wrong.append(f"{layer_id}: {e}")
     if wrong:
@@ -213,8 +232,15 @@ def load_moa_file(path) -> MoAModel:
 
     try:
         with torch.device("meta"):  # no random init to throw away: every value comes from the file
-            model = MoAModel(shapes, sizes["router_hidden"], sizes["fusion_hidden"], sizes["spacetime_dim"],
-                             sizes["text_dim"], sizes["image_embedding_dim"], **kinds)
+            model = MoAModel(
+                shapes,
+                sizes["router_hidden"],
+                sizes["fusion_hidden"],
+                sizes["spacetime_dim"],
+                sizes["text_dim"],
+                sizes["image_embedding_dim"],
+                **kinds,
+            )
     except (ValueError, RuntimeError) as e:
         raise WeightFileError(path, f"its metadata describes modules that cannot be built ({e})") from e
     expected = {_file_key(model, k): (k, v.shape) for k, v in model.state_dict().items()}
@@ -224,8 +250,11 @@ def load_moa_file(path) -> MoAModel:
     extra = sorted(set(tensors) - set(expected))
     if extra:
         raise WeightFileError(path, f"holds {len(extra)} tensor(s) its metadata does not describe", extra)
-    wrong = [f"{k}: {tuple(tensors[k].shape)} {str(tensors[k].dtype).removeprefix('torch.')}, expected {tuple(shape)} floating point"
-             for k, (_, shape) in expected.items() if tensors[k].shape != shape or not tensors[k].is_floating_point()]
+    wrong = [
+        f"{k}: {tuple(tensors[k].shape)} {str(tensors[k].dtype).removeprefix('torch.')}, expected {tuple(shape)} floating point"
+        for k, (_, shape) in expected.items()
+        if tensors[k].shape != shape or not tensors[k].is_floating_point()
+    ]
     if wrong:
         raise WeightFileError(path, f"{len(wrong)} tensor(s) have the wrong shape or dtype", wrong)
     # fp8 files are widened to fp16, exactly (every fp8 value is an fp16 value): the MoA layers run
@@ -237,7 +266,9 @@ def load_moa_file(path) -> MoAModel:
     return model
 
 
-def check_against_model(moa_model: MoAModel, expected: dict[str, tuple[int, int]], base_family: str | None, path=None) -> None:
+def check_against_model(
+    moa_model: MoAModel, expected: dict[str, tuple[int, int]], base_family: str | None, path=None
+) -> None:
     """Check a MoA model against the host model's attention layers, expected =
     {layer id: (dim, context_dim)}. Layers the file does not cover stay the prior; file
     layers the model lacks, other widths or another base family are a WeightFileError."""
@@ -249,7 +280,13 @@ def check_against_model(moa_model: MoAModel, expected: dict[str, tuple[int, int]
             wrong.append(f"{layer_id}: no such attention layer in this model")
         elif tuple(expected[layer_id]) != (shape.dim, shape.context_dim):
             dim, context_dim = expected[layer_id]
-            wrong.append(f"{layer_id}: file has dim {shape.dim}, context {shape.context_dim}; model has dim {dim}, context {context_dim}")
+            wrong.append(
+                f"{layer_id}: file has dim {shape.dim}, context {shape.context_dim}; model has dim {dim}, context {context_dim}"
+            )
     if wrong:
-        raise WeightFileError(path, f"does not fit this model's attention layers ({len(wrong)} of {len(moa_model.layer_ids)} "
-                                    "layers differ; made for another model family?)", wrong)
+        raise WeightFileError(
+            path,
+            f"does not fit this model's attention layers ({len(wrong)} of {len(moa_model.layer_ids)} "
+            "layers differ; made for another model family?)",
+            wrong,
+        )

@@ -19,8 +19,8 @@ over the concatenated ranks, the gates, one up-projection.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,7 @@ EXPERT_TARGET = re.compile(
 
 
 # Receives the (local, global) gates of one layer call, for pictures of the gates at work.
-Observer = Callable[[Optional[torch.Tensor], Optional[torch.Tensor]], None]
+Observer = Callable[[torch.Tensor | None, torch.Tensor | None], None]
 
 
 def is_expert_target(module_path: str) -> bool:
@@ -100,7 +100,9 @@ class MoLELayer(nn.Module):
         for field, shape in expected.items():
             got = tuple(getattr(gates, field).shape)
             if got != shape:
-                raise ValueError(f"gate {field} has shape {got}, expected {shape} for {n} experts of width {d_in}->{d_out}")
+                raise ValueError(
+                    f"gate {field} has shape {got}, expected {shape} for {n} experts of width {d_in}->{d_out}"
+                )
         strengths = [1.0] * n if expert_strengths is None else [float(s) for s in expert_strengths]
         if len(strengths) != n:
             raise ValueError(f"{len(strengths)} expert strengths for {n} experts")
@@ -116,7 +118,9 @@ class MoLELayer(nn.Module):
 
         dtype = experts[0].down.dtype
         # torch.cat makes the one copy the layer keeps (no further clone).
-        self.down = nn.Parameter(torch.cat([e.down.to(dtype) for e in experts], dim=0), requires_grad=False)  # (R, d_in)
+        self.down = nn.Parameter(
+            torch.cat([e.down.to(dtype) for e in experts], dim=0), requires_grad=False
+        )  # (R, d_in)
         self.up = nn.Parameter(torch.cat([e.up.to(dtype) for e in experts], dim=1), requires_grad=False)  # (d_out, R)
         expand = torch.zeros(n, sum(self.ranks), dtype=dtype)
         start = 0
@@ -192,7 +196,7 @@ class MoLEForward:
     def __call__(self, x, *args, **kwargs):
         return self.layer(x, self.base_forward(x, *args, **kwargs), self.observer)
 
-    def with_observer(self, observer: Observer | None) -> "MoLEForward":
+    def with_observer(self, observer: Observer | None) -> MoLEForward:
         return MoLEForward(self.layer, self.base_forward, observer)
 
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from safetensors.torch import save_file
@@ -56,7 +56,9 @@ def _released_layers(tensors, path) -> dict[str, GateWeights]:
         grouped.setdefault(name, {})[rest] = t.float()
     layers = {}
     for name, parts in grouped.items():
-        needed = ["Phi_1.weight", "Phi_1.bias"] + [f"{e}_scale.{p}" for e in RELEASED_EXPERTS for p in ("weight", "bias")]
+        needed = ["Phi_1.weight", "Phi_1.bias"] + [
+            f"{e}_scale.{p}" for e in RELEASED_EXPERTS for p in ("weight", "bias")
+        ]
         missing = [f"moe_{name}.softmoe.{k}" for k in needed if k not in parts]
         if missing:
             raise WeightFileError(path, f"layer {name} is missing gate tensors", missing)
@@ -73,7 +75,9 @@ def _pack_layers(tensors, metadata, path) -> tuple[dict[str, GateWeights], list[
     try:
         version = metadata.get("mole.format_version")
         if version != FORMAT_VERSION:
-            raise WeightFileError(path, f"MoLE gate format version {version!r} is not supported (this pack reads {FORMAT_VERSION!r})")
+            raise WeightFileError(
+                path, f"MoLE gate format version {version!r} is not supported (this pack reads {FORMAT_VERSION!r})"
+            )
         experts = json.loads(metadata["mole.experts"])
         names = json.loads(metadata["mole.layers"])
         variant = metadata["mole.gate_variant"]
@@ -89,7 +93,9 @@ def _pack_layers(tensors, metadata, path) -> tuple[dict[str, GateWeights], list[
             layers[name] = GateWeights(*(tensors[k].float() for k in keys))
     if missing:
         raise WeightFileError(path, f"{len(missing)} gate tensor(s) named in the metadata are missing", missing)
-    extra = sorted(set(tensors) - {f"{n}.{g}.{p}" for n in names for g in ("local", "global") for p in ("weight", "bias")})
+    extra = sorted(
+        set(tensors) - {f"{n}.{g}.{p}" for n in names for g in ("local", "global") for p in ("weight", "bias")}
+    )
     if extra:
         raise WeightFileError(path, "holds tensors for layers its metadata does not list", extra)
     return layers, experts, variant
@@ -112,7 +118,14 @@ def read_gate_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str], p
     )
 
 
-def save_gate_file(path, layers: dict[str, GateWeights], expert_names: list[str], variant: str, base_family: str, extra_metadata: dict[str, str] | None = None) -> None:
+def save_gate_file(
+    path,
+    layers: dict[str, GateWeights],
+    expert_names: list[str],
+    variant: str,
+    base_family: str,
+    extra_metadata: dict[str, str] | None = None,
+) -> None:
     """Write gates in the pack's format; layer names are UNet module paths."""
     if variant not in GATE_VARIANTS:
         raise ValueError(f"gate variant must be one of {GATE_VARIANTS}")
@@ -249,11 +262,15 @@ def build_mole_layers(
                 d_in, d_out, is_conv = module_widths(module)
                 if (pair.d_in, pair.d_out, pair.is_conv) != (d_in, d_out, is_conv):
                     kind = lambda conv: "1x1 conv" if conv else "linear"  # noqa: E731
-                    wrong.append(f"{module}: expert is {kind(pair.is_conv)} {pair.d_in}->{pair.d_out}, "
-                                 f"model layer is {kind(is_conv)} {d_in}->{d_out}")
+                    wrong.append(
+                        f"{module}: expert is {kind(pair.is_conv)} {pair.d_in}->{pair.d_out}, "
+                        f"model layer is {kind(is_conv)} {d_in}->{d_out}"
+                    )
             if wrong:
                 raise WeightFileError(
-                    e.path, f"expert '{e.name}' does not fit this model's layers (made for another model family?)", wrong
+                    e.path,
+                    f"expert '{e.name}' does not fit this model's layers (made for another model family?)",
+                    wrong,
                 )
 
     layers, mismatched = {}, []
@@ -268,7 +285,12 @@ def build_mole_layers(
             g = GateWeights(*(t.to(dtype) for t in (g.local_weight, g.local_bias, g.global_weight, g.global_bias)))
         try:
             layers[module] = MoLELayer(
-                pairs, g, gate.variant, mode, expert_strengths=[e.strength for e in ordered], strength=strength,
+                pairs,
+                g,
+                gate.variant,
+                mode,
+                expert_strengths=[e.strength for e in ordered],
+                strength=strength,
                 expert_names=[e.name for e in ordered],
             )
         except ValueError as err:

@@ -135,10 +135,16 @@ class RouterRecording(Recording):
 # ---- drawing ----------------------------------------------------------------------------
 
 # A perceptual dark-to-bright ramp (anchors of matplotlib's "inferno"), so 0 and 1 read apart.
-_RAMP = torch.tensor([
-    [0.001, 0.000, 0.014], [0.258, 0.039, 0.406], [0.578, 0.148, 0.404],
-    [0.865, 0.317, 0.226], [0.988, 0.645, 0.040], [0.988, 0.998, 0.645],
-])
+_RAMP = torch.tensor(
+    [
+        [0.001, 0.000, 0.014],
+        [0.258, 0.039, 0.406],
+        [0.578, 0.148, 0.404],
+        [0.865, 0.317, 0.226],
+        [0.988, 0.645, 0.040],
+        [0.988, 0.998, 0.645],
+    ]
+)
 
 
 def colorize(values: torch.Tensor, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
@@ -149,10 +155,14 @@ def colorize(values: torch.Tensor, low: float = 0.0, high: float = 1.0) -> torch
     return _RAMP[i] * (1 - frac) + _RAMP[i + 1] * frac
 
 
-def overlay(image: torch.Tensor, values: torch.Tensor, opacity: float = 0.6, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+def overlay(
+    image: torch.Tensor, values: torch.Tensor, opacity: float = 0.6, low: float = 0.0, high: float = 1.0
+) -> torch.Tensor:
     """A heat map of values (h, w) resized over image (H, W, 3): (H, W, 3) in [0, 1]."""
     height, width = image.shape[:2]
-    resized = F.interpolate(values.float()[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+    resized = F.interpolate(values.float()[None, None], size=(height, width), mode="bilinear", align_corners=False)[
+        0, 0
+    ]
     return image.float().cpu() * (1 - opacity) + colorize(resized, low, high) * opacity
 
 
@@ -169,7 +179,9 @@ def pick_steps(spec: str, steps: int) -> list[int]:
             try:
                 index = int(part)
             except ValueError:
-                raise ValueError(f"step {part!r}: use step numbers (0 is the first, -1 the last) or first/middle/last") from None
+                raise ValueError(
+                    f"step {part!r}: use step numbers (0 is the first, -1 the last) or first/middle/last"
+                ) from None
             index = index + steps if index < 0 else index
         if not 0 <= index < steps:
             raise ValueError(f"step {part!r} is outside the {steps} recorded steps")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import struct
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from safetensors import safe_open
@@ -33,9 +33,18 @@ _PICKLE_HINT = (
 
 # safetensors dtype names (as get_slice().get_dtype() gives them) -> torch dtypes.
 _DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 # Dtypes whose CPU kernels cannot sum or compare: cast to float32 for the NaN/inf check.
 _CHECK_AS_FLOAT32 = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -131,8 +140,10 @@ class SafetensorsFile:
         """Every tensor as a meta tensor of its shape and dtype; single-element tensors (such
         as LoRA alphas) are read for real."""
         scalars = self.read([k for k, (_, shape) in self._entries.items() if math.prod(shape) == 1])
-        return {k: scalars[k] if k in scalars else torch.empty(self.shape(k), dtype=self.dtype(k), device="meta")
-                for k in self._entries}
+        return {
+            k: scalars[k] if k in scalars else torch.empty(self.shape(k), dtype=self.dtype(k), device="meta")
+            for k in self._entries
+        }
 
     def read(self, keys, check_finite: bool = True) -> dict[str, torch.Tensor]:
         keys = list(keys)
@@ -162,8 +173,11 @@ def _checkable(t: torch.Tensor):
 def _nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
     # One summing pass per tensor (NaN and inf propagate into the sum); the exact
     # per-element check runs only on tensors whose sum is not finite.
-    suspects = [k for k, t in tensors.items()
-                if t.is_floating_point() and not all(torch.isfinite(c.sum(dtype=torch.float32)) for c in _checkable(t))]
+    suspects = [
+        k
+        for k, t in tensors.items()
+        if t.is_floating_point() and not all(torch.isfinite(c.sum(dtype=torch.float32)) for c in _checkable(t))
+    ]
     return sorted(k for k in suspects if not all(bool(torch.isfinite(c).all()) for c in _checkable(tensors[k])))
 
 

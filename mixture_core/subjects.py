@@ -10,8 +10,8 @@ the start/end ids. Every function raises a ValueError naming the input and the f
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
 
 _SUBJECT = re.compile(r"^(?P<word>.*?)(?:#(?P<occurrence>\d+))?$")
 

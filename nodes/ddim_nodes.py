@@ -29,7 +29,11 @@ def require_epsilon_model(model) -> None:
     """DDIM here assumes noise prediction on a discrete schedule (SD1.x, SDXL base)."""
     sampling = model.get_model_object("model_sampling")
     other = (comfy.model_sampling.V_PREDICTION, comfy.model_sampling.CONST, comfy.model_sampling.EDM)
-    if not isinstance(sampling, comfy.model_sampling.EPS) or isinstance(sampling, other) or not hasattr(sampling, "sigmas"):
+    if (
+        not isinstance(sampling, comfy.model_sampling.EPS)
+        or isinstance(sampling, other)
+        or not hasattr(sampling, "sigmas")
+    ):
         kind = type(sampling).__name__
         raise ValueError(
             f"DDIM inversion needs an epsilon-prediction model with a discrete noise schedule (SD1.5, SDXL base); "
@@ -58,14 +62,32 @@ def _step_callback(callback, sigmas, last: dict):
 
     def step_done(i, n, x_t):
         sigma = float(sigmas[i + 1])
-        callback({"i": i, "x": x_t * math.sqrt(1.0 + sigma * sigma), "sigma": sigmas[i],
-                  "sigma_hat": sigmas[i], "denoised": last["denoised"]})
+        callback(
+            {
+                "i": i,
+                "x": x_t * math.sqrt(1.0 + sigma * sigma),
+                "sigma": sigmas[i],
+                "sigma_hat": sigmas[i],
+                "denoised": last["denoised"],
+            }
+        )
 
     return step_done
 
 
-def _ddim_sampler_function(model, x, sigmas, extra_args=None, callback=None, disable=None,
-                           table_sigmas=None, timesteps=None, invert=False, refine_iters=0, trajectory=None):
+def _ddim_sampler_function(
+    model,
+    x,
+    sigmas,
+    extra_args=None,
+    callback=None,
+    disable=None,
+    table_sigmas=None,
+    timesteps=None,
+    invert=False,
+    refine_iters=0,
+    trajectory=None,
+):
     """A k-diffusion-style sampler over ComfyUI's denoiser (cfg, patches and all). ``trajectory``
     (inversion only) receives the DDIM latents visited, x_T first: the null-text pivots."""
     extra_args = extra_args or {}
@@ -75,8 +97,16 @@ def _ddim_sampler_function(model, x, sigmas, extra_args=None, callback=None, dis
     step_done = _step_callback(callback, sigmas, last)
     x_t = x / math.sqrt(1.0 + float(sigmas[0]) ** 2)
     if invert:
-        x_t = ddim.ddim_invert(x_t, eps_fn, alphas, len(timesteps), step_done, timesteps=timesteps,
-                               refine_iters=refine_iters, trajectory=trajectory)
+        x_t = ddim.ddim_invert(
+            x_t,
+            eps_fn,
+            alphas,
+            len(timesteps),
+            step_done,
+            timesteps=timesteps,
+            refine_iters=refine_iters,
+            trajectory=trajectory,
+        )
     else:
         x_t = ddim.ddim_sample(x_t, eps_fn, alphas, len(timesteps), step_done, timesteps=timesteps)
     return x_t * math.sqrt(1.0 + float(sigmas[-1]) ** 2)
@@ -90,13 +120,31 @@ def _with_embeddings(conds, embeddings):
     out = []
     for c, e in zip(conds, embeddings):
         original = c["model_conds"]["c_crossattn"].cond
-        out.append({**c, "model_conds": {**c["model_conds"], "c_crossattn": comfy.conds.CONDCrossAttn(
-            e.to(device=original.device, dtype=original.dtype))}})
+        out.append(
+            {
+                **c,
+                "model_conds": {
+                    **c["model_conds"],
+                    "c_crossattn": comfy.conds.CONDCrossAttn(e.to(device=original.device, dtype=original.dtype)),
+                },
+            }
+        )
     return out
 
 
-def _null_text_sampler_function(model, x, sigmas, extra_args=None, callback=None, disable=None, table_sigmas=None,
-                                timesteps=None, pivots=None, settings=None, embeddings_out=None):
+def _null_text_sampler_function(
+    model,
+    x,
+    sigmas,
+    extra_args=None,
+    callback=None,
+    disable=None,
+    table_sigmas=None,
+    timesteps=None,
+    pivots=None,
+    settings=None,
+    embeddings_out=None,
+):
     """Null-text optimization (mixture_core.ddim.null_text_inversion) through ComfyUI's own cond
     path: the guider's processed conds and calc_cond_batch, so the model's patches, hooks and
     wrappers apply; the negative entries' cross-attention tensors are what gets optimized.
@@ -105,8 +153,10 @@ def _null_text_sampler_function(model, x, sigmas, extra_args=None, callback=None
     base, model_options = guider.inner_model, extra_args["model_options"]
     positive, negative = guider.conds.get("positive"), guider.conds.get("negative") or []
     if not negative or any("c_crossattn" not in c.get("model_conds", {}) for c in negative):
-        raise ValueError("null-text inversion optimizes the negative prompt's text embedding: connect a negative "
-                         "conditioning from a text encoder (e.g. CLIP Text Encode of an empty prompt)")
+        raise ValueError(
+            "null-text inversion optimizes the negative prompt's text embedding: connect a negative "
+            "conditioning from a text encoder (e.g. CLIP Text Encode of an empty prompt)"
+        )
     alphas = ddim.alphas_cumprod_from_sigmas(table_sigmas.double())
     last = {}
 
@@ -121,8 +171,16 @@ def _null_text_sampler_function(model, x, sigmas, extra_args=None, callback=None
 
     initial = [c["model_conds"]["c_crossattn"].cond for c in negative]
     x_t, per_step = ddim.null_text_inversion(
-        pivots, cond_eps, uncond_eps, initial, alphas, guider.cfg, _step_callback(callback, sigmas, last),
-        timesteps=timesteps, **settings)
+        pivots,
+        cond_eps,
+        uncond_eps,
+        initial,
+        alphas,
+        guider.cfg,
+        _step_callback(callback, sigmas, last),
+        timesteps=timesteps,
+        **settings,
+    )
     embeddings_out.update(zip(timesteps, per_step))
     return x_t * math.sqrt(1.0 + float(sigmas[-1]) ** 2)
 
@@ -141,8 +199,16 @@ class _PerStepNegativeGuider(comfy.samplers.CFGGuider):
         t = ddim.timestep_from_sigma(sigma, self.table_sigmas)
         if t in self.embeddings_by_t and math.isclose(sigma, float(self.table_sigmas[t]), rel_tol=1e-4):
             negative = _with_embeddings(negative, self.embeddings_by_t[t])
-        return comfy.samplers.sampling_function(self.inner_model, x, timestep, negative, self.conds.get("positive"),
-                                                self.cfg, model_options=model_options, seed=seed)
+        return comfy.samplers.sampling_function(
+            self.inner_model,
+            x,
+            timestep,
+            negative,
+            self.conds.get("positive"),
+            self.cfg,
+            model_options=model_options,
+            seed=seed,
+        )
 
 
 def _autograd_ready(model):
@@ -183,37 +249,79 @@ def _sample(guider, sampler, sigmas, latent, positive, negative, cfg, progress, 
 
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
-    out = guider.sample(torch.zeros_like(samples), samples, sampler, sigmas, callback=callback, disable_pbar=True,
-                        seed=seed)
+    out = guider.sample(
+        torch.zeros_like(samples), samples, sampler, sigmas, callback=callback, disable_pbar=True, seed=seed
+    )
     return out.to(comfy.model_management.intermediate_device())
 
 
-def run_ddim(model, latent, positive, negative, steps, cfg, invert, refine_iters=0, progress=None, seed=0,
-             trajectory=None, negative_per_step=None):
+def run_ddim(
+    model,
+    latent,
+    positive,
+    negative,
+    steps,
+    cfg,
+    invert,
+    refine_iters=0,
+    progress=None,
+    seed=0,
+    trajectory=None,
+    negative_per_step=None,
+):
     """One DDIM pass (inversion up to the noisiest step, or sampling down to clean) through
     ComfyUI's sampler machinery; returns the new latent samples. ``trajectory``: see
     _ddim_sampler_function; ``negative_per_step``: null-text embeddings by timestep, from
     run_null_text, used by the negative prompt at their own steps (sampling only)."""
     table, timesteps, sigmas = _table_and_sigmas(model, steps, invert)
-    sampler = comfy.samplers.KSAMPLER(_ddim_sampler_function, extra_options={
-        "table_sigmas": table, "timesteps": timesteps, "invert": invert, "refine_iters": refine_iters,
-        "trajectory": trajectory})
-    guider = (_PerStepNegativeGuider(model, negative_per_step, table) if negative_per_step
-              else comfy.samplers.CFGGuider(model))
+    sampler = comfy.samplers.KSAMPLER(
+        _ddim_sampler_function,
+        extra_options={
+            "table_sigmas": table,
+            "timesteps": timesteps,
+            "invert": invert,
+            "refine_iters": refine_iters,
+            "trajectory": trajectory,
+        },
+    )
+    guider = (
+        _PerStepNegativeGuider(model, negative_per_step, table)
+        if negative_per_step
+        else comfy.samplers.CFGGuider(model)
+    )
     return _sample(guider, sampler, sigmas, latent, positive, negative, cfg, progress, seed)
 
 
-def run_null_text(model, latent, pivots, positive, negative, steps, cfg, inner_iters=10, lr=1e-2, early_stop=1e-5,
-                  progress=None, seed=0):
+def run_null_text(
+    model,
+    latent,
+    pivots,
+    positive,
+    negative,
+    steps,
+    cfg,
+    inner_iters=10,
+    lr=1e-2,
+    early_stop=1e-5,
+    progress=None,
+    seed=0,
+):
     """Null-text inversion's optimization pass (Mokady et al. 2023): from the inverted ``latent``
     and the inversion's ``pivots`` (run_ddim(..., trajectory=list)), tunes the negative prompt's
     embeddings step by step so that sampling at ``cfg`` retraces the inversion. Returns (the
     reconstruction, {timestep index: embeddings}) for run_ddim(..., negative_per_step=...)."""
     table, timesteps, sigmas = _table_and_sigmas(model, steps, invert=False)
     embeddings = {}
-    sampler = comfy.samplers.KSAMPLER(_null_text_sampler_function, extra_options={
-        "table_sigmas": table, "timesteps": timesteps, "pivots": pivots, "embeddings_out": embeddings,
-        "settings": {"inner_iters": inner_iters, "lr": lr, "early_stop": early_stop}})
+    sampler = comfy.samplers.KSAMPLER(
+        _null_text_sampler_function,
+        extra_options={
+            "table_sigmas": table,
+            "timesteps": timesteps,
+            "pivots": pivots,
+            "embeddings_out": embeddings,
+            "settings": {"inner_iters": inner_iters, "lr": lr, "early_stop": early_stop},
+        },
+    )
     guider = comfy.samplers.CFGGuider(_autograd_ready(model))
     reconstruction = _sample(guider, sampler, sigmas, latent, positive, negative, cfg, progress, seed)
     return reconstruction, embeddings
@@ -224,8 +332,10 @@ def _check_image_size(image) -> None:
         raise ValueError("the image batch is empty")
     h, w = image.shape[1], image.shape[2]
     if h % 8 or w % 8:
-        raise ValueError(f"the image is {w}x{h}; DDIM inversion needs width and height that are multiples of 8 "
-                         "(resize or crop it first, e.g. with ImageScale)")
+        raise ValueError(
+            f"the image is {w}x{h}; DDIM inversion needs width and height that are multiples of 8 "
+            "(resize or crop it first, e.g. with ImageScale)"
+        )
 
 
 class DDIMInvert(io.ComfyNode):
@@ -243,8 +353,13 @@ class DDIMInvert(io.ComfyNode):
                 io.Latent.Input("latent", tooltip="The clean latent of the photo (VAE Encode)"),
                 io.Int.Input("steps", default=50, min=1, max=999, tooltip=_STEPS_TIP),
                 io.Float.Input("cfg", default=1.0, min=0.0, max=30.0, step=0.1, tooltip="1 is exact and cheapest"),
-                io.Int.Input("refine_iters", default=0, min=0, max=10,
-                             tooltip="Extra model calls per step that make the inversion more exact"),
+                io.Int.Input(
+                    "refine_iters",
+                    default=0,
+                    min=0,
+                    max=10,
+                    tooltip="Extra model calls per step that make the inversion more exact",
+                ),
                 io.Conditioning.Input("negative", optional=True, tooltip="Negative prompt, used when cfg is not 1"),
             ],
             outputs=[io.Latent.Output(display_name="noise_latent")],
@@ -253,8 +368,17 @@ class DDIMInvert(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, latent, steps, cfg, refine_iters, negative=None) -> io.NodeOutput:
         pbar = comfy.utils.ProgressBar(steps)
-        samples = run_ddim(model, latent, positive, negative if negative is not None else positive, steps, cfg,
-                           invert=True, refine_iters=refine_iters, progress=(pbar, 0, steps))
+        samples = run_ddim(
+            model,
+            latent,
+            positive,
+            negative if negative is not None else positive,
+            steps,
+            cfg,
+            invert=True,
+            refine_iters=refine_iters,
+            progress=(pbar, 0, steps),
+        )
         return io.NodeOutput({**latent, "samples": samples})
 
 
@@ -279,37 +403,92 @@ class MoADDIMSwap(io.ComfyNode):
                 io.Model.Input("model", tooltip="The plain model (prior), used for the inversion"),
                 io.Model.Input("moa_model", tooltip="The model from MoA Subject Inject"),
                 io.Conditioning.Input("positive", tooltip="From MoA Subject Inject (prompt such as 'a person')"),
-                io.Conditioning.Input("negative", tooltip="Negative prompt of the regeneration (and of the "
-                                      "inversion when inversion_cfg is not 1); with null_text, the embedding that gets "
-                                      "optimized (an empty prompt, as in the null-text paper)"),
+                io.Conditioning.Input(
+                    "negative",
+                    tooltip="Negative prompt of the regeneration (and of the "
+                    "inversion when inversion_cfg is not 1); with null_text, the embedding that gets "
+                    "optimized (an empty prompt, as in the null-text paper)",
+                ),
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE: encodes the photo, decodes the result"),
                 io.Image.Input("image", tooltip="The real photo; width and height multiples of 8"),
                 io.Int.Input("steps", default=50, min=1, max=999, tooltip=_STEPS_TIP),
                 io.Float.Input("cfg", default=1.0, min=0.0, max=30.0, step=0.1, tooltip="cfg of the regeneration"),
-                io.Float.Input("inversion_cfg", default=1.0, min=0.0, max=30.0, step=0.1,
-                               tooltip="cfg of the inversion; 1 is exact and cheapest (and what null_text starts from)"),
-                io.Int.Input("refine_iters", default=0, min=0, max=10, optional=True,
-                             tooltip="Extra model calls per inversion step that make the inversion more exact "
-                             "(the cfg-1 round trip); applies to both inversions"),
-                io.Combo.Input("inversion", options=INVERSIONS, default="ddim", optional=True,
-                               tooltip="ddim: plain DDIM inversion, exact only when cfg is 1. null_text: also "
-                               "optimizes the negative embedding at every step (Mokady et al. 2023) so that "
-                               "regenerating at this cfg retraces the photo; costs up to null_text_iters + 2 "
-                               "extra model calls (with backward) per step"),
-                io.Int.Input("null_text_iters", default=10, min=1, max=100, optional=True,
-                             tooltip="null_text: most Adam updates of the embedding per step (paper: 10)"),
-                io.Float.Input("null_text_lr", default=0.01, min=0.0001, max=1.0, step=0.001, optional=True,
-                               tooltip="null_text: Adam learning rate (paper: 0.01)"),
-                io.Float.Input("null_text_early_stop", default=1e-5, min=0.0, max=1.0, step=1e-6, optional=True,
-                               tooltip="null_text: a step stops updating once the latent MSE to the inversion "
-                               "is below this (paper: 1e-5)"),
+                io.Float.Input(
+                    "inversion_cfg",
+                    default=1.0,
+                    min=0.0,
+                    max=30.0,
+                    step=0.1,
+                    tooltip="cfg of the inversion; 1 is exact and cheapest (and what null_text starts from)",
+                ),
+                io.Int.Input(
+                    "refine_iters",
+                    default=0,
+                    min=0,
+                    max=10,
+                    optional=True,
+                    tooltip="Extra model calls per inversion step that make the inversion more exact "
+                    "(the cfg-1 round trip); applies to both inversions",
+                ),
+                io.Combo.Input(
+                    "inversion",
+                    options=INVERSIONS,
+                    default="ddim",
+                    optional=True,
+                    tooltip="ddim: plain DDIM inversion, exact only when cfg is 1. null_text: also "
+                    "optimizes the negative embedding at every step (Mokady et al. 2023) so that "
+                    "regenerating at this cfg retraces the photo; costs up to null_text_iters + 2 "
+                    "extra model calls (with backward) per step",
+                ),
+                io.Int.Input(
+                    "null_text_iters",
+                    default=10,
+                    min=1,
+                    max=100,
+                    optional=True,
+                    tooltip="null_text: most Adam updates of the embedding per step (paper: 10)",
+                ),
+                io.Float.Input(
+                    "null_text_lr",
+                    default=0.01,
+                    min=0.0001,
+                    max=1.0,
+                    step=0.001,
+                    optional=True,
+                    tooltip="null_text: Adam learning rate (paper: 0.01)",
+                ),
+                io.Float.Input(
+                    "null_text_early_stop",
+                    default=1e-5,
+                    min=0.0,
+                    max=1.0,
+                    step=1e-6,
+                    optional=True,
+                    tooltip="null_text: a step stops updating once the latent MSE to the inversion "
+                    "is below this (paper: 1e-5)",
+                ),
             ],
             outputs=[io.Image.Output(), io.Latent.Output()],
         )
 
     @classmethod
-    def execute(cls, model, moa_model, positive, negative, vae, image, steps, cfg, inversion_cfg, refine_iters=0,
-                inversion="ddim", null_text_iters=10, null_text_lr=0.01, null_text_early_stop=1e-5) -> io.NodeOutput:
+    def execute(
+        cls,
+        model,
+        moa_model,
+        positive,
+        negative,
+        vae,
+        image,
+        steps,
+        cfg,
+        inversion_cfg,
+        refine_iters=0,
+        inversion="ddim",
+        null_text_iters=10,
+        null_text_lr=0.01,
+        null_text_early_stop=1e-5,
+    ) -> io.NodeOutput:
         if inversion not in INVERSIONS:
             raise ValueError(f"inversion must be one of {INVERSIONS}, got {inversion!r}")
         _check_image_size(image)
@@ -321,15 +500,44 @@ class MoADDIMSwap(io.ComfyNode):
         passes = 3 if optimize else 2
         pbar = comfy.utils.ProgressBar(passes * steps)
         pivots = [] if optimize else None
-        noise = run_ddim(model, latent, positive, negative, steps, inversion_cfg, invert=True,
-                         refine_iters=refine_iters, progress=(pbar, 0, passes * steps), trajectory=pivots)
+        noise = run_ddim(
+            model,
+            latent,
+            positive,
+            negative,
+            steps,
+            inversion_cfg,
+            invert=True,
+            refine_iters=refine_iters,
+            progress=(pbar, 0, passes * steps),
+            trajectory=pivots,
+        )
         per_step = None
         if optimize:
-            _, per_step = run_null_text(model, {"samples": noise}, pivots, positive, negative, steps, cfg,
-                                        null_text_iters, null_text_lr, null_text_early_stop,
-                                        progress=(pbar, steps, passes * steps))
-        swapped = run_ddim(moa_model, {"samples": noise}, positive, negative, steps, cfg, invert=False,
-                           progress=(pbar, (passes - 1) * steps, passes * steps), negative_per_step=per_step)
+            _, per_step = run_null_text(
+                model,
+                {"samples": noise},
+                pivots,
+                positive,
+                negative,
+                steps,
+                cfg,
+                null_text_iters,
+                null_text_lr,
+                null_text_early_stop,
+                progress=(pbar, steps, passes * steps),
+            )
+        swapped = run_ddim(
+            moa_model,
+            {"samples": noise},
+            positive,
+            negative,
+            steps,
+            cfg,
+            invert=False,
+            progress=(pbar, (passes - 1) * steps, passes * steps),
+            negative_per_step=per_step,
+        )
         return io.NodeOutput(vae.decode(swapped), {"samples": swapped})
 
 

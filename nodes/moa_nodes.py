@@ -25,11 +25,11 @@ from comfy_api.latest import io
 
 from ..mixture_core.errors import WeightFileError
 from ..mixture_core.moa import MoAModel, SubjectBinding, morph_embeddings, timelapse_tokens
-from ..mixture_core.subject_images import square_subject
 from ..mixture_core.moa_files import check_against_model, load_moa_file, vision_encoder_fingerprint
+from ..mixture_core.subject_images import square_subject
 from ..mixture_core.subjects import SubjectOptions, SubjectWord, Vocabulary, find_subject_tokens
-from .model_folders import file_fingerprint, full_path, safetensors_in
 from .moa_patch import MoASettings, SubjectsMark, apply_moa, attention_shapes, mark_conditioning
+from .model_folders import file_fingerprint, full_path, safetensors_in
 from .patching import weights_patcher
 from .unet_layers import model_family
 
@@ -75,8 +75,11 @@ def check_moa_fits(model, moa: LoadedMoA) -> None:
     check_against_model(moa.model, expected, model_family(model), moa.path)
     text_dims = {context for layer_id, (_, context) in expected.items() if layer_id.endswith("attn2")}
     if text_dims and moa.model.fusion.text_dim not in text_dims:
-        raise WeightFileError(moa.path, f"its fusion reads {moa.model.fusion.text_dim}-wide text tokens, this model's "
-                                        f"cross-attention context is {sorted(text_dims)} wide")
+        raise WeightFileError(
+            moa.path,
+            f"its fusion reads {moa.model.fusion.text_dim}-wide text tokens, this model's "
+            f"cross-attention context is {sorted(text_dims)} wide",
+        )
 
 
 def check_clip_vision(clip_vision, image_dim: int) -> None:
@@ -94,16 +97,22 @@ def check_clip_vision(clip_vision, image_dim: int) -> None:
         }
         is_clip = vision.embeddings.class_embedding is not None
     except (AttributeError, TypeError):
-        raise ValueError("clip_vision: MoA needs a CLIP vision model (CLIP ViT-L/14, loaded with Load CLIP Vision); "
-                         f"the connected value is a {type(clip_vision).__name__} without a CLIP vision tower and projection") from None
+        raise ValueError(
+            "clip_vision: MoA needs a CLIP vision model (CLIP ViT-L/14, loaded with Load CLIP Vision); "
+            f"the connected value is a {type(clip_vision).__name__} without a CLIP vision tower and projection"
+        ) from None
     if found != VIT_L14 or not is_clip:
         want = ", ".join(f"{k} {v}" for k, v in VIT_L14.items())
         got = ", ".join(f"{k} {v}" for k, v in found.items())
-        raise ValueError(f"clip_vision: MoA encodes subjects with CLIP ViT-L/14 ({want}); the connected model has {got}"
-                         f"{'' if is_clip else ' and no class token (not CLIP)'}. Load the CLIP ViT-L/14 vision model "
-                         "(OpenAI clip-vit-large-patch14) with Load CLIP Vision.")
+        raise ValueError(
+            f"clip_vision: MoA encodes subjects with CLIP ViT-L/14 ({want}); the connected model has {got}"
+            f"{'' if is_clip else ' and no class token (not CLIP)'}. Load the CLIP ViT-L/14 vision model "
+            "(OpenAI clip-vit-large-patch14) with Load CLIP Vision."
+        )
     if image_dim != VIT_L14["projection"]:
-        raise ValueError(f"the MoA file's fusion reads {image_dim}-wide image embeddings, CLIP ViT-L/14 gives {VIT_L14['projection']}")
+        raise ValueError(
+            f"the MoA file's fusion reads {image_dim}-wide image embeddings, CLIP ViT-L/14 gives {VIT_L14['projection']}"
+        )
 
 
 def sd1_vocabulary(clip) -> tuple[Vocabulary, object, str]:
@@ -112,8 +121,10 @@ def sd1_vocabulary(clip) -> tuple[Vocabulary, object, str]:
     name, key = getattr(tokenizer, "clip", None), getattr(tokenizer, "clip_name", None)
     inner = getattr(tokenizer, name, None) if isinstance(name, str) else None
     if inner is None or not hasattr(inner, "inv_vocab") or key != "l":
-        raise ValueError(f"clip: MoA needs the SD1.5 text encoder (CLIP ViT-L/14); the connected CLIP has a "
-                         f"{type(tokenizer).__name__} tokenizer")
+        raise ValueError(
+            f"clip: MoA needs the SD1.5 text encoder (CLIP ViT-L/14); the connected CLIP has a "
+            f"{type(tokenizer).__name__} tokenizer"
+        )
 
     def word_ids(word: str) -> list[int]:
         ids = inner.tokenizer(word)["input_ids"]
@@ -133,9 +144,13 @@ def collect_images(images: list[tuple[str, torch.Tensor | None]]) -> list[tuple[
         if image is None:
             continue
         if not isinstance(image, torch.Tensor) or image.ndim != 4:
-            raise ValueError(f"{name}: expected an IMAGE (batch, height, width, channels), not {getattr(image, 'shape', type(image))}")
+            raise ValueError(
+                f"{name}: expected an IMAGE (batch, height, width, channels), not {getattr(image, 'shape', type(image))}"
+            )
         if image.shape[0] == 0 or image.shape[1] == 0 or image.shape[2] == 0:
-            raise ValueError(f"{name} is empty (an image batch of shape {tuple(image.shape)}); connect the subject's image")
+            raise ValueError(
+                f"{name} is empty (an image batch of shape {tuple(image.shape)}); connect the subject's image"
+            )
         out.append((name, image))
     return out
 
@@ -152,10 +167,14 @@ def apply_timelapse(clip, vocab: Vocabulary, key, tokens, subject: SubjectWord, 
     source = vocab.word_ids(subject.word)
     target = vocab.word_ids(word.strip())
     if len(source) != 1:
-        raise ValueError(f"timelapse: the subject word {subject.word!r} is {len(source)} CLIP tokens; time lapse interpolates "
-                         "one token, so it needs a single-token subject word")
+        raise ValueError(
+            f"timelapse: the subject word {subject.word!r} is {len(source)} CLIP tokens; time lapse interpolates "
+            "one token, so it needs a single-token subject word"
+        )
     if len(target) != 1:
-        raise ValueError(f"timelapse_word {word!r} is {len(target)} CLIP tokens; time lapse needs a single-token word (such as 'kid')")
+        raise ValueError(
+            f"timelapse_word {word!r} is {len(target)} CLIP tokens; time lapse needs a single-token word (such as 'kid')"
+        )
     table = token_embedding_table(clip)
     mixed = timelapse_tokens(table[source[0]].detach().float().cpu(), table[target[0]].detach().float().cpu(), alpha)
     out = {k: [list(chunk) for chunk in chunks] for k, chunks in tokens.items()}
@@ -179,9 +198,11 @@ def check_image_encoder(clip_vision, moa: LoadedMoA) -> None:
     except (ValueError, AttributeError) as e:
         found = f"none ({e})"
     if found != expected:
-        raise ValueError(f"clip_vision: the MoA file {os.path.basename(moa.path)} was made with its own image encoder, "
-                         f"{wanted} (in models/clip_vision), and the connected CLIP vision model is another one "
-                         f"(fingerprint {found}, expected {expected}). Load {wanted} with Load CLIP Vision.")
+        raise ValueError(
+            f"clip_vision: the MoA file {os.path.basename(moa.path)} was made with its own image encoder, "
+            f"{wanted} (in models/clip_vision), and the connected CLIP vision model is another one "
+            f"(fingerprint {found}, expected {expected}). Load {wanted} with Load CLIP Vision."
+        )
 
 
 def encode_subject_images(clip_vision, images: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
@@ -192,7 +213,9 @@ def encode_subject_images(clip_vision, images: list[tuple[str, torch.Tensor]]) -
     embeddings = []
     with torch.no_grad():  # as ComfyUI runs nodes (inference mode): no autograd graph through the encoder
         for _, image in images:
-            embeddings.append(clip_vision.encode_image(square_subject(image, clip_vision.image_size)).image_embeds.float().cpu())
+            embeddings.append(
+                clip_vision.encode_image(square_subject(image, clip_vision.image_size)).image_embeds.float().cpu()
+            )
     return torch.cat(embeddings)
 
 
@@ -210,12 +233,41 @@ class InjectRequest:
     morph_image: torch.Tensor | None = None
 
     @classmethod
-    def from_inputs(cls, model, moa, clip, clip_vision, text, subject_words, image_1, subject_weights="1.0",
-                    strength=1.0, start_percent=0.0, end_percent=1.0, image_2=None, image_3=None, image_4=None,
-                    edit_subject=1, morph_image=None, morph=0.0, timelapse_word="", timelapse=0.0) -> "InjectRequest":
+    def from_inputs(
+        cls,
+        model,
+        moa,
+        clip,
+        clip_vision,
+        text,
+        subject_words,
+        image_1,
+        subject_weights="1.0",
+        strength=1.0,
+        start_percent=0.0,
+        end_percent=1.0,
+        image_2=None,
+        image_3=None,
+        image_4=None,
+        edit_subject=1,
+        morph_image=None,
+        morph=0.0,
+        timelapse_word="",
+        timelapse=0.0,
+    ) -> InjectRequest:
         """From the node's inputs, by name."""
-        options = SubjectOptions(subject_words, subject_weights, float(strength), float(start_percent),
-                                 float(end_percent), int(edit_subject), float(morph), timelapse_word, float(timelapse), text)
+        options = SubjectOptions(
+            subject_words,
+            subject_weights,
+            float(strength),
+            float(start_percent),
+            float(end_percent),
+            int(edit_subject),
+            float(morph),
+            timelapse_word,
+            float(timelapse),
+            text,
+        )
         images = [("image_1", image_1), ("image_2", image_2), ("image_3", image_3), ("image_4", image_4)]
         return cls(model, moa, clip, clip_vision, text, images, options, morph_image)
 
@@ -233,11 +285,13 @@ def inject(request: InjectRequest):
     n_images = sum(image.shape[0] for _, image in connected)
     if n_images != len(subjects):
         shown = ", ".join(f"{name}: {image.shape[0]}" for name, image in connected) or "none connected"
-        raise ValueError(f"subject images: {n_images} image(s) ({shown}) for {len(subjects)} subject word(s) "
-                         f"({', '.join(s.text for s in subjects)}); give exactly one image per subject word, in word order")
+        raise ValueError(
+            f"subject images: {n_images} image(s) ({shown}) for {len(subjects)} subject word(s) "
+            f"({', '.join(s.text for s in subjects)}); give exactly one image per subject word, in word order"
+        )
     morph_image = None
     if r.morph_image is not None:
-        (_, morph_image), = collect_images([("morph_image", r.morph_image)])
+        ((_, morph_image),) = collect_images([("morph_image", r.morph_image)])
         if morph_image.shape[0] != 1:
             raise ValueError(f"morph_image holds {morph_image.shape[0]} images; give the one image to morph towards")
 
@@ -246,13 +300,15 @@ def inject(request: InjectRequest):
     positions = find_subject_tokens(vocab, tokens[key], subjects)
     edited = o.edit_subject - 1
     if o.timelapse > 0:
-        tokens = apply_timelapse(r.clip, vocab, key, tokens, subjects[edited], positions[edited], o.timelapse_word,
-                                 o.timelapse)
+        tokens = apply_timelapse(
+            r.clip, vocab, key, tokens, subjects[edited], positions[edited], o.timelapse_word, o.timelapse
+        )
     conditioning = r.clip.encode_from_tokens_scheduled(tokens)
     text_width = conditioning[0][0].shape[-1]
     if text_width != r.moa.model.fusion.text_dim:
-        raise ValueError(f"clip: its text embedding is {text_width} wide, the MoA file's fusion reads "
-                         f"{r.moa.model.fusion.text_dim}")
+        raise ValueError(
+            f"clip: its text embedding is {text_width} wide, the MoA file's fusion reads {r.moa.model.fusion.text_dim}"
+        )
 
     if o.strength == 0.0:
         return r.model.clone(), conditioning  # the router forced to the prior: the model as it is
@@ -288,8 +344,11 @@ class LoadMoARouter(io.ComfyNode):
             category="MoA",
             description="Loads a MoA file from models/moa: the personalized attentions, the routers that mix them with "
             "the model's own attention per pixel, and the fusion of subject images into prompt tokens.",
-            inputs=[io.Combo.Input("moa_name", options=safetensors_in("moa"),
-                                   tooltip="MoA file (.safetensors) in models/moa")],
+            inputs=[
+                io.Combo.Input(
+                    "moa_name", options=safetensors_in("moa"), tooltip="MoA file (.safetensors) in models/moa"
+                )
+            ],
             outputs=[MoAWeights.Output(display_name="moa")],
         )
 
@@ -319,52 +378,128 @@ class MoASubjectInject(io.ComfyNode):
                 MoAWeights.Input("moa", tooltip="From Load MoA Router"),
                 io.Clip.Input("clip", tooltip="The checkpoint's CLIP (SD1.5)"),
                 io.ClipVision.Input("clip_vision", tooltip="CLIP ViT-L/14 vision model (Load CLIP Vision)"),
-                io.String.Input("text", multiline=True, dynamic_prompts=True, default="a man and a woman dancing in Paris",
-                                tooltip="The prompt; it must contain every subject word"),
-                io.String.Input("subject_words", default="man, woman",
-                                tooltip="The prompt word of each subject, comma-separated, in the order of the images. "
-                                "word#k picks the k-th occurrence of a word that occurs more than once"),
-                io.Image.Input("image_1", tooltip="Subject image(s). The subject images are image_1's, then image_2's, ... "
-                               "in order (a batch counts as several): one per subject word"),
-                io.String.Input("subject_weights", default="1.0",
-                                tooltip="Per-subject weight of the image in its token (0 = text only, 1 = fully fused), "
-                                "comma-separated, or one number for all"),
-                io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Personalization: scales the router's weight of the personalized attention; "
-                               "0 returns the model unchanged"),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
-                               tooltip="MoA acts from this point of sampling (the model's own attention only before)"),
-                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
-                               tooltip="MoA acts until this point of sampling (the model's own attention only after)"),
+                io.String.Input(
+                    "text",
+                    multiline=True,
+                    dynamic_prompts=True,
+                    default="a man and a woman dancing in Paris",
+                    tooltip="The prompt; it must contain every subject word",
+                ),
+                io.String.Input(
+                    "subject_words",
+                    default="man, woman",
+                    tooltip="The prompt word of each subject, comma-separated, in the order of the images. "
+                    "word#k picks the k-th occurrence of a word that occurs more than once",
+                ),
+                io.Image.Input(
+                    "image_1",
+                    tooltip="Subject image(s). The subject images are image_1's, then image_2's, ... "
+                    "in order (a batch counts as several): one per subject word",
+                ),
+                io.String.Input(
+                    "subject_weights",
+                    default="1.0",
+                    tooltip="Per-subject weight of the image in its token (0 = text only, 1 = fully fused), "
+                    "comma-separated, or one number for all",
+                ),
+                io.Float.Input(
+                    "strength",
+                    default=1.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Personalization: scales the router's weight of the personalized attention; "
+                    "0 returns the model unchanged",
+                ),
+                io.Float.Input(
+                    "start_percent",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.001,
+                    tooltip="MoA acts from this point of sampling (the model's own attention only before)",
+                ),
+                io.Float.Input(
+                    "end_percent",
+                    default=1.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.001,
+                    tooltip="MoA acts until this point of sampling (the model's own attention only after)",
+                ),
                 io.Image.Input("image_2", optional=True, tooltip=_MORE_IMAGES_TIP),
                 io.Image.Input("image_3", optional=True, tooltip=_MORE_IMAGES_TIP),
                 io.Image.Input("image_4", optional=True, tooltip=_MORE_IMAGES_TIP),
-                io.Int.Input("edit_subject", default=1, min=1, max=16, optional=True,
-                             tooltip="The subject (1 = the first word) that morph and time lapse act on"),
-                io.Image.Input("morph_image", optional=True,
-                               tooltip="Subject morphing: an image of a second subject to morph the edited subject towards"),
-                io.Float.Input("morph", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
-                               tooltip="0 = the subject's image, 1 = morph_image's, between: morphed image embeddings"),
-                io.String.Input("timelapse_word", default="", optional=True,
-                                tooltip="Time lapse: a one-token word (such as 'kid') to move the edited subject's word towards"),
-                io.Float.Input("timelapse", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
-                               tooltip="0 = the subject word, 1 = timelapse_word: interpolated token embeddings"),
+                io.Int.Input(
+                    "edit_subject",
+                    default=1,
+                    min=1,
+                    max=16,
+                    optional=True,
+                    tooltip="The subject (1 = the first word) that morph and time lapse act on",
+                ),
+                io.Image.Input(
+                    "morph_image",
+                    optional=True,
+                    tooltip="Subject morphing: an image of a second subject to morph the edited subject towards",
+                ),
+                io.Float.Input(
+                    "morph",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    optional=True,
+                    tooltip="0 = the subject's image, 1 = morph_image's, between: morphed image embeddings",
+                ),
+                io.String.Input(
+                    "timelapse_word",
+                    default="",
+                    optional=True,
+                    tooltip="Time lapse: a one-token word (such as 'kid') to move the edited subject's word towards",
+                ),
+                io.Float.Input(
+                    "timelapse",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    optional=True,
+                    tooltip="0 = the subject word, 1 = timelapse_word: interpolated token embeddings",
+                ),
             ],
             outputs=[io.Model.Output(), io.Conditioning.Output(display_name="positive")],
         )
 
     @classmethod
-    def validate_inputs(cls, subject_words=None, subject_weights=None, strength=None, start_percent=None,
-                        end_percent=None, edit_subject=None, morph=None, timelapse_word=None, timelapse=None,
-                        text=None) -> bool | str:
+    def validate_inputs(
+        cls,
+        subject_words=None,
+        subject_weights=None,
+        strength=None,
+        start_percent=None,
+        end_percent=None,
+        edit_subject=None,
+        morph=None,
+        timelapse_word=None,
+        timelapse=None,
+        text=None,
+    ) -> bool | str:
         """The checks that need no model, on the widget values, before the queue runs (a value
         wired from another node arrives as None: left to execute). Naming these inputs here
         replaces ComfyUI's own range checks of them, so every range is checked below."""
         if subject_words is None:
             return True
-        given = dict(subject_weights=subject_weights, strength=strength, start_percent=start_percent,
-                     end_percent=end_percent, edit_subject=edit_subject, morph=morph, timelapse_word=timelapse_word,
-                     timelapse=timelapse)
+        given = dict(
+            subject_weights=subject_weights,
+            strength=strength,
+            start_percent=start_percent,
+            end_percent=end_percent,
+            edit_subject=edit_subject,
+            morph=morph,
+            timelapse_word=timelapse_word,
+            timelapse=timelapse,
+        )
         defaults = SubjectOptions(subject_words)
         values = {k: (getattr(defaults, k) if v is None else v) for k, v in given.items()}
         try:

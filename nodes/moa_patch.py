@@ -47,8 +47,8 @@ import functools
 import logging
 import re
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import comfy.patcher_extension
 import torch
@@ -81,7 +81,10 @@ def attention_modules(model_patcher) -> dict[str, torch.nn.Module]:
 
 def attention_shapes(model_patcher) -> dict[str, tuple[int, int]]:
     """{layer id: (dim, context_dim)} of the model's attentions, as check_against_model expects."""
-    return {path: (int(m.to_q.weight.shape[1]), int(m.to_k.weight.shape[1])) for path, m in attention_modules(model_patcher).items()}
+    return {
+        path: (int(m.to_q.weight.shape[1]), int(m.to_k.weight.shape[1]))
+        for path, m in attention_modules(model_patcher).items()
+    }
 
 
 def block_locations(layer_ids) -> dict[tuple, str]:
@@ -102,7 +105,9 @@ def block_locations(layer_ids) -> dict[tuple, str]:
         found.setdefault((block, int(m["index"]), m["attn"]), []).append(layer_id)
     ambiguous = sorted(x for ids in found.values() if len(ids) > 1 for x in ids)
     if ambiguous:
-        log.warning("MoA: %d attention layers share a ComfyUI block id and stay the prior: %s", len(ambiguous), ambiguous[:4])
+        log.warning(
+            "MoA: %d attention layers share a ComfyUI block id and stay the prior: %s", len(ambiguous), ambiguous[:4]
+        )
     return {key: ids[0] for key, ids in found.items() if len(ids) == 1}
 
 
@@ -153,7 +158,9 @@ class MoAPatch:
         self.moa, self.settings = moa, settings
         # (block, block_index, attn) -> (MoALayer, layer index for the spacetime encoding)
         self.layers: dict[tuple, tuple[MoALayer, int]] = {
-            key: (moa[layer_id], moa.layer_index(layer_id)) for key, layer_id in locations.items() if layer_id in moa.layer_ids
+            key: (moa[layer_id], moa.layer_index(layer_id))
+            for key, layer_id in locations.items()
+            if layer_id in moa.layer_ids
         }
         self.state = _State()
         router = moa.router_config
@@ -168,7 +175,7 @@ class MoAPatch:
     def __deepcopy__(self, memo):
         return self
 
-    def with_observer(self, observer: LayerObserver | None) -> "MoAPatch":
+    def with_observer(self, observer: LayerObserver | None) -> MoAPatch:
         """The same patch (weights, settings, keys) reporting to observer."""
         twin = copy.copy(self)
         twin.observer = observer
@@ -205,8 +212,10 @@ class MoAPatch:
                     rows.add((index, c.get("uuid")))
             seen |= uuids
         options = dict(model_options)
-        options["transformer_options"] = {**model_options.get("transformer_options", {}),
-                                          self.rows_key: frozenset(rows)}
+        options["transformer_options"] = {
+            **model_options.get("transformer_options", {}),
+            self.rows_key: frozenset(rows),
+        }
         return executor(model, conds, x_in, timestep, options)
 
     # -- helpers ---------------------------------------------------------------------------
@@ -236,12 +245,17 @@ class MoAPatch:
         if self.maps is None or attn != "attn2" or not self.settings.bindings:
             return False
         block, sigmas = extra_options.get("block"), extra_options.get("sigmas")
-        if block is None or sigmas is None or (tuple(block), extra_options.get("block_index", 0), attn) not in self.map_keys:
+        if (
+            block is None
+            or sigmas is None
+            or (tuple(block), extra_options.get("block_index", 0), attn) not in self.map_keys
+        ):
             return False
         return float(sigmas.reshape(-1)[0]) >= self.settings.sigma_end
 
-    def attention_share(self, layer: MoALayer, h: torch.Tensor, context: torch.Tensor | None, extra_options: dict,
-                        record: bool) -> torch.Tensor | None:
+    def attention_share(
+        self, layer: MoALayer, h: torch.Tensor, context: torch.Tensor | None, extra_options: dict, record: bool
+    ) -> torch.Tensor | None:
         """The attention router's personal share (B, T, 1) for this layer call, from the previous
         step's maps (None: none yet, the prior alone); records this call's maps when `record`."""
         sigmas, shape = extra_options.get("sigmas"), extra_options.get("original_shape")
@@ -272,12 +286,19 @@ class MoAPatch:
         chunks = list(zip(extra_options.get("cond_or_uncond") or (), extra_options.get("uuids") or ()))
         if not marked or not chunks:
             if marked is None:
-                self.warn_once("unmarked", "the model was called outside a sampler (no conditioning uuids): subjects "
-                                           "are not fused, the personalized branch reads the plain text")
+                self.warn_once(
+                    "unmarked",
+                    "the model was called outside a sampler (no conditioning uuids): subjects "
+                    "are not fused, the personalized branch reads the plain text",
+                )
             return None
         if batch % len(chunks):
-            self.warn_once("rows", "cannot split a batch of %d rows into %d conditioning chunks: subjects are not "
-                                   "fused", batch, len(chunks))
+            self.warn_once(
+                "rows",
+                "cannot split a batch of %d rows into %d conditioning chunks: subjects are not fused",
+                batch,
+                len(chunks),
+            )
             return None
         rows = torch.tensor([chunk in marked for chunk in chunks], device=device)
         rows = rows.repeat_interleave(batch // len(chunks))
@@ -312,8 +333,12 @@ class MoAPatch:
         if timesteps is None:
             return context
         if max(b.token_index for b in s.bindings) >= context.shape[1]:
-            self.warn_once("short", "the marked conditioning holds %d tokens, fewer than the subject positions %s: "
-                                    "subjects are not fused", context.shape[1], [b.token_index for b in s.bindings])
+            self.warn_once(
+                "short",
+                "the marked conditioning holds %d tokens, fewer than the subject positions %s: subjects are not fused",
+                context.shape[1],
+                [b.token_index for b in s.bindings],
+            )
             return context
         return bind_subjects_where(context, rows, s.bindings, self.moa.fusion, timesteps, layer_index)
 
@@ -332,7 +357,9 @@ class _InputPatch(_PatchBase):
 
     def __call__(self, n, context, value, extra_options):
         p = self.patch
-        if p.layer_for(extra_options, self.attn) is not None and (p.active(extra_options) or p.records(extra_options, self.attn)):
+        if p.layer_for(extra_options, self.attn) is not None and (
+            p.active(extra_options) or p.records(extra_options, self.attn)
+        ):
             extra_options[self.key] = (n, context if self.attn == "attn2" else None)
         return n, context, value
 
@@ -351,8 +378,13 @@ class _OutputPatch(_PatchBase):
         layer, layer_index = found
         h, context = stashed
         if h.shape[:2] != out.shape[:2]:
-            p.warn_once("shape", "another patch changed the tokens of %s (input %s, output %s): MoA leaves such layers to the prior",
-                        self.attn, tuple(h.shape), tuple(out.shape))
+            p.warn_once(
+                "shape",
+                "another patch changed the tokens of %s (input %s, output %s): MoA leaves such layers to the prior",
+                self.attn,
+                tuple(h.shape),
+                tuple(out.shape),
+            )
             return out
         if self.attn == "attn2":
             context = p.personal_context(context, extra_options, layer_index)
@@ -373,8 +405,9 @@ class _OutputPatch(_PatchBase):
         observer = None
         if p.observer is not None:
             observer = functools.partial(p.observer, layer_index, p.moa.layer_ids[layer_index])
-        return layer(h, out, context=context, strength=p.settings.strength, attention=attention, observer=observer,
-                     share=share)
+        return layer(
+            h, out, context=context, strength=p.settings.strength, attention=attention, observer=observer, share=share
+        )
 
 
 def apply_moa(model, moa: MoAModel, weights_patcher, settings: MoASettings):
@@ -387,10 +420,16 @@ def apply_moa(model, moa: MoAModel, weights_patcher, settings: MoASettings):
     patched = model.clone()
     for name in _PATCH_LISTS:
         patched.set_model_patch(getattr(patch, name)(), name)
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, patch.rows_key,
-                                 patch.calc_cond_batch)
+    patched.add_wrapper_with_key(
+        comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, patch.rows_key, patch.calc_cond_batch
+    )
     attach_patcher(patched, "moa", weights_patcher)
-    log.info("MoA: %d attention layers mixed, %d subject(s), strength %g", len(patch.layers), len(settings.bindings), settings.strength)
+    log.info(
+        "MoA: %d attention layers mixed, %d subject(s), strength %g",
+        len(patch.layers),
+        len(settings.bindings),
+        settings.strength,
+    )
     return patched
 
 
@@ -418,6 +457,8 @@ def observe_moa(model, patch: MoAPatch, observer: LayerObserver):
     patched = model.clone()
     patches = patched.model_options["transformer_options"]["patches"]  # the clone's own lists
     for name in _PATCH_LISTS:
-        patches[name] = [getattr(observed, name)() if isinstance(p, _PatchBase) and p.patch is patch else p
-                         for p in patches.get(name, [])]
+        patches[name] = [
+            getattr(observed, name)() if isinstance(p, _PatchBase) and p.patch is patch else p
+            for p in patches.get(name, [])
+        ]
     return patched

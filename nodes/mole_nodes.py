@@ -52,7 +52,9 @@ def unet_lora_layers(tensors, path: str) -> dict:
 
 def expert_layout(expert: ExpertFile) -> Expert:
     """The expert with its layers' shapes, not their data (meta tensors)."""
-    return Expert(expert.name, expert.path, expert.strength, unet_lora_layers(SafetensorsFile(expert.path).layout(), expert.path))
+    return Expert(
+        expert.name, expert.path, expert.strength, unet_lora_layers(SafetensorsFile(expert.path).layout(), expert.path)
+    )
 
 
 def check_expert(filename: str, name: str, strength: float) -> ExpertFile:
@@ -140,12 +142,24 @@ class LoadMoLEExperts(io.ComfyNode):
             inputs=[
                 io.Combo.Input("expert_1", options=loras, tooltip="LoRA file of the first expert"),
                 io.String.Input("name_1", default="face", tooltip="Expert name, as the gate file names its experts"),
-                io.Float.Input("strength_1", default=1.0, min=-4.0, max=4.0, step=0.05,
-                               tooltip="Weight w_1 of the first expert's refinement"),
+                io.Float.Input(
+                    "strength_1",
+                    default=1.0,
+                    min=-4.0,
+                    max=4.0,
+                    step=0.05,
+                    tooltip="Weight w_1 of the first expert's refinement",
+                ),
                 io.Combo.Input("expert_2", options=[NONE] + loras, tooltip="LoRA file of the second expert"),
                 io.String.Input("name_2", default="hand", tooltip="Expert name, as the gate file names its experts"),
-                io.Float.Input("strength_2", default=1.0, min=-4.0, max=4.0, step=0.05,
-                               tooltip="Weight w_2 of the second expert's refinement"),
+                io.Float.Input(
+                    "strength_2",
+                    default=1.0,
+                    min=-4.0,
+                    max=4.0,
+                    step=0.05,
+                    tooltip="Weight w_2 of the second expert's refinement",
+                ),
                 MoLEExperts.Input("previous", optional=True, tooltip="Experts loaded by another node, placed first"),
             ],
             outputs=[MoLEExperts.Output(display_name="experts")],
@@ -176,15 +190,20 @@ class ApplyMoLEGating(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The model to refine (not changed: a patched clone is returned)"),
                 MoLEExperts.Input("experts", tooltip="From Load MoLE Experts"),
-                io.Combo.Input("gates", options=safetensors_in("mole"),
-                               tooltip="MoLE gate file (released MoLE format or this pack's)"),
+                io.Combo.Input(
+                    "gates",
+                    options=safetensors_in("mole"),
+                    tooltip="MoLE gate file (released MoLE format or this pack's)",
+                ),
                 io.Combo.Input(
                     "mode",
                     options=list(MODES),
                     default="both",
                     tooltip="both: local (per token) x global (per image) gates; local / global: one of them (the paper's ablation)",
                 ),
-                io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05, tooltip="0 leaves the model unchanged"),
+                io.Float.Input(
+                    "strength", default=1.0, min=-4.0, max=4.0, step=0.05, tooltip="0 leaves the model unchanged"
+                ),
             ],
             outputs=[io.Model.Output()],
         )

@@ -28,8 +28,11 @@ def weights_patcher(module, load_device=None, offload_device=None):
     unless given: the handle ComfyUI's memory management loads, offloads and counts."""
     import comfy.model_management as mm
 
-    return comfy.model_patcher.ModelPatcher(module, load_device=load_device or mm.get_torch_device(),
-                                            offload_device=offload_device or mm.unet_offload_device())
+    return comfy.model_patcher.ModelPatcher(
+        module,
+        load_device=load_device or mm.get_torch_device(),
+        offload_device=offload_device or mm.unet_offload_device(),
+    )
 
 
 def attach_patcher(model, key: str, patcher) -> None:

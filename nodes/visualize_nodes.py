@@ -38,8 +38,11 @@ def track_calls(model, recording, key: str) -> None:
         sigmas = options.get("sigmas")
         if sigmas is not None:
             rows = conditional_rows(options.get("cond_or_uncond"), x.shape[0])
-            recording.begin_call(float(sigmas.reshape(-1)[0]), rows if rows is not None else torch.ones(x.shape[0], dtype=torch.bool),
-                                 tuple(x.shape[-2:]))
+            recording.begin_call(
+                float(sigmas.reshape(-1)[0]),
+                rows if rows is not None else torch.ones(x.shape[0], dtype=torch.bool),
+                tuple(x.shape[-2:]),
+            )
         return executor(x, *args, **kwargs)
 
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key, outer_sample)
@@ -75,7 +78,9 @@ def record_mole_gates(model):
 _COLORS = [(230, 85, 13), (49, 130, 189), (49, 163, 84), (117, 107, 177), (189, 158, 57)]
 
 
-def plot_series(series: torch.Tensor, names: list[str], title: str, x_label: str, y_label: str, size=(512, 320)) -> torch.Tensor:
+def plot_series(
+    series: torch.Tensor, names: list[str], title: str, x_label: str, y_label: str, size=(512, 320)
+) -> torch.Tensor:
     """A line plot of series (steps, k) with values in [0, 1]: (H, W, 3) in [0, 1]."""
     width, height = size
     image = Image.new("RGB", size, "white")
@@ -97,8 +102,11 @@ def plot_series(series: torch.Tensor, names: list[str], title: str, x_label: str
     draw.text((4, top - 20), y_label, fill=(0, 0, 0), font=font)
     for k, name in enumerate(names):
         color = _COLORS[k % len(_COLORS)]
-        points = [(left + (s / max(steps - 1, 1)) * (right - left), bottom - float(series[s, k]) * (bottom - top))
-                  for s in range(steps) if not torch.isnan(series[s, k])]
+        points = [
+            (left + (s / max(steps - 1, 1)) * (right - left), bottom - float(series[s, k]) * (bottom - top))
+            for s in range(steps)
+            if not torch.isnan(series[s, k])
+        ]
         if len(points) > 1:
             draw.line(points, fill=color, width=2)
         for x, y in points:
@@ -109,7 +117,9 @@ def plot_series(series: torch.Tensor, names: list[str], title: str, x_label: str
     return torch.from_numpy(numpy.array(image)).float() / 255.0
 
 
-def draw_gate_maps(model, images: torch.Tensor, steps: str, sample: int, opacity: float) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_gate_maps(
+    model, images: torch.Tensor, steps: str, sample: int, opacity: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(plot of the global gates per step (1, H, W, 3), local gate maps over the image
     (steps x experts, H, W, 3)) of a recorded MoLE run."""
     recording = recording_of(model, GATES_KEY, "MoLE Record Gates")
@@ -120,8 +130,13 @@ def draw_gate_maps(model, images: torch.Tensor, steps: str, sample: int, opacity
         row = min(sample, gates.shape[1] - 1)
         plot = plot_series(gates[:, row], names, "MoLE global gate per expert (mean over layers)", "step", "gate")
     else:  # mode "local": no global gate to plot
-        plot = plot_series(torch.full((len(recording.sigmas), len(names)), float("nan")), names,
-                           "no global gates (mode: local)", "step", "gate")
+        plot = plot_series(
+            torch.full((len(recording.sigmas), len(names)), float("nan")),
+            names,
+            "no global gates (mode: local)",
+            "step",
+            "gate",
+        )
     maps = []
     for step in pick_steps(steps, len(recording.sigmas)):
         local = recording.local_maps(step)
@@ -182,8 +197,12 @@ def draw_router_maps(model, images: torch.Tensor, layers: str, steps: str, sampl
         present = [i for i in recorded if (step, i) in recording.maps]
         if chosen is None:
             height, width = recording.latent_size
-            resized = [torch.nn.functional.interpolate(recording.maps[(step, i)][:, None], size=(height, width), mode="bilinear")[:, 0]
-                       for i in present]
+            resized = [
+                torch.nn.functional.interpolate(
+                    recording.maps[(step, i)][:, None], size=(height, width), mode="bilinear"
+                )[:, 0]
+                for i in present
+            ]
             per_layer = [torch.stack(resized).mean(0)] if resized else []
         else:
             per_layer = [recording.maps[(step, i)] for i in chosen if (step, i) in recording.maps]
@@ -243,7 +262,10 @@ class MoLEGateMaps(io.ComfyNode):
                 io.Int.Input("sample", default=0, min=0, max=63, tooltip="Which image of the batch"),
                 io.Float.Input("opacity", default=0.6, min=0.0, max=1.0, step=0.05, tooltip=_OPACITY_TIP),
             ],
-            outputs=[io.Image.Output(display_name="global_gates_plot"), io.Image.Output(display_name="local_gate_maps")],
+            outputs=[
+                io.Image.Output(display_name="global_gates_plot"),
+                io.Image.Output(display_name="local_gate_maps"),
+            ],
         )
 
     @classmethod
@@ -281,7 +303,9 @@ class MoARouterMaps(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The model from MoA Record Router that the sampler used"),
                 io.Image.Input("images", tooltip="The decoded images of that run"),
-                io.String.Input("layers", default="mean", tooltip="mean (of all layers), all, or layer numbers such as '0, 8, 15'"),
+                io.String.Input(
+                    "layers", default="mean", tooltip="mean (of all layers), all, or layer numbers such as '0, 8, 15'"
+                ),
                 io.String.Input("steps", default="first, middle, last", tooltip=_STEPS_TIP),
                 io.Int.Input("sample", default=0, min=0, max=63, tooltip="Which image of the batch"),
                 io.Float.Input("opacity", default=0.6, min=0.0, max=1.0, step=0.05, tooltip=_OPACITY_TIP),

@@ -97,8 +97,14 @@ def image_path(method: str, item_id: str, seed: int) -> str:
 def build_graph(item: dict, seed: int, methods: list[str], settings: dict, reference: str | None):
     """One API-format graph rendering `item` at `seed` with each method: {SaveImage id: method}."""
     graphs = _graphs()
-    sampling = graphs.Settings(settings["sampler"], settings["scheduler"], settings["steps"], settings["cfg"],
-                               settings["width"], "the quality run's settings (run.json)")
+    sampling = graphs.Settings(
+        settings["sampler"],
+        settings["scheduler"],
+        settings["steps"],
+        settings["cfg"],
+        settings["width"],
+        "the quality run's settings (run.json)",
+    )
     g = graphs.Graph(f"{item['id']}_s{seed}", "quality", "", "", sampling)
     ckpt = g.add("CheckpointLoaderSimple", ckpt_name=settings["checkpoint"])
     model, clip, vae = ckpt[0], ckpt[1], ckpt[2]

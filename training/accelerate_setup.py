@@ -38,8 +38,10 @@ def make_accelerator(args, find_unused_parameters: bool = False):
         # Accelerate names checkpoints <work dir>/checkpoints/checkpoint_<n> and keeps the newest
         # --keep-checkpoints of them; trackers (TensorBoard) write under <work dir>/logs.
         project_config=ProjectConfiguration(
-            project_dir=str(args.work_dir), logging_dir=str(Path(args.work_dir) / "logs"),
-            automatic_checkpoint_naming=True, total_limit=args.keep_checkpoints or None,
+            project_dir=str(args.work_dir),
+            logging_dir=str(Path(args.work_dir) / "logs"),
+            automatic_checkpoint_naming=True,
+            total_limit=args.keep_checkpoints or None,
         ),
         log_with=None if args.log_with == "none" else args.log_with,
     )

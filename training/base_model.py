@@ -50,8 +50,10 @@ def load_base(path, load_encoders: bool = True) -> Base:
     import comfy.model_base
 
     if model.model.model_type != comfy.model_base.ModelType.EPS or not hasattr(sampling, "sigmas"):
-        raise SystemExit(f"error: {path}: only discrete epsilon-prediction models (SD1.x, SDXL) are supported, "
-                         f"this one is {model.model.model_type.name}")
+        raise SystemExit(
+            f"error: {path}: only discrete epsilon-prediction models (SD1.x, SDXL) are supported, "
+            f"this one is {model.model.model_type.name}"
+        )
     sigmas = sampling.sigmas.detach().double().cpu()
     alphas_cumprod = (1.0 / (1.0 + sigmas**2)).float()  # sigma^2 = (1 - a) / a
     unet = model.model.diffusion_model
@@ -87,13 +89,17 @@ def kohya_names(base: Base, module_paths) -> dict[str, str]:
     if base.family != "sd15":
         return {p: "lora_unet_" + p.replace(".", "_") for p in wanted}
     names = {}
-    for diffusers_key, sai_key in comfy.utils.unet_to_diffusers(base.model_patcher.model.model_config.unet_config).items():
+    for diffusers_key, sai_key in comfy.utils.unet_to_diffusers(
+        base.model_patcher.model.model_config.unet_config
+    ).items():
         module = sai_key[: -len(".weight")] if sai_key.endswith(".weight") else None
         if module in wanted and diffusers_key.endswith(".weight"):
             names[module] = "lora_unet_" + diffusers_key[: -len(".weight")].replace(".", "_")
     missing = sorted(wanted - set(names))
     if missing:
-        raise RuntimeError(f"ComfyUI's unet_to_diffusers has no diffusers name for {len(missing)} layers: {missing[:5]}")
+        raise RuntimeError(
+            f"ComfyUI's unet_to_diffusers has no diffusers name for {len(missing)} layers: {missing[:5]}"
+        )
     return names
 
 

@@ -51,12 +51,16 @@ def safetensors_header(path, flag: str) -> tuple[dict[str, list[int]], dict[str,
 
 
 def checkpoint_family(path, flag: str = "--checkpoint") -> str:
-    """"sd15", "sd2" or "sdxl" from a single-file checkpoint's header, refusing files that are not
+    """ "sd15", "sd2" or "sdxl" from a single-file checkpoint's header, refusing files that are not
     a single-file Stable Diffusion checkpoint or that predict something other than the noise."""
     shapes, metadata = safetensors_header(path, flag)
     if not any(k.startswith("model.diffusion_model.") for k in shapes):
-        fail(flag, path, "holds no model.diffusion_model.* tensors: not a single-file checkpoint "
-             "(a LoRA, a VAE, a UNet-only file?); give the file Load Checkpoint loads")
+        fail(
+            flag,
+            path,
+            "holds no model.diffusion_model.* tensors: not a single-file checkpoint "
+            "(a LoRA, a VAE, a UNet-only file?); give the file Load Checkpoint loads",
+        )
     not_eps = [k for k in _NOT_EPS_KEYS if k in shapes]
     prediction = str(metadata.get("modelspec.prediction_type", "epsilon")).lower()
     if not_eps or prediction not in ("epsilon", "eps"):
@@ -69,8 +73,11 @@ def checkpoint_family(path, flag: str = "--checkpoint") -> str:
             if family is None:
                 break
             return family
-    fail(flag, path, "is not an SD1.x or SDXL checkpoint "
-         "(no cross-attention of text width 768 or 2048 where they have it)")
+    fail(
+        flag,
+        path,
+        "is not an SD1.x or SDXL checkpoint (no cross-attention of text width 768 or 2048 where they have it)",
+    )
 
 
 def require_family(path, allowed: tuple[str, ...], flag: str = "--checkpoint") -> str:
@@ -86,7 +93,9 @@ def lora_file(path, flag: str) -> dict[str, list[int]]:
     shapes, _ = safetensors_header(path, flag)
     if not any(".lora_down." in k or ".lora_A." in k for k in shapes):
         kinds = "a checkpoint" if any(k.startswith("model.diffusion_model.") for k in shapes) else "not a LoRA"
-        fail(flag, path, f"holds no lora_down/lora_up tensors ({kinds}); "
-             "give a LoRA file such as the stage-2 script writes")
+        fail(
+            flag,
+            path,
+            f"holds no lora_down/lora_up tensors ({kinds}); give a LoRA file such as the stage-2 script writes",
+        )
     return shapes
-

@@ -66,7 +66,10 @@ def _from_metadata(root: Path) -> list[Sample]:
             except json.JSONDecodeError as e:
                 raise DataError(where, f"is not JSON ({e})") from e
             if not isinstance(entry, dict) or "file_name" not in entry or "text" not in entry:
-                raise DataError(where, 'needs both "file_name" and "text" (for example {"file_name": "a.png", "text": "a photo of a face"})')
+                raise DataError(
+                    where,
+                    'needs both "file_name" and "text" (for example {"file_name": "a.png", "text": "a photo of a face"})',
+                )
             if not isinstance(entry["text"], str):
                 raise DataError(where, f'"text" must be a string, not {type(entry["text"]).__name__}')
             image = root / entry["file_name"]
@@ -144,7 +147,9 @@ def scan_dataset(root, check_images: bool = True) -> list[Sample]:
     return samples
 
 
-def load_image(path: Path, resolution: int, crop: str = "center", rng: random.Random | None = None, flip: bool = False) -> torch.Tensor:
+def load_image(
+    path: Path, resolution: int, crop: str = "center", rng: random.Random | None = None, flip: bool = False
+) -> torch.Tensor:
     """An image as a (resolution, resolution, 3) float tensor in [0, 1] (ComfyUI's IMAGE layout):
     shorter side resized to `resolution` (bicubic), then a center or random square crop."""
     import numpy as np
@@ -188,7 +193,11 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         rng = random.Random(self.seed * 1_000_003 + position)
         flip = self.flip and rng.random() < 0.5
         s = self.samples[index]
-        return {"index": index, "pixels": load_image(s.image, self.resolution, self.crop, rng, flip), "caption": s.caption}
+        return {
+            "index": index,
+            "pixels": load_image(s.image, self.resolution, self.crop, rng, flip),
+            "caption": s.caption,
+        }
 
 
 class StreamSampler(torch.utils.data.Sampler):
@@ -197,8 +206,25 @@ class StreamSampler(torch.utils.data.Sampler):
     batch_size * world_size and this process takes its slice. Micro-batch m is the same whatever
     step the run started from, so resuming replays exactly the data of an uninterrupted run."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0, shuffle: bool = True):
-        self.n, self.batch_size, self.seed, self.rank, self.world, self.start, self.shuffle = n, batch_size, seed, rank, world_size, start, shuffle
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start: int = 0,
+        shuffle: bool = True,
+    ):
+        self.n, self.batch_size, self.seed, self.rank, self.world, self.start, self.shuffle = (
+            n,
+            batch_size,
+            seed,
+            rank,
+            world_size,
+            start,
+            shuffle,
+        )
         self._perms: dict[int, list[int]] = {}
 
     def _perm(self, epoch: int) -> list[int]:

@@ -23,6 +23,7 @@ def cache_key(sample, resolution: int, checkpoint) -> str:
     """The name of a sample's cache file: a hash of what its encoding depends on (the base
     checkpoint's file, the image file, the caption, the resolution; center crop, no flip), so a
     changed image, caption or model never reads a stale entry."""
+
     def identity(path):
         st = Path(path).stat()
         return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
@@ -64,7 +65,13 @@ class DiskCachedDataset(torch.utils.data.Dataset):
 
         index, position = key
         entry = load_file(str(self.files[index]))
-        return {"index": index, "position": position, "latent": entry["latent"], "context": entry["context"], "y": entry.get("y")}
+        return {
+            "index": index,
+            "position": position,
+            "latent": entry["latent"],
+            "context": entry["context"],
+            "y": entry.get("y"),
+        }
 
 
 def collate_cached(items):
@@ -115,10 +122,19 @@ def build_data(args, samples, base: Base, accelerator, start_micro: int):
     uncached runs keep them and encode per micro-batch."""
     from .data import ImageCaptionDataset, StreamSampler
 
-    log.info("data: %d images from %s (%s crop%s, %d px)", len(samples), args.data, args.crop, ", flips" if args.flip else "", args.resolution)
+    log.info(
+        "data: %d images from %s (%s crop%s, %d px)",
+        len(samples),
+        args.data,
+        args.crop,
+        ", flips" if args.flip else "",
+        args.resolution,
+    )
     images = ImageCaptionDataset(samples, args.resolution, args.crop, args.flip, args.seed)
     encoder = Encoder(base, args.resolution)
-    sampler = StreamSampler(len(samples), args.batch_size, args.seed, accelerator.process_index, accelerator.num_processes, start_micro)
+    sampler = StreamSampler(
+        len(samples), args.batch_size, args.seed, accelerator.process_index, accelerator.num_processes, start_micro
+    )
     if args.cache:
         # One file per image in the cache folder; each process encodes its share of the missing
         # ones, then all read the whole set from disk. A resumed run finds the files made.
@@ -129,7 +145,9 @@ def build_data(args, samples, base: Base, accelerator, start_micro: int):
         def encode(index):
             item = images[(index, 0)]
             context, y = encoder.conditioning([item["caption"]])
-            return {"latent": encoder.latents(item["pixels"][None]), "context": context} | ({} if y is None else {"y": y})
+            return {"latent": encoder.latents(item["pixels"][None]), "context": context} | (
+                {} if y is None else {"y": y}
+            )
 
         t0 = time.perf_counter()
         made = build_disk_cache(files, encode, accelerator.process_index, accelerator.num_processes)
@@ -137,7 +155,13 @@ def build_data(args, samples, base: Base, accelerator, start_micro: int):
         missing = [f for f in files if not f.is_file()]
         if missing:
             raise RuntimeError(f"cache: {len(missing)} entries missing after encoding, such as {missing[0]}")
-        log.info("cache %s: %d images, %d encoded by this process in %.1f s", folder, len(files), made, time.perf_counter() - t0)
+        log.info(
+            "cache %s: %d images, %d encoded by this process in %.1f s",
+            folder,
+            len(files),
+            made,
+            time.perf_counter() - t0,
+        )
         base.free_encoders()
         dataset, collate_fn, encoder, workers = DiskCachedDataset(files), collate_cached, None, args.num_workers
     else:

@@ -55,7 +55,13 @@ class Encoder:
         if getattr(model, "adm_channels", 0) == 0:
             return None
         r = self.resolution
-        return model.encode_adm(pooled_output=pooled, width=r, height=r, crop_w=0, crop_h=0, target_width=r, target_height=r).float().cpu()
+        return (
+            model.encode_adm(
+                pooled_output=pooled, width=r, height=r, crop_w=0, crop_h=0, target_width=r, target_height=r
+            )
+            .float()
+            .cpu()
+        )
 
     def conditioning(self, captions: list[str]):
         texts = [self.text(c) for c in captions]

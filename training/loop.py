@@ -16,8 +16,8 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -114,7 +114,11 @@ def train(args, accelerator, base: Base, stage: Stage, samples) -> Result:
         with open(resume / "progress.json") as f:
             progress.step = json.load(f)["step"]
     # Sample prompts are encoded before the data pipeline frees the CLIP.
-    sampler = PromptSampler(args, base, Path(args.work_dir) / "samples") if args.sample_every and accelerator.is_main_process else None
+    sampler = (
+        PromptSampler(args, base, Path(args.work_dir) / "samples")
+        if args.sample_every and accelerator.is_main_process
+        else None
+    )
     if stage.data is not None:
         loader, encoder = stage.data(args, accelerator, progress.step * args.grad_accum), None
     else:
@@ -129,14 +133,19 @@ def train(args, accelerator, base: Base, stage: Stage, samples) -> Result:
     # the model weights out of accelerate's hands, as diffusers' LoRA scripts do.
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
-            save_file({n: p.detach().float().contiguous().cpu() for n, p in trainable.items()}, os.path.join(output_dir, "trainable.safetensors"))
+            save_file(
+                {n: p.detach().float().contiguous().cpu() for n, p in trainable.items()},
+                os.path.join(output_dir, "trainable.safetensors"),
+            )
         weights.clear()
 
     def load_hook(models, input_dir):
         state = load_file(os.path.join(input_dir, "trainable.safetensors"))
         missing = sorted(set(trainable) - set(state))
         if missing:
-            raise SystemExit(f"error: {input_dir} does not match this run ({len(missing)} trainable tensors missing, such as {missing[0]})")
+            raise SystemExit(
+                f"error: {input_dir} does not match this run ({len(missing)} trainable tensors missing, such as {missing[0]})"
+            )
         with torch.no_grad():
             for n, p in trainable.items():
                 p.copy_(state[n].to(p.dtype))
@@ -155,7 +164,10 @@ def train(args, accelerator, base: Base, stage: Stage, samples) -> Result:
             json.dump(vars(args), f, indent=1, default=str)
     log_path = work / "log.jsonl"
     if args.log_with != "none":  # hyperparameters as the trackers take them: numbers, strings, booleans
-        accelerator.init_trackers(stage.name, config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()})
+        accelerator.init_trackers(
+            stage.name,
+            config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()},
+        )
     device = accelerator.device
     alphas = base.alphas_cumprod.to(device)
 
@@ -179,7 +191,14 @@ def train(args, accelerator, base: Base, stage: Stage, samples) -> Result:
     model.train()
     losses = []
     batches = iter(loader)
-    bar = tqdm(total=args.steps, initial=progress.step, disable=not accelerator.is_main_process, desc=stage.name, unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=args.steps,
+        initial=progress.step,
+        disable=not accelerator.is_main_process,
+        desc=stage.name,
+        unit="step",
+        dynamic_ncols=True,
+    )
     t_last, step_losses = time.perf_counter(), []
     while progress.step < args.steps:
         batch = next(batches)
@@ -196,8 +215,15 @@ def train(args, accelerator, base: Base, stage: Stage, samples) -> Result:
                     loss = stage.loss(model, batch)
                 else:
                     loss = diffusion_loss(
-                        model, latents.to(device), context.to(device), None if y is None else y.to(device),
-                        noise.to(device), timesteps.to(device), alphas, args.min_snr_gamma, weight_dtype(args),
+                        model,
+                        latents.to(device),
+                        context.to(device),
+                        None if y is None else y.to(device),
+                        noise.to(device),
+                        timesteps.to(device),
+                        alphas,
+                        args.min_snr_gamma,
+                        weight_dtype(args),
                     )
             accelerator.backward(loss)
             if accelerator.sync_gradients and args.max_grad_norm:
@@ -211,7 +237,9 @@ def train(args, accelerator, base: Base, stage: Stage, samples) -> Result:
         progress.step += 1
         step_loss = float(accelerator.reduce(torch.stack(step_losses).mean(), "mean"))
         if not math.isfinite(step_loss):
-            raise FloatingPointError(f"{stage.name}: loss is {step_loss} at step {progress.step}; lower --lr or use --mixed-precision no/bf16")
+            raise FloatingPointError(
+                f"{stage.name}: loss is {step_loss} at step {progress.step}; lower --lr or use --mixed-precision no/bf16"
+            )
         losses.append(step_loss)
         now = time.perf_counter()
         seconds, t_last, step_losses = now - t_last, now, []
@@ -220,11 +248,16 @@ def train(args, accelerator, base: Base, stage: Stage, samples) -> Result:
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", s_per_step=f"{seconds:.2f}")
         if accelerator.is_main_process:
             with open(log_path, "a") as f:
-                f.write(json.dumps({"step": progress.step, "loss": step_loss, "lr": lr, "seconds": round(seconds, 3)}) + "\n")
+                f.write(
+                    json.dumps({"step": progress.step, "loss": step_loss, "lr": lr, "seconds": round(seconds, 3)})
+                    + "\n"
+                )
         if args.log_with != "none":
             accelerator.log({"loss": step_loss, "lr": lr}, step=progress.step)
             if progress.step % args.log_every == 0 or progress.step == args.steps:
-                log.info("step %d/%d  loss %.5f  lr %.3g  %.2f s/step", progress.step, args.steps, step_loss, lr, seconds)
+                log.info(
+                    "step %d/%d  loss %.5f  lr %.3g  %.2f s/step", progress.step, args.steps, step_loss, lr, seconds
+                )
         # Every N steps, and at the final step so that a finished run can be extended (--resume
         # latest with more --steps); the final one without a copy of the output, written next.
         if (args.save_every and progress.step % args.save_every == 0) or progress.step == args.steps:

@@ -19,7 +19,9 @@ def sample_noise(batch: dict, latents: torch.Tensor, seed: int, fixed: bool) -> 
     return torch.stack(noise), torch.tensor(steps)
 
 
-def diffusion_loss(unet, latents, context, y, noise, timesteps, alphas_cumprod, min_snr_gamma=None, dtype=None) -> torch.Tensor:
+def diffusion_loss(
+    unet, latents, context, y, noise, timesteps, alphas_cumprod, min_snr_gamma=None, dtype=None
+) -> torch.Tensor:
     """Epsilon-prediction MSE: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps, loss |eps_theta(x_t, t, c) - eps|^2,
     averaged per image and, with Min-SNR, weighted by min(SNR_t, gamma) / SNR_t.
     dtype: the frozen weights' storage dtype; x_t goes in in it, as ComfyUI's apply_model casts
@@ -27,7 +29,13 @@ def diffusion_loss(unet, latents, context, y, noise, timesteps, alphas_cumprod, 
     GroupNorm, which on the CPU must then match that norm's bf16 weight)."""
     a = alphas_cumprod.to(latents.device)[timesteps].float().view(-1, 1, 1, 1)
     noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-    pred = unet(noisy if dtype is None else noisy.to(dtype), timesteps=timesteps.float(), context=context, y=y, transformer_options={})
+    pred = unet(
+        noisy if dtype is None else noisy.to(dtype),
+        timesteps=timesteps.float(),
+        context=context,
+        y=y,
+        transformer_options={},
+    )
     per_image = (pred.float() - noise.float()).square().mean(dim=(1, 2, 3))
     if min_snr_gamma:
         snr = (a / (1 - a)).view(-1)

@@ -39,13 +39,29 @@ def parse_args(argv=None):
         epilog="Paper settings (MoLE): face lr 2e-5, 30k steps, rank 256, alpha 64; hand lr 1e-5, 60k steps, rank 256, alpha 128.",
     )
     g = p.add_argument_group("expert")
-    g.add_argument("--part", required=True, help="what the expert is for: face, hand, or any name (written to the file's metadata)")
+    g.add_argument(
+        "--part", required=True, help="what the expert is for: face, hand, or any name (written to the file's metadata)"
+    )
     g.add_argument("--rank", type=int, default=None, help="LoRA rank (default 256)")
-    g.add_argument("--alpha", type=float, default=None, help="LoRA alpha; the expert adds (alpha/rank) up@down x (default 64 for face, 128 for hand, else rank/2)")
+    g.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help="LoRA alpha; the expert adds (alpha/rank) up@down x (default 64 for face, 128 for hand, else rank/2)",
+    )
     g.add_argument("--save-dtype", choices=tuple(SAVE_DTYPES), default="fp16")
-    g.add_argument("--init-from", default=None, metavar="FILE",
-                   help="warm start: begin from an earlier expert (a kohya LoRA of the same layers; its rank and alpha are taken)")
-    g.add_argument("--no-verify", dest="verify", action="store_false", help="skip the check that ComfyUI's LoRA loader maps every layer of the written file")
+    g.add_argument(
+        "--init-from",
+        default=None,
+        metavar="FILE",
+        help="warm start: begin from an earlier expert (a kohya LoRA of the same layers; its rank and alpha are taken)",
+    )
+    g.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip the check that ComfyUI's LoRA loader maps every layer of the written file",
+    )
     args = p.parse_args(argv)
     cli.check_args(args)
     if args.init_from:
@@ -65,7 +81,9 @@ def take_rank_and_alpha(args) -> None:
     shapes, metadata = checks.safetensors_header(args.init_from, "--init-from")
     ranks = {shape[0] for key, shape in shapes.items() if key.endswith(".lora_down.weight")}
     if len(ranks) != 1:
-        checks.fail("--init-from", args.init_from, f"is not a LoRA of one rank (lora_down ranks found: {sorted(ranks)})")
+        checks.fail(
+            "--init-from", args.init_from, f"is not a LoRA of one rank (lora_down ranks found: {sorted(ranks)})"
+        )
     rank = ranks.pop()
     if args.rank not in (None, rank):
         checks.fail("--init-from", args.init_from, f"has rank {rank}, not --rank {args.rank}")
@@ -86,10 +104,16 @@ def load_expert_weights(unet, names: dict[str, str], path, alpha: float) -> None
             a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
             down, up = tensors.get(f"{name}.lora_down.weight"), tensors.get(f"{name}.lora_up.weight")
             if down is None or up is None:
-                checks.fail("--init-from", path, f"has no {name}.lora_down/lora_up: it adapts other layers than this run")
+                checks.fail(
+                    "--init-from", path, f"has no {name}.lora_down/lora_up: it adapts other layers than this run"
+                )
             if down.shape != a.shape or up.shape != b.shape:
-                checks.fail("--init-from", path, f"{name}: shapes {tuple(down.shape)}/{tuple(up.shape)}, this run needs "
-                            f"{tuple(a.shape)}/{tuple(b.shape)}")
+                checks.fail(
+                    "--init-from",
+                    path,
+                    f"{name}: shapes {tuple(down.shape)}/{tuple(up.shape)}, this run needs "
+                    f"{tuple(a.shape)}/{tuple(b.shape)}",
+                )
             file_alpha = tensors.get(f"{name}.alpha")
             if file_alpha is not None and abs(float(file_alpha) - alpha) > 1e-3 * alpha:
                 checks.fail("--init-from", path, f"{name}: alpha {float(file_alpha)}, this run has --alpha {alpha}")
@@ -144,7 +168,9 @@ def inject_lora(unet: torch.nn.Module, targets, rank: int, alpha: float) -> dict
     from peft import LoraConfig, inject_adapter_in_model
 
     base_model.freeze(unet)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=sorted(targets), lora_dropout=0.0, bias="none", init_lora_weights=True)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=sorted(targets), lora_dropout=0.0, bias="none", init_lora_weights=True
+    )
     inject_adapter_in_model(config, unet, adapter_name=ADAPTER)
     trainable = {n: p for n, p in unet.named_parameters() if ".lora_" in n}
     for n, p in unet.named_parameters():
@@ -182,7 +208,14 @@ def main(argv=None) -> loop.Result:
         names = base_model.kohya_names(base, targets)
         key_map = comfy_key_map(base)
         expected = {f"diffusion_model.{p}.weight" for p in targets}
-        loop.log.info("expert '%s': LoRA rank %d alpha %g on %d %s layers", args.part, args.rank, args.alpha, len(targets), base.family)
+        loop.log.info(
+            "expert '%s': LoRA rank %d alpha %g on %d %s layers",
+            args.part,
+            args.rank,
+            args.alpha,
+            len(targets),
+            base.family,
+        )
 
         trainable = inject_lora(base.unet, targets, args.rank, args.alpha)
         if args.init_from:
@@ -211,7 +244,10 @@ def main(argv=None) -> loop.Result:
                 "mole.part": args.part,
                 "mole.base_family": base.family,
                 "mole.layers": str(len(names)),
-                "mole.training_args": json.dumps({k: v for k, v in vars(args).items() if k not in ("data", "checkpoint", "output", "work_dir")}, default=str),
+                "mole.training_args": json.dumps(
+                    {k: v for k, v in vars(args).items() if k not in ("data", "checkpoint", "output", "work_dir")},
+                    default=str,
+                ),
             }
             save_file(sd, path, metadata)
 

@@ -38,12 +38,24 @@ def parse_args(argv=None):
         epilog="Paper settings (MoLE stage 1): Lion, lr 2e-6, batch 64, 300k steps, Min-SNR gamma 5.",
     )
     g = p.add_argument_group("fine-tune")
-    g.add_argument("--trainable", default=None, metavar="REGEX",
-                   help="train only the UNet parameters whose names (ComfyUI/SAI naming, such as output_blocks.11.1.proj_out.weight) "
-                   "match this regular expression (re.search); default: all of them")
-    g.add_argument("--save-dtype", choices=tuple(SAVE_DTYPES), default="fp16", help="dtype of the UNet tensors written (default fp16)")
-    g.add_argument("--train-text-encoder", action="store_true",
-                   help="train the CLIP text encoder with the UNet (captions are encoded at every step, not cached)")
+    g.add_argument(
+        "--trainable",
+        default=None,
+        metavar="REGEX",
+        help="train only the UNet parameters whose names (ComfyUI/SAI naming, such as output_blocks.11.1.proj_out.weight) "
+        "match this regular expression (re.search); default: all of them",
+    )
+    g.add_argument(
+        "--save-dtype",
+        choices=tuple(SAVE_DTYPES),
+        default="fp16",
+        help="dtype of the UNet tensors written (default fp16)",
+    )
+    g.add_argument(
+        "--train-text-encoder",
+        action="store_true",
+        help="train the CLIP text encoder with the UNet (captions are encoded at every step, not cached)",
+    )
     args = p.parse_args(argv)
     cli.check_args(args)
     if args.train_text_encoder:
@@ -64,7 +76,9 @@ def select_trainable(unet: torch.nn.Module, pattern: str | None) -> dict[str, to
         if wanted:
             trainable[name] = p
     if not trainable:
-        raise SystemExit(f"error: --trainable {pattern!r} matches no UNet parameter (names look like output_blocks.11.1.proj_out.weight)")
+        raise SystemExit(
+            f"error: --trainable {pattern!r} matches no UNet parameter (names look like output_blocks.11.1.proj_out.weight)"
+        )
     return trainable
 
 
@@ -85,12 +99,19 @@ def write_checkpoint(path, source_path, base: base_model.Base, unet, dtype, meta
     with safe_open(source_path, framework="pt", device="cpu") as f:
         source_meta, known = dict(f.metadata() or {}), set(f.keys())
         if text_encoder is not None:
-            text_sd = {k: v.detach().to(dtype).contiguous().cpu() for k, v in text_encoder_state_for_saving(text_encoder).items()}
+            text_sd = {
+                k: v.detach().to(dtype).contiguous().cpu()
+                for k, v in text_encoder_state_for_saving(text_encoder).items()
+            }
             unknown = sorted(k for k in text_sd if k not in known)
             if unknown:
                 raise RuntimeError(f"text encoder keys not in the source checkpoint: {unknown[:3]}")
             replaced.update(text_sd)
-        out = {key: f.get_tensor(key) for key in known if key not in replaced and not key.startswith("model.diffusion_model.")}
+        out = {
+            key: f.get_tensor(key)
+            for key in known
+            if key not in replaced and not key.startswith("model.diffusion_model.")
+        }
     out.update(replaced)
     comfy.utils.save_torch_file(out, str(path), metadata={**source_meta, **metadata})
 
@@ -102,15 +123,24 @@ def trainable_text_encoder(base: base_model.Base):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if base.family != "sd15":
-        raise SystemExit("error: --train-text-encoder is supported for SD1.x checkpoints (one CLIP ViT-L/14 text encoder)")
+        raise SystemExit(
+            "error: --train-text-encoder is supported for SD1.x checkpoints (one CLIP ViT-L/14 text encoder)"
+        )
     prefix = "clip_l.transformer."
-    state = {k[len(prefix):]: v.float() for k, v in base.clip.cond_stage_model.state_dict().items() if k.startswith(prefix)}
+    state = {
+        k[len(prefix) :]: v.float() for k, v in base.clip.cond_stage_model.state_dict().items() if k.startswith(prefix)
+    }
     layers = {int(k.split(".")[3]) for k in state if k.startswith("text_model.encoder.layers.")}
     vocab, width = state["text_model.embeddings.token_embedding.weight"].shape
-    config = CLIPTextConfig(vocab_size=vocab, hidden_size=width, num_hidden_layers=len(layers), num_attention_heads=width // 64,
-                            intermediate_size=state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-                            max_position_embeddings=state["text_model.embeddings.position_embedding.weight"].shape[0],
-                            hidden_act="quick_gelu")
+    config = CLIPTextConfig(
+        vocab_size=vocab,
+        hidden_size=width,
+        num_hidden_layers=len(layers),
+        num_attention_heads=width // 64,
+        intermediate_size=state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+        max_position_embeddings=state["text_model.embeddings.position_embedding.weight"].shape[0],
+        hidden_act="quick_gelu",
+    )
     model = CLIPTextModel(config)
     if not any(k.startswith("text_model.") for k in model.state_dict()):  # transformers 5 dropped the prefix
         state = {k.removeprefix("text_model."): v for k, v in state.items()}
@@ -123,8 +153,11 @@ def trainable_text_encoder(base: base_model.Base):
 
 def text_encoder_state_for_saving(text_encoder) -> dict[str, torch.Tensor]:
     """CLIPTextModel weights under the SD1.x checkpoint's names (cond_stage_model.transformer.*)."""
-    return {"cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v
-            for k, v in text_encoder.state_dict().items() if not k.endswith("position_ids")}
+    return {
+        "cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v
+        for k, v in text_encoder.state_dict().items()
+        if not k.endswith("position_ids")
+    }
 
 
 class UNetAndTextEncoder(torch.nn.Module):
@@ -143,18 +176,34 @@ class UNetAndTextEncoder(torch.nn.Module):
 
     def forward(self, batch) -> torch.Tensor:
         device = next(self.unet.parameters()).device
-        latents = torch.cat([self.encoder.latents(batch["pixels"][i : i + 1]) for i in range(len(batch["caption"]))]).to(device)
+        latents = torch.cat(
+            [self.encoder.latents(batch["pixels"][i : i + 1]) for i in range(len(batch["caption"]))]
+        ).to(device)
         ids = torch.cat([self.token_ids(c) for c in batch["caption"]]).to(device)
         context = self.text_encoder(input_ids=ids).last_hidden_state
         noise, timesteps = losses.sample_noise(batch, latents, self.args.seed, self.args.fixed_noise)
-        return losses.diffusion_loss(self.unet, latents, context, None, noise.to(device), timesteps.to(device),
-                                     self.base.alphas_cumprod.to(device), self.args.min_snr_gamma, cli.weight_dtype(self.args))
+        return losses.diffusion_loss(
+            self.unet,
+            latents,
+            context,
+            None,
+            noise.to(device),
+            timesteps.to(device),
+            self.base.alphas_cumprod.to(device),
+            self.args.min_snr_gamma,
+            cli.weight_dtype(self.args),
+        )
 
 
 def with_text_encoder(args, base: base_model.Base, stage: loop.Stage, text_encoder) -> loop.Stage:
     trainable = dict(stage.trainable) | {f"text_encoder.{n}": p for n, p in text_encoder.named_parameters()}
-    return loop.Stage(stage.name, UNetAndTextEncoder(args, base, text_encoder), trainable, stage.write_output,
-                        loss=lambda model, batch: model(batch))
+    return loop.Stage(
+        stage.name,
+        UNetAndTextEncoder(args, base, text_encoder),
+        trainable,
+        stage.write_output,
+        loss=lambda model, batch: model(batch),
+    )
 
 
 def main(argv=None) -> loop.Result:
@@ -167,7 +216,9 @@ def main(argv=None) -> loop.Result:
     with host.host_session():
         base = base_model.load_base(args.checkpoint)
         if not str(args.checkpoint).endswith(".safetensors"):
-            raise SystemExit("error: --checkpoint must be a .safetensors file (its non-UNet tensors are copied into the output)")
+            raise SystemExit(
+                "error: --checkpoint must be a .safetensors file (its non-UNet tensors are copied into the output)"
+            )
         unet = base.unet
         trainable = select_trainable(unet, args.trainable)
         base_model.cast_frozen(unet, cli.weight_dtype(args))
@@ -176,13 +227,24 @@ def main(argv=None) -> loop.Result:
         save_dtype = SAVE_DTYPES[args.save_dtype]
 
         def write_output(path, step):
-            write_checkpoint(path, args.checkpoint, base, unet, save_dtype, text_encoder=text_encoder, metadata={
-                "mole.stage": "finetune",
-                "mole.trained_steps": str(step),
-                "mole.base_family": base.family,
-                "mole.source_checkpoint": Path(args.checkpoint).name,
-                "mole.training_args": json.dumps({k: v for k, v in vars(args).items() if k not in ("data", "checkpoint", "output", "work_dir")}, default=str),
-            })
+            write_checkpoint(
+                path,
+                args.checkpoint,
+                base,
+                unet,
+                save_dtype,
+                text_encoder=text_encoder,
+                metadata={
+                    "mole.stage": "finetune",
+                    "mole.trained_steps": str(step),
+                    "mole.base_family": base.family,
+                    "mole.source_checkpoint": Path(args.checkpoint).name,
+                    "mole.training_args": json.dumps(
+                        {k: v for k, v in vars(args).items() if k not in ("data", "checkpoint", "output", "work_dir")},
+                        default=str,
+                    ),
+                },
+            )
 
         text_encoder = trainable_text_encoder(base) if args.train_text_encoder else None
 

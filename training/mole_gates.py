@@ -37,16 +37,35 @@ def parse_args(argv=None):
 
     p = cli.base_parser(__doc__.split("\n\n")[0], epilog="Paper settings (MoLE): lr 1e-5, 50k steps, batch 64.")
     g = p.add_argument_group("gates")
-    g.add_argument("--experts", nargs="+", required=True, metavar="NAME=FILE",
-                   help="the frozen experts, named as the gate file will name them: face=face.safetensors hand=hand.safetensors")
-    g.add_argument("--variant", choices=GATE_VARIANTS, default="released",
-                   help="global gate: 'released' (the public code: one head per expert on its pooled output) or 'paper' (Linear(d_in, n) on the pooled input)")
+    g.add_argument(
+        "--experts",
+        nargs="+",
+        required=True,
+        metavar="NAME=FILE",
+        help="the frozen experts, named as the gate file will name them: face=face.safetensors hand=hand.safetensors",
+    )
+    g.add_argument(
+        "--variant",
+        choices=GATE_VARIANTS,
+        default="released",
+        help="global gate: 'released' (the public code: one head per expert on its pooled output) or 'paper' (Linear(d_in, n) on the pooled input)",
+    )
     g.add_argument("--mode", choices=MODES, default="both", help="which gates are used while training (default both)")
-    g.add_argument("--init-gates", default=None, metavar="FILE",
-                   help="warm start: begin from the gates of an earlier gate file (the same experts in the same order, the same variant)")
-    g.add_argument("--released-format", nargs="?", const="auto", default=None, metavar="FILE",
-                   help="also write the released MoLE format (two experts named face and hand, released variant); "
-                   "default file: <output>_released.safetensors")
+    g.add_argument(
+        "--init-gates",
+        default=None,
+        metavar="FILE",
+        help="warm start: begin from the gates of an earlier gate file (the same experts in the same order, the same variant)",
+    )
+    g.add_argument(
+        "--released-format",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="FILE",
+        help="also write the released MoLE format (two experts named face and hand, released variant); "
+        "default file: <output>_released.safetensors",
+    )
     args = p.parse_args(argv)
     cli.check_args(args)
     experts = []
@@ -60,7 +79,9 @@ def parse_args(argv=None):
         raise SystemExit(f"error: --experts: two experts share a name: {names}")
     if args.released_format:
         if sorted(names) != ["face", "hand"] or args.variant != "released":
-            raise SystemExit("error: --released-format holds exactly two experts named face and hand, with --variant released")
+            raise SystemExit(
+                "error: --released-format holds exactly two experts named face and hand, with --variant released"
+            )
         experts.sort(key=lambda e: ("face", "hand").index(e[0]))  # the released format's row order
         if args.released_format == "auto":
             args.released_format = str(Path(args.output).with_suffix("")) + "_released.safetensors"
@@ -100,7 +121,9 @@ def initial_gates(widths: dict[str, tuple[int, int, bool]], n: int, variant: str
     gates = {}
     for path, (d_in, d_out, _) in sorted(widths.items()):
         width = d_out if variant == "released" else d_in
-        gates[path] = GateWeights(uniform((n, d_in), d_in), uniform((n,), d_in), uniform((n, width), width), uniform((n,), width))
+        gates[path] = GateWeights(
+            uniform((n, d_in), d_in), uniform((n,), d_in), uniform((n, width), width), uniform((n,), width)
+        )
     return gates
 
 
@@ -133,10 +156,14 @@ def read_init_gates(path, experts: list, variant: str):
         raise SystemExit(f"error: --init-gates {path}: {e}") from e
     names = [e.name for e in experts]
     if gate.expert_names != names:
-        raise SystemExit(f"error: --init-gates {path}: gates for experts {gate.expert_names}, this run has {names} "
-                         "(give --experts with the same names, in the file's order)")
+        raise SystemExit(
+            f"error: --init-gates {path}: gates for experts {gate.expert_names}, this run has {names} "
+            "(give --experts with the same names, in the file's order)"
+        )
     if gate.variant != variant:
-        raise SystemExit(f"error: --init-gates {path}: a '{gate.variant}' gate file; this run trains --variant {variant}")
+        raise SystemExit(
+            f"error: --init-gates {path}: a '{gate.variant}' gate file; this run trains --variant {variant}"
+        )
     return gate
 
 
@@ -153,8 +180,17 @@ def build_gated_unet(base: base_model.Base, experts: list, variant: str, mode: s
     module_widths = helpers.module_widths(base.model_patcher)
     first = resolve_names(experts[0].layers, resolve, experts[0].path, "LoRA")
     widths = {first[name]: module_widths(first[name]) for name in experts[0].layers}
-    gate = init or GateFile(None, variant, [e.name for e in experts], initial_gates(widths, len(experts), variant, seed), base.family, "module")
-    layers = build_mole_layers(experts, gate, resolve, mode=mode, strength=1.0, dtype=torch.float32, module_widths=module_widths)
+    gate = init or GateFile(
+        None,
+        variant,
+        [e.name for e in experts],
+        initial_gates(widths, len(experts), variant, seed),
+        base.family,
+        "module",
+    )
+    layers = build_mole_layers(
+        experts, gate, resolve, mode=mode, strength=1.0, dtype=torch.float32, module_widths=module_widths
+    )
     base_model.freeze(base.unet)
     for path, layer in layers.items():
         base_model.freeze(layer)
@@ -168,7 +204,10 @@ def build_gated_unet(base: base_model.Base, experts: list, variant: str, mode: s
 def gate_weights(model: GatedUNet) -> dict:
     from mixture_core.mole import GateWeights
 
-    return {p: GateWeights(*(getattr(layer, n).detach().float().cpu().clone() for n in GATE_PARAMS)) for p, layer in model.layers().items()}
+    return {
+        p: GateWeights(*(getattr(layer, n).detach().float().cpu().clone() for n in GATE_PARAMS))
+        for p, layer in model.layers().items()
+    }
 
 
 def main(argv=None) -> loop.Result:
@@ -187,7 +226,14 @@ def main(argv=None) -> loop.Result:
         base = base_model.load_base(args.checkpoint)
         model = build_gated_unet(base, experts, args.variant, args.mode, args.seed, init)
         names = [e.name for e in experts]
-        loop.log.info("gates for experts %s on %d %s layers (%s variant, mode %s)", names, len(model.paths), base.family, args.variant, args.mode)
+        loop.log.info(
+            "gates for experts %s on %d %s layers (%s variant, mode %s)",
+            names,
+            len(model.paths),
+            base.family,
+            args.variant,
+            args.mode,
+        )
         base_model.cast_frozen(model, cli.weight_dtype(args))
         if args.gradient_checkpointing:
             grad_checkpoint.enable_gradient_checkpointing(base.unet)
@@ -205,7 +251,11 @@ def main(argv=None) -> loop.Result:
             save_gate_file(path, gates, names, args.variant, base.family, extra)
             read_gate_file(*load_safetensors(path), path)  # reads back as the node will
             if args.released_format:
-                released = args.released_format if path == args.output else str(Path(path).with_suffix("")) + "_released.safetensors"
+                released = (
+                    args.released_format
+                    if path == args.output
+                    else str(Path(path).with_suffix("")) + "_released.safetensors"
+                )
                 save_released_gate_file(released, gates, kohya)
                 read_gate_file(*load_safetensors(released), released)
 

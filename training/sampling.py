@@ -21,7 +21,9 @@ def read_prompts(path) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise SystemExit(f"error: --sample-prompts {path}: not found")
-    prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip() and not line.startswith("#")]
+    prompts = [
+        line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip() and not line.startswith("#")
+    ]
     if not prompts:
         raise SystemExit(f"error: --sample-prompts {path}: holds no prompt (one per line)")
     return prompts
@@ -69,8 +71,19 @@ class PromptSampler:
 
         args = self.args
         noise = comfy.sample.prepare_noise(latent, args.sample_seed)
-        out = comfy.sample.sample(self.base.model_patcher, noise, args.sample_steps, args.sample_cfg, "euler", "normal",
-                                  positive, self.negative, latent, seed=args.sample_seed, disable_pbar=True)
+        out = comfy.sample.sample(
+            self.base.model_patcher,
+            noise,
+            args.sample_steps,
+            args.sample_cfg,
+            "euler",
+            "normal",
+            positive,
+            self.negative,
+            latent,
+            seed=args.sample_seed,
+            disable_pbar=True,
+        )
         image = self.vae.decode(out.float())[0].float().clamp(0, 1)
         path = self.folder / f"step_{step}_{k}.png"
         Image.fromarray((image.cpu().numpy() * 255).round().astype("uint8")).save(path)

@@ -57,17 +57,32 @@ def start_comfyui(port: int, workdir: Path) -> subprocess.Popen:
     yaml = workdir / "extra.yaml"
     yaml.write_text(f"build:\n  base_path: {workdir}\n  custom_nodes: custom_nodes\n")
     log = open(workdir / "comfyui.log", "w")
-    proc = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                             "--extra-model-paths-config", str(yaml), "--disable-auto-launch",
-                             "--user-directory", str(workdir / "user")],
-                            cwd=host, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "main.py",
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--extra-model-paths-config",
+            str(yaml),
+            "--disable-auto-launch",
+            "--user-directory",
+            str(workdir / "user"),
+        ],
+        cwd=host,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     for _ in range(240):
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/object_info/MoA_SubjectInject", timeout=2)
             return proc
         except OSError:
             if proc.poll() is not None:
-                raise SystemExit(f"ComfyUI exited; see {workdir / 'comfyui.log'}")
+                raise SystemExit(f"ComfyUI exited; see {workdir / 'comfyui.log'}") from None
             time.sleep(1)
     proc.kill()
     raise SystemExit("ComfyUI did not start in 4 minutes")
@@ -140,12 +155,15 @@ async ([workflow, name]) => {
 """
 
 
-
 def quiet_editor(port: int) -> None:
     """Editor settings for clean screenshots: no first-run templates dialog, no minimap."""
     for key, value in (("Comfy.TutorialCompleted", True), ("Comfy.Minimap.Visible", False)):
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/settings/{key}", data=json.dumps(value).encode(),
-                                         method="POST", headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/settings/{key}",
+            data=json.dumps(value).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
         urllib.request.urlopen(request, timeout=10)
 
 
@@ -165,12 +183,23 @@ def build_ui(graphs, port: int) -> None:
     quiet_editor(port)
     SHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = p.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         page = browser.new_page(viewport={"width": 2200, "height": 1300})
         page.goto(f"http://127.0.0.1:{port}/", wait_until="networkidle")
-        page.wait_for_function("window.comfyAPI && window.comfyAPI.app && window.comfyAPI.app.app.graph", timeout=120000)
+        page.wait_for_function(
+            "window.comfyAPI && window.comfyAPI.app && window.comfyAPI.app.app.graph", timeout=120000
+        )
         page.wait_for_timeout(3000)
         page.keyboard.press("Escape")  # the first-run templates dialog
         page.wait_for_timeout(500)
@@ -198,8 +227,12 @@ def write_thumbnail(screenshot: Path, jpg: Path, box) -> None:
     with Image.open(screenshot) as image:
         x0, y0, x1, y1 = box
         margin = 20
-        crop = (max(int(x0) - margin, 0), max(int(y0) - margin, 0), min(int(x1) + margin, image.width),
-                min(int(y1) + margin, image.height))
+        crop = (
+            max(int(x0) - margin, 0),
+            max(int(y0) - margin, 0),
+            min(int(x1) + margin, image.width),
+            min(int(y1) + margin, image.height),
+        )
         image = image.convert("RGB").crop(crop)
         image.thumbnail((800, 800))
         image.save(jpg, quality=85)
@@ -221,7 +254,9 @@ def check_files_open_cleanly(page, graphs) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--api-only", action="store_true")
-    parser.add_argument("--only", nargs="+", metavar="NAME", help="build only these workflows (the others' files stay as they are)")
+    parser.add_argument(
+        "--only", nargs="+", metavar="NAME", help="build only these workflows (the others' files stay as they are)"
+    )
     parser.add_argument("--port", type=int, default=8199)
     args = parser.parse_args()
     graphs = write_api(args.only)

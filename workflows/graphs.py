@@ -32,10 +32,12 @@ SDXL_FACE_EXPERT = ("loras", "mole_sdxl_face.safetensors")
 SDXL_HAND_EXPERT = ("loras", "mole_sdxl_hand.safetensors")
 SDXL_GATES = ("mole", "mole_sdxl_gates.safetensors")
 MOLE_SDXL_URL = "https://huggingface.co/jiezhueval/MoLE-SDXL/tree/main"
-SDXL_NAMES_NOTE = ("The file names inside the MoLE-SDXL release are not known to this pack: the names above are "
-                   "the ones the graph expects. Rename the downloads to them, or pick the files in Load MoLE Experts "
-                   "(face expert in expert_1 with name `face`, hand expert in expert_2 with name `hand`) and Apply "
-                   "MoLE Gating (gates).")
+SDXL_NAMES_NOTE = (
+    "The file names inside the MoLE-SDXL release are not known to this pack: the names above are "
+    "the ones the graph expects. Rename the downloads to them, or pick the files in Load MoLE Experts "
+    "(face expert in expert_1 with name `face`, hand expert in expert_2 with name `hand`) and Apply "
+    "MoLE Gating (gates)."
+)
 FC_MOA = ("moa", "fastcomposer.safetensors")
 FC_CLIP_VISION = ("clip_vision", "fastcomposer_image_encoder.safetensors")
 FASTCOMPOSER_URL = "https://huggingface.co/mit-han-lab/fastcomposer/resolve/main/pytorch_model.bin"
@@ -46,7 +48,7 @@ NEGATIVE = "lowres, blurry, bad anatomy, bad hands, extra fingers, deformed face
 WHERE = {
     CHECKPOINT: "any SD1.5 checkpoint (the papers' base model is Stable Diffusion 1.5)",
     FACE_EXPERT: "MoLE face expert, made with training/mole_expert.py --part face (kohya LoRA; no SD1.5 MoLE "
-                 "weights are published); name field `face`",
+    "weights are published); name field `face`",
     HAND_EXPERT: "MoLE hand expert, made with training/mole_expert.py --part hand (kohya LoRA); name field `hand`",
     GATES: "MoLE gates, made with training/mole_gates.py (see training/README.md)",
     MOA: "MoA weights: training/moa_train.py",
@@ -88,25 +90,56 @@ class Settings:
 # gen_command/moe_sdxl_gen-id0-llava.sh): DDIM, 50 steps, guidance scale 7.5, 512x512 (SD1.5) or
 # the script's default 1024x1024 (SDXL), and the script appends " best quality, 8K" to every
 # prompt and " poor quality, unclear hand, bad face" to every negative prompt.
-_MOLE_SOURCE = ("the MoLE authors' released generation settings ({script}, {command}): DDIM sampler, "
-                "50 steps, cfg 7.5, {size}x{size}, \" best quality, 8K\" appended to the prompt and \" poor quality, "
-                "unclear hand, bad face\" to the negative prompt. ComfyUI's `ddim` sampler with the `ddim_uniform` "
-                "scheduler stands in for the script's diffusers DDIMScheduler")
-MOLE_SD15 = Settings("ddim", "ddim_uniform", 50, 7.5, 512, _MOLE_SOURCE.format(
-    script="sd-scripts-v1.5/gen_img_diffusers_moe.py", command="gen_command/gen_mole.sh", size=512),
-    " best quality, 8K", " poor quality, unclear hand, bad face")
-MOLE_SDXL = Settings("ddim", "ddim_uniform", 50, 7.5, 1024, _MOLE_SOURCE.format(
-    script="sd-scripts-xl/moe_sdxl_gen_img.py", command="gen_command/moe_sdxl_gen-id0-llava.sh", size=1024),
-    " best quality, 8K", " poor quality, unclear hand, bad face")
+_MOLE_SOURCE = (
+    "the MoLE authors' released generation settings ({script}, {command}): DDIM sampler, "
+    '50 steps, cfg 7.5, {size}x{size}, " best quality, 8K" appended to the prompt and " poor quality, '
+    "unclear hand, bad face\" to the negative prompt. ComfyUI's `ddim` sampler with the `ddim_uniform` "
+    "scheduler stands in for the script's diffusers DDIMScheduler"
+)
+MOLE_SD15 = Settings(
+    "ddim",
+    "ddim_uniform",
+    50,
+    7.5,
+    512,
+    _MOLE_SOURCE.format(script="sd-scripts-v1.5/gen_img_diffusers_moe.py", command="gen_command/gen_mole.sh", size=512),
+    " best quality, 8K",
+    " poor quality, unclear hand, bad face",
+)
+MOLE_SDXL = Settings(
+    "ddim",
+    "ddim_uniform",
+    50,
+    7.5,
+    1024,
+    _MOLE_SOURCE.format(
+        script="sd-scripts-xl/moe_sdxl_gen_img.py", command="gen_command/moe_sdxl_gen-id0-llava.sh", size=1024
+    ),
+    " best quality, 8K",
+    " poor quality, unclear hand, bad face",
+)
 # MoA Sec. 4.1: "During inference, we use the UniPC sampler"; steps and guidance are not given.
-MOA_UNIPC = Settings("uni_pc", "normal", 30, 7.0, 512, "the MoA paper's sampler, UniPC (Sec. 4.1); the paper gives no "
-               "step count or cfg: 30 steps, cfg 7")
+MOA_UNIPC = Settings(
+    "uni_pc",
+    "normal",
+    30,
+    7.0,
+    512,
+    "the MoA paper's sampler, UniPC (Sec. 4.1); the paper gives no step count or cfg: 30 steps, cfg 7",
+)
 
 # MoA Fig. 13 (real-photo swap): DDIM inversion of the photo, then DDIM regeneration with MoA, as
 # the paper's Sec. "real-image editing" describes; it gives no step count: 50 steps, cfg 1 (exact).
-MOA_DDIM = Settings("ddim", "ddim_uniform", 50, 1.0, 512, "DDIM inversion of the photo, then DDIM regeneration "
-                    "with MoA, as the MoA paper's real-photo swap does; the paper gives no step count: 50 steps, "
-                    "cfg 1 for both passes (the exact, cheapest inversion)")
+MOA_DDIM = Settings(
+    "ddim",
+    "ddim_uniform",
+    50,
+    1.0,
+    512,
+    "DDIM inversion of the photo, then DDIM regeneration "
+    "with MoA, as the MoA paper's real-photo swap does; the paper gives no step count: 50 steps, "
+    "cfg 1 for both passes (the exact, cheapest inversion)",
+)
 
 
 @dataclass
@@ -124,7 +157,7 @@ class Graph:
     files: list = field(default_factory=list)
     setup: str = ""  # Markdown put in the note before the file list (download and convert steps)
 
-    def add(self, class_type: str, title: str | None = None, **inputs) -> "Ref":
+    def add(self, class_type: str, title: str | None = None, **inputs) -> Ref:
         node_id = str(len(self.nodes) + 1)
         node = {"inputs": inputs, "class_type": class_type}
         if title:
@@ -139,15 +172,27 @@ class Graph:
 
     def note(self) -> str:
         intro = f"Reproduces {self.figure}. {self.shows}" if self.figure else self.shows
-        lines = [f"# {self.title}", "", intro, "", *([self.setup, ""] if self.setup else []),
-                 f"Sampling: {self.settings.source}.", "", "## Files it needs", ""]
+        lines = [
+            f"# {self.title}",
+            "",
+            intro,
+            "",
+            *([self.setup, ""] if self.setup else []),
+            f"Sampling: {self.settings.source}.",
+            "",
+            "## Files it needs",
+            "",
+        ]
         for folder, name in self.files:
             where = "ComfyUI/input/" if folder == "input" else f"ComfyUI/models/{folder}/"
             lines.append(f"- `{name}` in `{where}`: {WHERE[(folder, name)]}")
         if self.files_note:
             lines += ["", self.files_note]
-        lines += ["", "Names can be changed in the loader nodes. Run headless: "
-                  f"`python3 -m workflows.run workflows/{self.name}.json --out OUT` from the pack's folder."]
+        lines += [
+            "",
+            "Names can be changed in the loader nodes. Run headless: "
+            f"`python3 -m workflows.run workflows/{self.name}.json --out OUT` from the pack's folder.",
+        ]
         return "\n".join(lines)
 
 
@@ -183,9 +228,20 @@ def latent(g: Graph, batch=1):
 
 def sample(g: Graph, model, positive, negative, latent_image, vae, title: str, seed=SEED):
     s = g.settings
-    samples = g.add("KSampler", title, seed=seed, steps=s.steps, cfg=s.cfg, sampler_name=s.sampler,
-                    scheduler=s.scheduler, denoise=1.0, model=model, positive=positive, negative=negative,
-                    latent_image=latent_image)[0]
+    samples = g.add(
+        "KSampler",
+        title,
+        seed=seed,
+        steps=s.steps,
+        cfg=s.cfg,
+        sampler_name=s.sampler,
+        scheduler=s.scheduler,
+        denoise=1.0,
+        model=model,
+        positive=positive,
+        negative=negative,
+        latent_image=latent_image,
+    )[0]
     return g.add("VAEDecode", samples=samples, vae=vae)[0]
 
 
@@ -203,13 +259,21 @@ def save(g: Graph, images, prefix: str):
 
 def mole_experts(g: Graph):
     face, hand, _ = g.mole_files
-    return g.add("MoLE_LoadExperts", expert_1=g.file(face), name_1="face", strength_1=1.0,
-                 expert_2=g.file(hand), name_2="hand", strength_2=1.0)[0]
+    return g.add(
+        "MoLE_LoadExperts",
+        expert_1=g.file(face),
+        name_1="face",
+        strength_1=1.0,
+        expert_2=g.file(hand),
+        name_2="hand",
+        strength_2=1.0,
+    )[0]
 
 
 def mole(g: Graph, model, experts, mode="both", title=None):
-    return g.add("MoLE_ApplyGating", title, model=model, experts=experts, gates=g.file(g.mole_files[2]), mode=mode,
-                 strength=1.0)[0]
+    return g.add(
+        "MoLE_ApplyGating", title, model=model, experts=experts, gates=g.file(g.mole_files[2]), mode=mode, strength=1.0
+    )[0]
 
 
 def moa_inputs(g: Graph):
@@ -225,20 +289,43 @@ def load_image(g: Graph, entry, title=None):
 def inject(g: Graph, model, moa, clip, clip_vision, text, words, images, title=None, **extra):
     # Every widget is written, optional ones included, as the editor's "Export (API)" does.
     widgets = dict(edit_subject=1, morph=0.0, timelapse_word="", timelapse=0.0) | extra
-    node = g.add("MoA_SubjectInject", title, model=model, moa=moa, clip=clip, clip_vision=clip_vision, text=text,
-                 subject_words=words, subject_weights="1.0", strength=1.0, start_percent=0.0, end_percent=1.0,
-                 **{f"image_{i + 1}": image for i, image in enumerate(images)}, **widgets)
+    node = g.add(
+        "MoA_SubjectInject",
+        title,
+        model=model,
+        moa=moa,
+        clip=clip,
+        clip_vision=clip_vision,
+        text=text,
+        subject_words=words,
+        subject_weights="1.0",
+        strength=1.0,
+        start_percent=0.0,
+        end_percent=1.0,
+        **{f"image_{i + 1}": image for i, image in enumerate(images)},
+        **widgets,
+    )
     return node[0], node[1]
 
 
 # ---- MoLE ---------------------------------------------------------------------------------
 
+
 def mole_graph(name: str, title: str, figure: str, shows: str, sdxl: bool) -> Graph:
     """A MoLE figure's graph on SD1.5 (weights made with training/) or on SDXL with the released
     MoLE-SDXL files (name + "_sdxl"), at the released generation settings for that base."""
     if sdxl:
-        return Graph(f"{name}_sdxl", f"{title} (SDXL, released weights)", figure, shows, MOLE_SDXL, "SDXL",
-                     SDXL_CHECKPOINT, (SDXL_FACE_EXPERT, SDXL_HAND_EXPERT, SDXL_GATES), files_note=SDXL_NAMES_NOTE)
+        return Graph(
+            f"{name}_sdxl",
+            f"{title} (SDXL, released weights)",
+            figure,
+            shows,
+            MOLE_SDXL,
+            "SDXL",
+            SDXL_CHECKPOINT,
+            (SDXL_FACE_EXPERT, SDXL_HAND_EXPERT, SDXL_GATES),
+            files_note=SDXL_NAMES_NOTE,
+        )
     return Graph(name, title, figure, shows, MOLE_SD15)
 
 
@@ -246,25 +333,40 @@ MOLE_PROMPT = "photo of a young woman waving at the camera, upper body, detailed
 
 
 def mole_fig1_lora_refinement() -> Graph:
-    g = mole_graph("mole_fig1_lora_refinement", "MoLE Fig. 1: low-rank refinement", "MoLE Fig. 1",
-                   "Each close-up expert applied as a plain LoRA at scales 0, 0.5 and 1, same seed: the face "
-                   "expert refines faces, the hand expert hands.", sdxl=False)
+    g = mole_graph(
+        "mole_fig1_lora_refinement",
+        "MoLE Fig. 1: low-rank refinement",
+        "MoLE Fig. 1",
+        "Each close-up expert applied as a plain LoRA at scales 0, 0.5 and 1, same seed: the face "
+        "expert refines faces, the hand expert hands.",
+        sdxl=False,
+    )
     model, clip, vae = checkpoint(g)
     pos, neg, empty = encode(g, clip, MOLE_PROMPT), negative(g, clip), latent(g)
     base = sample(g, model, pos, neg, empty, vae, "scale 0 (base)")
     for expert, part in ((FACE_EXPERT, "face"), (HAND_EXPERT, "hand")):
         row = [base]
         for scale in (0.5, 1.0):
-            lora = g.add("LoraLoaderModelOnly", f"{part} expert x{scale}", model=model, lora_name=g.file(expert), strength_model=scale)[0]
+            lora = g.add(
+                "LoraLoaderModelOnly",
+                f"{part} expert x{scale}",
+                model=model,
+                lora_name=g.file(expert),
+                strength_model=scale,
+            )[0]
             row.append(sample(g, lora, pos, neg, empty, vae, f"{part} x{scale}"))
         save(g, side_by_side(g, row), f"{part}_scales_0_0.5_1")
     return g
 
 
 def mole_fig8_9_comparison(sdxl: bool = False) -> Graph:
-    g = mole_graph("mole_fig8_9_comparison", "MoLE Fig. 8 / 9: base model vs MoLE", "MoLE Fig. 8 and 9",
-                   f"Base {'SDXL' if sdxl else 'SD1.5'} and MoLE on the same two seeds (one batch), side by side.",
-                   sdxl)
+    g = mole_graph(
+        "mole_fig8_9_comparison",
+        "MoLE Fig. 8 / 9: base model vs MoLE",
+        "MoLE Fig. 8 and 9",
+        f"Base {'SDXL' if sdxl else 'SD1.5'} and MoLE on the same two seeds (one batch), side by side.",
+        sdxl,
+    )
     model, clip, vae = checkpoint(g)
     pos = encode(g, clip, "a man playing the guitar on a street, upper body, detailed face and hands")
     neg, empty = negative(g, clip), latent(g, batch=2)
@@ -275,8 +377,13 @@ def mole_fig8_9_comparison(sdxl: bool = False) -> Graph:
 
 
 def mole_table3_assignment_ablation(sdxl: bool = False) -> Graph:
-    g = mole_graph("mole_table3_assignment_ablation", "MoLE Table 3: assignment ablation", "MoLE Table 3",
-                   "Base, local gates only, global gates only and both, on the same seed.", sdxl)
+    g = mole_graph(
+        "mole_table3_assignment_ablation",
+        "MoLE Table 3: assignment ablation",
+        "MoLE Table 3",
+        "Base, local gates only, global gates only and both, on the same seed.",
+        sdxl,
+    )
     model, clip, vae = checkpoint(g)
     pos, neg, empty = encode(g, clip, MOLE_PROMPT), negative(g, clip), latent(g)
     experts = mole_experts(g)
@@ -288,9 +395,14 @@ def mole_table3_assignment_ablation(sdxl: bool = False) -> Graph:
 
 
 def mole_fig7_gates(sdxl: bool = False) -> Graph:
-    g = mole_graph("mole_fig7_gates", "MoLE Fig. 7: the gates at work", "MoLE Fig. 7",
-                   "The global gate of each expert per sampling step (plot) and each expert's local gate over the "
-                   "image (heat maps, bright = high) at the first, middle and last steps.", sdxl)
+    g = mole_graph(
+        "mole_fig7_gates",
+        "MoLE Fig. 7: the gates at work",
+        "MoLE Fig. 7",
+        "The global gate of each expert per sampling step (plot) and each expert's local gate over the "
+        "image (heat maps, bright = high) at the first, middle and last steps.",
+        sdxl,
+    )
     model, clip, vae = checkpoint(g)
     pos, neg = encode(g, clip, MOLE_PROMPT), negative(g, clip)
     recorded = g.add("MoLE_RecordGates", model=mole(g, model, mole_experts(g)))[0]
@@ -306,9 +418,14 @@ def mole_fig7_gates(sdxl: bool = False) -> Graph:
 
 
 def moa_fig7_subject_swap() -> Graph:
-    g = Graph("moa_fig7_subject_swap", "MoA Fig. 7: subject swap at a fixed seed", "MoA Fig. 7",
-              "One prompt and seed, three subject images: only the subject changes; layout and background "
-              "come from the prior (first image: the prior alone).", MOA_UNIPC)
+    g = Graph(
+        "moa_fig7_subject_swap",
+        "MoA Fig. 7: subject swap at a fixed seed",
+        "MoA Fig. 7",
+        "One prompt and seed, three subject images: only the subject changes; layout and background "
+        "come from the prior (first image: the prior alone).",
+        MOA_UNIPC,
+    )
     model, clip, vae = checkpoint(g)
     moa, clip_vision = moa_inputs(g)
     text = "a man sitting at a cafe table, smiling"
@@ -333,9 +450,14 @@ COUPLE_PROMPTS = [
 
 
 def moa_fig8_couples() -> Graph:
-    g = Graph("moa_fig8_couples", "MoA Fig. 8: two-subject couples", "MoA Fig. 8",
-              "Subject 1 as 'man' and subject 2 as 'woman' in the paper's scenes: sofa, book, Paris, mountain, "
-              "running, lavender farm, Van Gogh.", MOA_UNIPC)
+    g = Graph(
+        "moa_fig8_couples",
+        "MoA Fig. 8: two-subject couples",
+        "MoA Fig. 8",
+        "Subject 1 as 'man' and subject 2 as 'woman' in the paper's scenes: sofa, book, Paris, mountain, "
+        "running, lavender farm, Van Gogh.",
+        MOA_UNIPC,
+    )
     model, clip, vae = checkpoint(g)
     moa, clip_vision = moa_inputs(g)
     man, woman = load_image(g, SUBJECTS[0], "man"), load_image(g, SUBJECTS[1], "woman")
@@ -350,9 +472,13 @@ def moa_fig8_couples() -> Graph:
 
 
 def moa_fig11_controlnet_pose() -> Graph:
-    g = Graph("moa_fig11_controlnet_pose", "MoA Fig. 11: pose control with ControlNet", "MoA Fig. 11",
-              "An OpenPose ControlNet fixes the pose at a fixed seed while the subject is swapped (first image: the "
-              "prior).", MOA_UNIPC)
+    g = Graph(
+        "moa_fig11_controlnet_pose",
+        "MoA Fig. 11: pose control with ControlNet",
+        "MoA Fig. 11",
+        "An OpenPose ControlNet fixes the pose at a fixed seed while the subject is swapped (first image: the prior).",
+        MOA_UNIPC,
+    )
     model, clip, vae = checkpoint(g)
     moa, clip_vision = moa_inputs(g)
     control = g.add("ControlNetLoader", control_net_name=g.file(OPENPOSE))[0]
@@ -361,14 +487,26 @@ def moa_fig11_controlnet_pose() -> Graph:
     neg, empty = negative(g, clip), latent(g)
 
     def posed(positive, title):
-        applied = g.add("ControlNetApplyAdvanced", title, positive=positive, negative=neg, control_net=control, image=pose,
-                        strength=1.0, start_percent=0.0, end_percent=1.0, vae=vae)
+        applied = g.add(
+            "ControlNetApplyAdvanced",
+            title,
+            positive=positive,
+            negative=neg,
+            control_net=control,
+            image=pose,
+            strength=1.0,
+            start_percent=0.0,
+            end_percent=1.0,
+            vae=vae,
+        )
         return applied[0], applied[1]
 
     pos, cn_neg = posed(encode(g, clip, text, "prompt (prior)"), "pose (prior)")
     row = [sample(g, model, pos, cn_neg, empty, vae, "prior + pose")]
     for i, entry in enumerate(SUBJECTS[:2], 1):
-        patched, subject_pos = inject(g, model, moa, clip, clip_vision, text, "man", [load_image(g, entry)], f"subject {i}")
+        patched, subject_pos = inject(
+            g, model, moa, clip, clip_vision, text, "man", [load_image(g, entry)], f"subject {i}"
+        )
         pos, cn_neg = posed(subject_pos, f"pose (subject {i})")
         row.append(sample(g, patched, pos, cn_neg, empty, vae, f"subject {i} + pose"))
     save(g, side_by_side(g, row), "pose_prior_then_subjects")
@@ -376,8 +514,13 @@ def moa_fig11_controlnet_pose() -> Graph:
 
 
 def moa_fig12_morphing() -> Graph:
-    g = Graph("moa_fig12_morphing", "MoA Fig. 12: subject morphing", "MoA Fig. 12",
-              "Subject 1 morphed into subject 2 in four steps (image embeddings interpolated), same seed.", MOA_UNIPC)
+    g = Graph(
+        "moa_fig12_morphing",
+        "MoA Fig. 12: subject morphing",
+        "MoA Fig. 12",
+        "Subject 1 morphed into subject 2 in four steps (image embeddings interpolated), same seed.",
+        MOA_UNIPC,
+    )
     model, clip, vae = checkpoint(g)
     moa, clip_vision = moa_inputs(g)
     first, second = load_image(g, SUBJECTS[0], "from"), load_image(g, SUBJECTS[1], "to")
@@ -385,62 +528,139 @@ def moa_fig12_morphing() -> Graph:
     neg, empty = negative(g, clip), latent(g)
     row = []
     for morph in (0.0, 0.33, 0.67, 1.0):
-        patched, pos = inject(g, model, moa, clip, clip_vision, text, "man", [first], f"morph {morph}",
-                              edit_subject=1, morph_image=second, morph=morph)
+        patched, pos = inject(
+            g,
+            model,
+            moa,
+            clip,
+            clip_vision,
+            text,
+            "man",
+            [first],
+            f"morph {morph}",
+            edit_subject=1,
+            morph_image=second,
+            morph=morph,
+        )
         row.append(sample(g, patched, pos, neg, empty, vae, f"morph {morph}"))
     save(g, side_by_side(g, row), "morph_0_to_1")
     return g
 
 
 def moa_fig13_real_photo_swap() -> Graph:
-    g = Graph("moa_fig13_real_photo_swap", "MoA Fig. 13: subject swap in real photos", "MoA Fig. 13",
-              "DDIM inversion of a real photo with the prior ('a person'), regenerated with MoA injecting the new "
-              "subject: one person; two persons ('a person and a person': the kept person's crop in the first "
-              "token, the new subject in the second). Limits: small faces and many people swap poorly.", MOA_DDIM)
+    g = Graph(
+        "moa_fig13_real_photo_swap",
+        "MoA Fig. 13: subject swap in real photos",
+        "MoA Fig. 13",
+        "DDIM inversion of a real photo with the prior ('a person'), regenerated with MoA injecting the new "
+        "subject: one person; two persons ('a person and a person': the kept person's crop in the first "
+        "token, the new subject in the second). Limits: small faces and many people swap poorly.",
+        MOA_DDIM,
+    )
     model, clip, vae = checkpoint(g)
     moa, clip_vision = moa_inputs(g)
     subject = load_image(g, SUBJECTS[0], "new subject")
     neg = negative(g, clip)
     patched, pos = inject(g, model, moa, clip, clip_vision, "a person", "person", [subject], "one person")
-    swap = g.add("MoA_DDIMSwap", "swap (one person)", model=model, moa_model=patched, positive=pos, negative=neg, vae=vae,
-                 image=load_image(g, PHOTO_ONE, "photo"), steps=g.settings.steps, cfg=g.settings.cfg,
-                 inversion_cfg=g.settings.cfg)
+    swap = g.add(
+        "MoA_DDIMSwap",
+        "swap (one person)",
+        model=model,
+        moa_model=patched,
+        positive=pos,
+        negative=neg,
+        vae=vae,
+        image=load_image(g, PHOTO_ONE, "photo"),
+        steps=g.settings.steps,
+        cfg=g.settings.cfg,
+        inversion_cfg=g.settings.cfg,
+    )
     save(g, swap[0], "one_person")
     keep = load_image(g, KEEP_PERSON, "person to keep")
-    patched, pos = inject(g, model, moa, clip, clip_vision, "a person and a person", "person#1, person#2", [keep, subject],
-                          "two persons")
-    swap = g.add("MoA_DDIMSwap", "swap (two persons)", model=model, moa_model=patched, positive=pos, negative=neg, vae=vae,
-                 image=load_image(g, PHOTO_TWO, "photo of two"), steps=g.settings.steps, cfg=g.settings.cfg,
-                 inversion_cfg=g.settings.cfg)
+    patched, pos = inject(
+        g, model, moa, clip, clip_vision, "a person and a person", "person#1, person#2", [keep, subject], "two persons"
+    )
+    swap = g.add(
+        "MoA_DDIMSwap",
+        "swap (two persons)",
+        model=model,
+        moa_model=patched,
+        positive=pos,
+        negative=neg,
+        vae=vae,
+        image=load_image(g, PHOTO_TWO, "photo of two"),
+        steps=g.settings.steps,
+        cfg=g.settings.cfg,
+        inversion_cfg=g.settings.cfg,
+    )
     save(g, swap[0], "two_persons")
     return g
 
 
 def moa_fig21_22_style_and_timelapse() -> Graph:
-    g = Graph("moa_fig21_22_style_and_timelapse", "MoA Fig. 21 / 22: style LoRA and time lapse", "MoA Fig. 21 and 22",
-              "A style LoRA under MoA (the subject keeps its identity in the style); and a time lapse from 'person' "
-              "to 'kid' (token embeddings interpolated), same seed.", MOA_UNIPC)
+    g = Graph(
+        "moa_fig21_22_style_and_timelapse",
+        "MoA Fig. 21 / 22: style LoRA and time lapse",
+        "MoA Fig. 21 and 22",
+        "A style LoRA under MoA (the subject keeps its identity in the style); and a time lapse from 'person' "
+        "to 'kid' (token embeddings interpolated), same seed.",
+        MOA_UNIPC,
+    )
     model, clip, vae = checkpoint(g)
     moa, clip_vision = moa_inputs(g)
     subject = load_image(g, SUBJECTS[0], "subject")
     neg, empty = negative(g, clip), latent(g)
-    styled = g.add("LoraLoader", "style LoRA", model=model, clip=clip, lora_name=g.file(STYLE_LORA), strength_model=0.8, strength_clip=0.8)
-    patched, pos = inject(g, styled[0], moa, styled[1], clip_vision, "a portrait of a person, illustration", "person",
-                          [subject], "subject + style")
+    styled = g.add(
+        "LoraLoader",
+        "style LoRA",
+        model=model,
+        clip=clip,
+        lora_name=g.file(STYLE_LORA),
+        strength_model=0.8,
+        strength_clip=0.8,
+    )
+    patched, pos = inject(
+        g,
+        styled[0],
+        moa,
+        styled[1],
+        clip_vision,
+        "a portrait of a person, illustration",
+        "person",
+        [subject],
+        "subject + style",
+    )
     save(g, sample(g, patched, pos, neg, empty, vae, "style LoRA + MoA"), "style_lora")
     row = []
     for amount in (0.0, 0.5, 1.0):
-        patched, pos = inject(g, model, moa, clip, clip_vision, "a person walking in a park", "person", [subject],
-                              f"time lapse {amount}", edit_subject=1, timelapse_word="kid", timelapse=amount)
+        patched, pos = inject(
+            g,
+            model,
+            moa,
+            clip,
+            clip_vision,
+            "a person walking in a park",
+            "person",
+            [subject],
+            f"time lapse {amount}",
+            edit_subject=1,
+            timelapse_word="kid",
+            timelapse=amount,
+        )
         row.append(sample(g, patched, pos, neg, empty, vae, f"person -> kid {amount}"))
     save(g, side_by_side(g, row), "timelapse_person_to_kid")
     return g
 
 
 def moa_fig6_router_maps() -> Graph:
-    g = Graph("moa_fig6_router_maps", "MoA Fig. 6: router maps", "MoA Fig. 6",
-              "The prior's router weight per pixel (bright: prior, dark: personalized) at the first, middle and last "
-              "steps: averaged over layers, and for four chosen layers.", MOA_UNIPC)
+    g = Graph(
+        "moa_fig6_router_maps",
+        "MoA Fig. 6: router maps",
+        "MoA Fig. 6",
+        "The prior's router weight per pixel (bright: prior, dark: personalized) at the first, middle and last "
+        "steps: averaged over layers, and for four chosen layers.",
+        MOA_UNIPC,
+    )
     model, clip, vae = checkpoint(g)
     moa, clip_vision = moa_inputs(g)
     man, woman = load_image(g, SUBJECTS[0], "man"), load_image(g, SUBJECTS[1], "woman")
@@ -449,8 +669,15 @@ def moa_fig6_router_maps() -> Graph:
     images = sample(g, recorded, pos, negative(g, clip), latent(g), vae, "MoA (recorded)")
     save(g, images, "image")
     for layers, title in (("mean", "mean_of_layers"), ("3, 12, 20, 28", "layers_3_12_20_28")):
-        maps = g.add("MoA_RouterMaps", model=recorded, images=images, layers=layers, steps="first, middle, last",
-                     sample=0, opacity=0.6)[0]
+        maps = g.add(
+            "MoA_RouterMaps",
+            model=recorded,
+            images=images,
+            layers=layers,
+            steps="first, middle, last",
+            sample=0,
+            opacity=0.6,
+        )[0]
         save(g, maps, f"router_{title}")
     return g
 
@@ -470,11 +697,16 @@ subject words' cross-attention maps. Faces work best (FastComposer was trained o
 
 
 def moa_fastcomposer_quickstart() -> Graph:
-    g = Graph("moa_fastcomposer_quickstart", "MoA without training: FastComposer's weights", "",
-              "MoA with FastComposer's published weights, converted, and the training-free attention router: a subject "
-              "swap at a fixed seed (first image: the prior alone), two-person scenes, and MoA Router Maps showing "
-              "where the router gives the subjects the personalized attention (dark) at the middle and last steps.",
-              MOA_UNIPC, setup=FASTCOMPOSER_SETUP)
+    g = Graph(
+        "moa_fastcomposer_quickstart",
+        "MoA without training: FastComposer's weights",
+        "",
+        "MoA with FastComposer's published weights, converted, and the training-free attention router: a subject "
+        "swap at a fixed seed (first image: the prior alone), two-person scenes, and MoA Router Maps showing "
+        "where the router gives the subjects the personalized attention (dark) at the middle and last steps.",
+        MOA_UNIPC,
+        setup=FASTCOMPOSER_SETUP,
+    )
     model, clip, vae = checkpoint(g)
     moa = g.add("MoA_LoadRouter", "MoA (FastComposer, converted)", moa_name=g.file(FC_MOA))[0]
     clip_vision = g.add("CLIPVisionLoader", "FastComposer image encoder", clip_name=g.file(FC_CLIP_VISION))[0]
@@ -497,8 +729,15 @@ def moa_fastcomposer_quickstart() -> Graph:
         recorded_images = recorded_images or images
         row.append(images)
     save(g, side_by_side(g, row), "couples")
-    maps = g.add("MoA_RouterMaps", model=recorded, images=recorded_images, layers="mean", steps="middle, last",
-                 sample=0, opacity=0.6)[0]
+    maps = g.add(
+        "MoA_RouterMaps",
+        model=recorded,
+        images=recorded_images,
+        layers="mean",
+        steps="middle, last",
+        sample=0,
+        opacity=0.6,
+    )[0]
     save(g, maps, "attention_router_maps")
     return g
 
@@ -513,10 +752,21 @@ def _sdxl(make):
 
 # In figure order, MoLE first (each SDXL graph beside its SD1.5 twin), then MoA.
 WORKFLOWS = [
-    mole_fig1_lora_refinement, mole_fig7_gates, _sdxl(mole_fig7_gates), mole_fig8_9_comparison,
-    _sdxl(mole_fig8_9_comparison), mole_table3_assignment_ablation, _sdxl(mole_table3_assignment_ablation),
-    moa_fig6_router_maps, moa_fig7_subject_swap, moa_fig8_couples, moa_fig11_controlnet_pose, moa_fig12_morphing,
-    moa_fig13_real_photo_swap, moa_fig21_22_style_and_timelapse, moa_fastcomposer_quickstart,
+    mole_fig1_lora_refinement,
+    mole_fig7_gates,
+    _sdxl(mole_fig7_gates),
+    mole_fig8_9_comparison,
+    _sdxl(mole_fig8_9_comparison),
+    mole_table3_assignment_ablation,
+    _sdxl(mole_table3_assignment_ablation),
+    moa_fig6_router_maps,
+    moa_fig7_subject_swap,
+    moa_fig8_couples,
+    moa_fig11_controlnet_pose,
+    moa_fig12_morphing,
+    moa_fig13_real_photo_swap,
+    moa_fig21_22_style_and_timelapse,
+    moa_fastcomposer_quickstart,
 ]
 SDXL_WORKFLOWS = [make.__name__ for make in WORKFLOWS if make.__name__.endswith("_sdxl")]
 

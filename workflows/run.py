@@ -77,8 +77,10 @@ def ui_to_api(workflow: dict, node_classes: dict, source: str = "workflow") -> d
         if kind in FRONTEND_ONLY or node.get("mode", 0) in (2, 4):  # notes; muted or bypassed nodes
             continue
         if kind not in node_classes:
-            raise WorkflowError(f"{source}: node {node['id']} is a {kind}, which this ComfyUI does not have "
-                                "(a node pack missing, or a Reroute/Primitive this runner does not resolve)")
+            raise WorkflowError(
+                f"{source}: node {node['id']} is a {kind}, which this ComfyUI does not have "
+                "(a node pack missing, or a Reroute/Primitive this runner does not resolve)"
+            )
         inputs = {}
         linked = {}
         for entry in node.get("inputs", []):
@@ -90,13 +92,19 @@ def ui_to_api(workflow: dict, node_classes: dict, source: str = "workflow") -> d
         if isinstance(values, dict):  # some nodes store their widgets by name
             values = [values.get(n) for n in names]
         if len(values) != len(names):
-            raise WorkflowError(f"{source}: node {node['id']} ({kind}) has {len(values)} widget values but the node "
-                                f"has {len(names)} widgets ({', '.join(names)}): the node changed since the workflow was saved")
+            raise WorkflowError(
+                f"{source}: node {node['id']} ({kind}) has {len(values)} widget values but the node "
+                f"has {len(names)} widgets ({', '.join(names)}): the node changed since the workflow was saved"
+            )
         for name, value in zip(names, values):
             if name not in ("control_after_generate", "upload"):
                 inputs[name] = value
         inputs.update(linked)
-        prompt[str(node["id"])] = {"inputs": inputs, "class_type": kind, **({"_meta": {"title": node["title"]}} if node.get("title") else {})}
+        prompt[str(node["id"])] = {
+            "inputs": inputs,
+            "class_type": kind,
+            **({"_meta": {"title": node["title"]}} if node.get("title") else {}),
+        }
     return prompt
 
 
@@ -109,7 +117,9 @@ def read_prompt(path: Path, node_classes: dict) -> dict:
         return ui_to_api(data, node_classes, str(path))
     if isinstance(data, dict) and all(isinstance(v, dict) and "class_type" in v for v in data.values()):
         return data
-    raise WorkflowError(f"{path}: neither an editor workflow (nodes, links) nor an API prompt (id -> class_type, inputs)")
+    raise WorkflowError(
+        f"{path}: neither an editor workflow (nodes, links) nor an API prompt (id -> class_type, inputs)"
+    )
 
 
 # ---- checks and overrides -----------------------------------------------------------------
@@ -172,9 +182,9 @@ def start_host(extra_model_paths: list[str], input_dir: str | None, output_dir: 
     from training.host import import_host
 
     import_host()
+    import folder_paths
     import utils.extra_config  # before nodes: importing it puts comfy/ (and its utils.py) on the path
 
-    import folder_paths
     import nodes
 
     for config in extra_model_paths:
@@ -212,7 +222,11 @@ def check_files(prompts: dict) -> None:
     lines = ["missing files (nothing was run):"]
     for name, prompt in prompts.items():
         for file, folder in missing_files(prompt):
-            where = folder_paths.get_input_directory() if folder == "input" else ", ".join(folder_paths.get_folder_paths(folder))
+            where = (
+                folder_paths.get_input_directory()
+                if folder == "input"
+                else ", ".join(folder_paths.get_folder_paths(folder))
+            )
             lines.append(f"  {name}: {file} in {folder}/ (looked in {where})")
     if len(lines) > 1:
         raise SystemExit("\n".join(lines))
@@ -234,16 +248,23 @@ def execute(executor, prompt: dict, name: str) -> dict[str, list[Path]]:
     prompt_id = str(uuid.uuid4())
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
     if not valid:
-        details = "; ".join(f"node {k} ({v['class_type']}): " + ", ".join(f"{e['message']}: {e['details']}" for e in v["errors"])
-                            for k, v in node_errors.items())
+        details = "; ".join(
+            f"node {k} ({v['class_type']}): " + ", ".join(f"{e['message']}: {e['details']}" for e in v["errors"])
+            for k, v in node_errors.items()
+        )
         raise SystemExit(f"error: {name} does not validate: {error['message']}: {error['details']} {details}")
     executor.execute(prompt, prompt_id, {}, outputs)
     if not executor.success:
         errors = [d for event, d in executor.status_messages if event == "execution_error"]
         message = errors[0]["exception_message"] if errors else "see the log"
         raise SystemExit(f"error: {name} failed: {message}")
-    return {node: [Path(folder_paths.get_output_directory()) / i.get("subfolder", "") / i["filename"] for i in o.get("images", [])]
-            for node, o in executor.history_result["outputs"].items()}
+    return {
+        node: [
+            Path(folder_paths.get_output_directory()) / i.get("subfolder", "") / i["filename"]
+            for i in o.get("images", [])
+        ]
+        for node, o in executor.history_result["outputs"].items()
+    }
 
 
 def main(argv=None):
@@ -251,7 +272,9 @@ def main(argv=None):
     parser.add_argument("workflows", nargs="+", type=Path, help="workflow files (editor or API format)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the images")
     parser.add_argument("--smoke", action="store_true", help="64x64, 1 step: check that the graphs run")
-    parser.add_argument("--extra-model-paths-config", action="append", default=[], help="extra_model_paths.yaml (repeatable)")
+    parser.add_argument(
+        "--extra-model-paths-config", action="append", default=[], help="extra_model_paths.yaml (repeatable)"
+    )
     parser.add_argument("--input-dir", default=None, help="folder of the input images (default: ComfyUI's input/)")
     parser.add_argument("--list-json", type=Path, default=None, help="also write {workflow: [image paths]} here")
     args = parser.parse_args(argv)

@@ -24,7 +24,7 @@ class _Checker:
         self.errors: list[str] = []
 
     def fail(self, path: str, message: str):
-        self.errors.append(f"{message} at \"{path or '(root)'}\"")
+        self.errors.append(f'{message} at "{path or "(root)"}"')
 
     # ---- primitives (each returns False after recording an error) ----
 
@@ -104,8 +104,17 @@ class _Checker:
     # ---- workflow parts ----
 
     def model_file(self, v, path):
-        self.obj(v, path, {"name": (self.string,), "url": (self.string,), "hash": (self.string, OPTIONAL),
-                           "hash_type": (self.string, OPTIONAL), "directory": (self.string,)})
+        self.obj(
+            v,
+            path,
+            {
+                "name": (self.string,),
+                "url": (self.string,),
+                "hash": (self.string, OPTIONAL),
+                "hash_type": (self.string, OPTIONAL),
+                "directory": (self.string,),
+            },
+        )
 
     def link_array(self, v, path):  # [id, origin_id, origin_slot, target_id, target_slot, type]
         if not isinstance(v, list) or len(v) != 6:
@@ -119,49 +128,108 @@ class _Checker:
         self.data_type(v[5], f"{path}[5]")
 
     def link_object(self, v, path):
-        self.obj(v, path, {"id": (self.number,), "origin_id": (self.node_id,), "origin_slot": (self.slot_index,),
-                           "target_id": (self.node_id,), "target_slot": (self.slot_index,), "type": (self.data_type,),
-                           "parentId": (self.number, OPTIONAL)})
+        self.obj(
+            v,
+            path,
+            {
+                "id": (self.number,),
+                "origin_id": (self.node_id,),
+                "origin_slot": (self.slot_index,),
+                "target_id": (self.node_id,),
+                "target_slot": (self.slot_index,),
+                "type": (self.data_type,),
+                "parentId": (self.number, OPTIONAL),
+            },
+        )
 
     def reroute(self, v, path):
-        self.obj(v, path, {"id": (self.number,), "parentId": (self.number, OPTIONAL), "pos": (self.vector2,),
-                           "linkIds": (lambda x, p: self.array(x, p, self.number), OPTIONAL, NULLABLE),
-                           "floating": (lambda x, p: self.obj(x, p, {"slotType": (self.slot_type,)}), OPTIONAL)})
+        self.obj(
+            v,
+            path,
+            {
+                "id": (self.number,),
+                "parentId": (self.number, OPTIONAL),
+                "pos": (self.vector2,),
+                "linkIds": (lambda x, p: self.array(x, p, self.number), OPTIONAL, NULLABLE),
+                "floating": (lambda x, p: self.obj(x, p, {"slotType": (self.slot_type,)}), OPTIONAL),
+            },
+        )
 
     def slot_type(self, v, path):
         if v not in ("input", "output"):
             self.fail(path, "Expected 'input' | 'output'")
 
     def node_input(self, v, path):
-        self.obj(v, path, {"name": (self.string,), "type": (self.data_type,),
-                           "link": (self.number, OPTIONAL, NULLABLE), "slot_index": (self.slot_index, OPTIONAL)})
+        self.obj(
+            v,
+            path,
+            {
+                "name": (self.string,),
+                "type": (self.data_type,),
+                "link": (self.number, OPTIONAL, NULLABLE),
+                "slot_index": (self.slot_index, OPTIONAL),
+            },
+        )
 
     def node_output(self, v, path):
-        self.obj(v, path, {"name": (self.string,), "type": (self.data_type,),
-                           "links": (lambda x, p: self.array(x, p, self.number), OPTIONAL, NULLABLE),
-                           "slot_index": (self.slot_index, OPTIONAL)})
+        self.obj(
+            v,
+            path,
+            {
+                "name": (self.string,),
+                "type": (self.data_type,),
+                "links": (lambda x, p: self.array(x, p, self.number), OPTIONAL, NULLABLE),
+                "slot_index": (self.slot_index, OPTIONAL),
+            },
+        )
 
     def flags(self, v, path):
-        self.obj(v, path, {k: (self.boolean, OPTIONAL)
-                           for k in ("collapsed", "pinned", "allow_interaction", "horizontal", "skip_repeated_outputs")})
+        self.obj(
+            v,
+            path,
+            {
+                k: (self.boolean, OPTIONAL)
+                for k in ("collapsed", "pinned", "allow_interaction", "horizontal", "skip_repeated_outputs")
+            },
+        )
 
     def properties(self, v, path):
-        self.obj(v, path, {"Node name for S&R": (self.string, OPTIONAL), "cnr_id": (self.string, OPTIONAL),
-                           "aux_id": (self.string, OPTIONAL), "ver": (self.string, OPTIONAL),
-                           "models": (lambda x, p: self.array(x, p, self.model_file), OPTIONAL)})
+        self.obj(
+            v,
+            path,
+            {
+                "Node name for S&R": (self.string, OPTIONAL),
+                "cnr_id": (self.string, OPTIONAL),
+                "aux_id": (self.string, OPTIONAL),
+                "ver": (self.string, OPTIONAL),
+                "models": (lambda x, p: self.array(x, p, self.model_file), OPTIONAL),
+            },
+        )
 
     def widgets_values(self, v, path):
         if not isinstance(v, (list, dict)):
             self.fail(path, f"Expected array or object, received {_kind(v)}")
 
     def node(self, v, path):
-        self.obj(v, path, {
-            "id": (self.node_id,), "type": (self.string,), "pos": (self.vector2,), "size": (self.vector2,),
-            "flags": (self.flags,), "order": (self.number,), "mode": (self.number,),
-            "inputs": (lambda x, p: self.array(x, p, self.node_input), OPTIONAL),
-            "outputs": (lambda x, p: self.array(x, p, self.node_output), OPTIONAL),
-            "properties": (self.properties,), "widgets_values": (self.widgets_values, OPTIONAL),
-            "color": (self.string, OPTIONAL), "bgcolor": (self.string, OPTIONAL)})
+        self.obj(
+            v,
+            path,
+            {
+                "id": (self.node_id,),
+                "type": (self.string,),
+                "pos": (self.vector2,),
+                "size": (self.vector2,),
+                "flags": (self.flags,),
+                "order": (self.number,),
+                "mode": (self.number,),
+                "inputs": (lambda x, p: self.array(x, p, self.node_input), OPTIONAL),
+                "outputs": (lambda x, p: self.array(x, p, self.node_output), OPTIONAL),
+                "properties": (self.properties,),
+                "widgets_values": (self.widgets_values, OPTIONAL),
+                "color": (self.string, OPTIONAL),
+                "bgcolor": (self.string, OPTIONAL),
+            },
+        )
 
     def group(self, v, path):
         def bounding(x, p):
@@ -171,18 +239,36 @@ class _Checker:
             for i, n in enumerate(x):
                 self.number(n, f"{p}[{i}]")
 
-        self.obj(v, path, {"id": (self.number, OPTIONAL), "title": (self.string,), "bounding": (bounding,),
-                           "color": (self.string, OPTIONAL), "font_size": (self.number, OPTIONAL),
-                           "locked": (self.boolean, OPTIONAL)})
+        self.obj(
+            v,
+            path,
+            {
+                "id": (self.number, OPTIONAL),
+                "title": (self.string,),
+                "bounding": (bounding,),
+                "color": (self.string, OPTIONAL),
+                "font_size": (self.number, OPTIONAL),
+                "locked": (self.boolean, OPTIONAL),
+            },
+        )
 
     def extra(self, v, path):
-        self.obj(v, path, {
-            "ds": (lambda x, p: self.obj(x, p, {"scale": (self.number,), "offset": (self.vector2,)}), OPTIONAL),
-            "frontendVersion": (self.string, OPTIONAL),
-            "linkExtensions": (lambda x, p: self.array(x, p, lambda e, q: self.obj(
-                e, q, {"id": (self.number,), "parentId": (self.number,)})), OPTIONAL),
-            "reroutes": (lambda x, p: self.array(x, p, self.reroute), OPTIONAL),
-            "workflowRendererVersion": (self.renderer, OPTIONAL)})
+        self.obj(
+            v,
+            path,
+            {
+                "ds": (lambda x, p: self.obj(x, p, {"scale": (self.number,), "offset": (self.vector2,)}), OPTIONAL),
+                "frontendVersion": (self.string, OPTIONAL),
+                "linkExtensions": (
+                    lambda x, p: self.array(
+                        x, p, lambda e, q: self.obj(e, q, {"id": (self.number,), "parentId": (self.number,)})
+                    ),
+                    OPTIONAL,
+                ),
+                "reroutes": (lambda x, p: self.array(x, p, self.reroute), OPTIONAL),
+                "workflowRendererVersion": (self.renderer, OPTIONAL),
+            },
+        )
 
     def renderer(self, v, path):
         if v not in ("LG", "Vue"):
@@ -197,8 +283,10 @@ class _Checker:
 
     def workflow(self, v):
         common = {
-            "id": (self.uuid, OPTIONAL), "revision": (self.number, OPTIONAL),
-            "config": (self.config, OPTIONAL, NULLABLE), "extra": (self.extra, OPTIONAL, NULLABLE),
+            "id": (self.uuid, OPTIONAL),
+            "revision": (self.number, OPTIONAL),
+            "config": (self.config, OPTIONAL, NULLABLE),
+            "extra": (self.extra, OPTIONAL, NULLABLE),
             "nodes": (lambda x, p: self.array(x, p, self.node),),
             "floatingLinks": (lambda x, p: self.array(x, p, self.link_object), OPTIONAL),
             "groups": (lambda x, p: self.array(x, p, self.group), OPTIONAL),
@@ -211,21 +299,36 @@ class _Checker:
             return
         if v["version"] == 1:
             state = {k: (self.number,) for k in ("lastGroupId", "lastNodeId", "lastLinkId", "lastRerouteId")}
-            self.obj(v, "", common | {
-                "state": (lambda x, p: self.obj(x, p, state),),
-                "links": (lambda x, p: self.array(x, p, self.link_object), OPTIONAL),
-                "reroutes": (lambda x, p: self.array(x, p, self.reroute), OPTIONAL)})
+            self.obj(
+                v,
+                "",
+                common
+                | {
+                    "state": (lambda x, p: self.obj(x, p, state),),
+                    "links": (lambda x, p: self.array(x, p, self.link_object), OPTIONAL),
+                    "reroutes": (lambda x, p: self.array(x, p, self.reroute), OPTIONAL),
+                },
+            )
         else:  # 0.4 and anything older
-            self.obj(v, "", common | {
-                "last_node_id": (self.node_id,), "last_link_id": (self.number,), "version": (self.number,),
-                "links": (lambda x, p: self.array(x, p, self.link_array),)})
+            self.obj(
+                v,
+                "",
+                common
+                | {
+                    "last_node_id": (self.node_id,),
+                    "last_link_id": (self.number,),
+                    "version": (self.number,),
+                    "links": (lambda x, p: self.array(x, p, self.link_array),),
+                },
+            )
 
 
 def _kind(v) -> str:
     if v is None:
         return "null"
     return {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}.get(
-        type(v), type(v).__name__)
+        type(v), type(v).__name__
+    )
 
 
 def workflow_errors(workflow) -> list[str]:

@@ -288,8 +288,17 @@ def test_null_text_inversion_cost_early_stop_cfg1_and_inference_mode():
     seen = []
     with torch.inference_mode():
         inference_pivots = [p.clone() for p in pivots]
-        recon, per_step = null_text_inversion(inference_pivots, cond, uncond, NULL0, ALPHAS, 3.0, inner_iters=5,
-                                              early_stop=0.0, callback=lambda i, n, x: seen.append((i, n)))
+        recon, per_step = null_text_inversion(
+            inference_pivots,
+            cond,
+            uncond,
+            NULL0,
+            ALPHAS,
+            3.0,
+            inner_iters=5,
+            early_stop=0.0,
+            callback=lambda i, n, x: seen.append((i, n)),
+        )
     assert len(calls) == 4 * 6 and seen == [(i, 4) for i in range(4)]
     assert not torch.equal(per_step[0][0], NULL0[0]) and not NULL0[0].any()  # the input is not modified
     with pytest.raises(ValueError, match="pivots"):

@@ -65,8 +65,9 @@ def reference_layer(layer, h, prior_out, context, strength):
     """R = softmax(W2 silu(W1 h + b1) + b2); out = (1 - s R1) prior + s R1 personal."""
     p = {name: t.detach() for name, t in layer.named_parameters()}
     ctx = h if context is None else context
-    personal = reference_attention(h, ctx, p["to_q.weight"], p["to_k.weight"], p["to_v.weight"],
-                                   p["to_out.weight"], p["to_out.bias"], layer.heads)
+    personal = reference_attention(
+        h, ctx, p["to_q.weight"], p["to_k.weight"], p["to_v.weight"], p["to_out.weight"], p["to_out.bias"], layer.heads
+    )
     hidden = F.silu(h @ p["router.fc1.weight"].T + p["router.fc1.bias"])
     logits = hidden @ p["router.fc2.weight"].T + p["router.fc2.bias"]
     r = torch.exp(logits) / torch.exp(logits).sum(-1, keepdim=True)
@@ -86,7 +87,11 @@ def test_layer_matches_reference(layer_id, strength):
     out = layer(h, prior, context, strength=strength)
     torch.testing.assert_close(out, reference_layer(layer, h, prior, context, strength), rtol=1e-10, atol=1e-10)
     routes = layer.route(h)
-    assert routes.shape == (2, 7, 2) and 0.05 < routes[..., 1].std() and torch.allclose(routes.sum(-1), torch.ones(2, 7, dtype=h.dtype))
+    assert (
+        routes.shape == (2, 7, 2)
+        and 0.05 < routes[..., 1].std()
+        and torch.allclose(routes.sum(-1), torch.ones(2, 7, dtype=h.dtype))
+    )
 
 
 def test_host_attention_plugs_in_and_weights_follow_the_input_dtype():
@@ -96,7 +101,11 @@ def test_host_attention_plugs_in_and_weights_follow_the_input_dtype():
 
     def host_attention(q, k, v, heads):
         calls.append((q.shape, k.shape, heads))
-        return F.scaled_dot_product_attention(*(t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))).transpose(1, 2).flatten(2)
+        return (
+            F.scaled_dot_product_attention(*(t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v)))
+            .transpose(1, 2)
+            .flatten(2)
+        )
 
     torch.testing.assert_close(layer(h, prior, context, attention=host_attention), layer(h, prior, context))
     assert calls == [((2, 7, HEADS * DIM_HEAD), (2, 5, HEADS * DIM_HEAD), HEADS)]
@@ -161,7 +170,9 @@ def test_bind_subjects_changes_only_the_bound_tokens():
     assert torch.equal(out[:, others], context[:, others])
     # Each subject's token is its own fusion, the same as binding it alone.
     for b in (man, woman):
-        alone = bind_subjects(context, [b], fusion, t, 1)  # equal up to rounding: the batched matmul may round differently
+        alone = bind_subjects(
+            context, [b], fusion, t, 1
+        )  # equal up to rounding: the batched matmul may round differently
         torch.testing.assert_close(out[:, b.token_index], alone[:, b.token_index])
         expected = fusion(context[:, b.token_index], b.image_embedding.expand(2, -1), t, 1)
         torch.testing.assert_close(out[:, b.token_index], expected)
@@ -186,7 +197,9 @@ def test_bind_weights_and_the_unconditional_rows():
     out = bind_subjects_where(context, is_cond, [SubjectBinding(3, image)], fusion, t, 0)
     assert torch.equal(out[1], context[1])  # the unconditional row keeps the null-text context
     torch.testing.assert_close(out[0], full[0])
-    assert torch.equal(bind_subjects_where(context, torch.tensor([False, False]), [SubjectBinding(3, image)], fusion, t, 0), context)
+    assert torch.equal(
+        bind_subjects_where(context, torch.tensor([False, False]), [SubjectBinding(3, image)], fusion, t, 0), context
+    )
 
 
 def test_untrained_fusion_is_the_identity():
@@ -222,28 +235,51 @@ def test_file_round_trip(tmp_path):
     loaded = load_moa_file(path)
     assert loaded.layer_ids == [SELF, CROSS] and loaded.shapes() == SHAPES and loaded.base_family == "sd15"
     assert loaded.metadata["note"] == "kept" and loaded.metadata["moa.format"] == "moa"
-    assert loaded.metadata["moa.image_encoder"] == "clip-vit-l-14" and json.loads(loaded.metadata["moa.heads"])[CROSS] == HEADS
-    h, prior, context = rand(2, 7, DIM, seed=1, dtype=torch.float32), rand(2, 7, DIM, seed=2, dtype=torch.float32), rand(2, 5, TEXT, seed=3, dtype=torch.float32)
+    assert (
+        loaded.metadata["moa.image_encoder"] == "clip-vit-l-14"
+        and json.loads(loaded.metadata["moa.heads"])[CROSS] == HEADS
+    )
+    h, prior, context = (
+        rand(2, 7, DIM, seed=1, dtype=torch.float32),
+        rand(2, 7, DIM, seed=2, dtype=torch.float32),
+        rand(2, 5, TEXT, seed=3, dtype=torch.float32),
+    )
     for layer_id, ctx in ((SELF, None), (CROSS, context)):
         assert torch.equal(loaded[layer_id](h, prior, ctx), model[layer_id](h, prior, ctx))
     binding = [SubjectBinding(1, rand(IMAGE, seed=5, dtype=torch.float32))]
     t = torch.tensor([100.0, 900.0])
-    assert torch.equal(bind_subjects(context, binding, loaded.fusion, t, 1), bind_subjects(context, binding, model.fusion, t, 1))
-    assert set(load_safetensors(path)[0]) >= {f"{CROSS}.router.fc1.weight", "fusion.mlp.fc2.bias", "spacetime.layer_embedding.weight"}
+    assert torch.equal(
+        bind_subjects(context, binding, loaded.fusion, t, 1), bind_subjects(context, binding, model.fusion, t, 1)
+    )
+    assert set(load_safetensors(path)[0]) >= {
+        f"{CROSS}.router.fc1.weight",
+        "fusion.mlp.fc2.bias",
+        "spacetime.layer_embedding.weight",
+    }
     check_against_model(loaded, {SELF: (DIM, DIM), CROSS: (DIM, TEXT), "other.attn1": (8, 8)}, "sd15", path)
 
 
 def test_from_prior_starts_as_the_prior(tmp_path):
     g = torch.Generator().manual_seed(0)
     w = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64) * 0.3  # noqa: E731
-    prior = {lid: {"to_q": w(8, DIM), "to_k": w(8, s.context_dim), "to_v": w(8, s.context_dim), "to_out": (w(DIM, 8), w(DIM)), "heads": HEADS}
-             for lid, s in SHAPES.items()}
+    prior = {
+        lid: {
+            "to_q": w(8, DIM),
+            "to_k": w(8, s.context_dim),
+            "to_v": w(8, s.context_dim),
+            "to_out": (w(DIM, 8), w(DIM)),
+            "heads": HEADS,
+        }
+        for lid, s in SHAPES.items()
+    }
     model = MoAModel.from_prior(prior, **HYPER)
     assert model.shapes() == SHAPES and model[SELF].to_q.weight.dtype == torch.float64
     h, context = rand(2, 7, DIM, seed=1), rand(2, 5, TEXT, seed=3)
     for lid, ctx in ((SELF, None), (CROSS, context)):
         p = prior[lid]
-        prior_out = reference_attention(h, h if ctx is None else ctx, p["to_q"], p["to_k"], p["to_v"], *p["to_out"], HEADS)
+        prior_out = reference_attention(
+            h, h if ctx is None else ctx, p["to_q"], p["to_k"], p["to_v"], *p["to_out"], HEADS
+        )
         randomize(model[lid].router, seed=9)  # any router: both experts are the same attention
         torch.testing.assert_close(model[lid](h, prior_out, ctx), prior_out, rtol=1e-12, atol=1e-12)
     bad = {SELF: {**prior[SELF], "to_v": w(8, 3)}}
@@ -269,12 +305,32 @@ BAD_FILES = {
     "version": (None, set_item("moa.format_version", "3"), "version '3' is not supported"),
     "bad_heads": (None, set_item("moa.heads", "not json"), "metadata is incomplete or malformed"),
     "encoder": (None, set_item("moa.image_encoder", "dinov2"), "dinov2"),
-    "missing": (lambda t: [t.pop(k) for k in [f"{CROSS}.to_v.weight", "fusion.mlp.fc1.bias"]], None, f"2 tensor\\(s\\) are missing\n  {CROSS}.to_v.weight"),
-    "missing_q": (lambda t: t.pop(f"{SELF}.to_q.weight"), None, f"attention tensor\\(s\\) are missing\n  {SELF}.to_q.weight"),
-    "shape": (set_item(f"{CROSS}.router.fc2.weight", torch.zeros(3, 8)), None, f"wrong shape or dtype\n  {CROSS}.router.fc2.weight: \\(3, 8\\) float32, expected \\(2, 8\\)"),
-    "dtype": (set_item("spacetime.layer_embedding.weight", torch.zeros(2, 6, dtype=torch.int64)), None, "spacetime.layer_embedding.weight: \\(2, 6\\) int64"),
+    "missing": (
+        lambda t: [t.pop(k) for k in [f"{CROSS}.to_v.weight", "fusion.mlp.fc1.bias"]],
+        None,
+        f"2 tensor\\(s\\) are missing\n  {CROSS}.to_v.weight",
+    ),
+    "missing_q": (
+        lambda t: t.pop(f"{SELF}.to_q.weight"),
+        None,
+        f"attention tensor\\(s\\) are missing\n  {SELF}.to_q.weight",
+    ),
+    "shape": (
+        set_item(f"{CROSS}.router.fc2.weight", torch.zeros(3, 8)),
+        None,
+        f"wrong shape or dtype\n  {CROSS}.router.fc2.weight: \\(3, 8\\) float32, expected \\(2, 8\\)",
+    ),
+    "dtype": (
+        set_item("spacetime.layer_embedding.weight", torch.zeros(2, 6, dtype=torch.int64)),
+        None,
+        "spacetime.layer_embedding.weight: \\(2, 6\\) int64",
+    ),
     "odd_spacetime": (None, set_item("moa.spacetime_dim", "5"), "cannot be built \\(the spacetime width must be even"),
-    "heads": (None, set_item("moa.heads", json.dumps({SELF: 3, CROSS: 2})), f"{SELF}: an inner width of 8 does not split into 3 heads"),
+    "heads": (
+        None,
+        set_item("moa.heads", json.dumps({SELF: 3, CROSS: 2})),
+        f"{SELF}: an inner width of 8 does not split into 3 heads",
+    ),
     "extra": (set_item("stray.weight", torch.zeros(2)), None, "does not describe\n  stray.weight"),
     "nan": (set_item("fusion.mlp.fc2.bias", torch.full((TEXT,), float("nan"))), None, "NaN or inf"),
 }
@@ -297,7 +353,10 @@ def test_model_mismatches_name_the_file(tmp_path):
     model = load_moa_file(path)
     with pytest.raises(WeightFileError, match="subject.safetensors: was made for 'sd15' models, this model is 'sdxl'"):
         check_against_model(model, {SELF: (DIM, DIM), CROSS: (DIM, TEXT)}, "sdxl", path)
-    with pytest.raises(WeightFileError, match=f"subject.safetensors: does not fit .*\n  {CROSS}: file has dim 16, context 12; model has dim 16, context 2048"):
+    with pytest.raises(
+        WeightFileError,
+        match=f"subject.safetensors: does not fit .*\n  {CROSS}: file has dim 16, context 12; model has dim 16, context 2048",
+    ):
         check_against_model(model, {SELF: (DIM, DIM), CROSS: (DIM, 2048)}, "sd15", path)
     with pytest.raises(WeightFileError, match=f"{CROSS}: no such attention layer"):
         check_against_model(model, {SELF: (DIM, DIM)}, "sd15", path)
@@ -313,8 +372,14 @@ def test_gradients_reach_router_personal_projections_and_fusion():
         fusion_out.weight.normal_(0, 0.1)
         fusion_out.bias.normal_(0, 0.1)
     h, prior = torch.randn(2, 7, DIM), torch.randn(2, 7, DIM)
-    context = bind_subjects_where(torch.randn(2, 5, TEXT), torch.tensor([True, False]), [SubjectBinding(1, torch.randn(IMAGE))],
-                                  model.fusion, torch.tensor([10.0, 10.0]), model.layer_index(CROSS))
+    context = bind_subjects_where(
+        torch.randn(2, 5, TEXT),
+        torch.tensor([True, False]),
+        [SubjectBinding(1, torch.randn(IMAGE))],
+        model.fusion,
+        torch.tensor([10.0, 10.0]),
+        model.layer_index(CROSS),
+    )
     loss = (model[SELF](h, prior) ** 2).sum() + (model[CROSS](h, prior, context) ** 2).sum()
     loss.backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]

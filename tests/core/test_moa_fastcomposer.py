@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from mixture_core.subject_images import square_subject
+# FastComposer's code, ported line by line
+from helpers.fastcomposer_weights import FastComposerPostfuseModule, randomize  # noqa: E402
 
 from mixture_core.errors import WeightFileError
 from mixture_core.moa import (
@@ -20,9 +21,7 @@ from mixture_core.moa import (
 )
 from mixture_core.moa_files import load_moa_file, save_moa_file, vision_encoder_fingerprint
 from mixture_core.moa_router import SubjectMaps, personal_share, resize_share
-
-# FastComposer's code, ported line by line
-from helpers.fastcomposer_weights import FastComposerPostfuseModule, randomize  # noqa: E402
+from mixture_core.subject_images import square_subject
 
 
 def test_fastcomposer_fusion_reproduces_its_postfuse_module():
@@ -245,6 +244,7 @@ def test_version_2_round_trip(tmp_path, router):
 )
 def test_bad_version_2_metadata(tmp_path, key, value, problem):
     from safetensors.torch import load_file, save_file
+
     from mixture_core.safetensors_io import SafetensorsFile
 
     good = tmp_path / "good.safetensors"
@@ -298,10 +298,12 @@ def meta_state_dict():
     from training import convert_fastcomposer as cf
 
     state = {k: torch.empty(s, dtype=torch.float16, device="meta") for k, s in cf.expected_shapes().items()}
-    state |= {"unet.conv_in.weight": torch.empty(320, 4, 3, 3, device="meta"),
-              "text_encoder.final_layer_norm.weight": torch.empty(768, device="meta"),
-              "vae.post_quant_conv.weight": torch.empty(4, 4, 1, 1, device="meta"),
-              "image_encoder.vision_model.embeddings.position_ids": torch.arange(257)[None]}
+    state |= {
+        "unet.conv_in.weight": torch.empty(320, 4, 3, 3, device="meta"),
+        "text_encoder.final_layer_norm.weight": torch.empty(768, device="meta"),
+        "vae.post_quant_conv.weight": torch.empty(4, 4, 1, 1, device="meta"),
+        "image_encoder.vision_model.embeddings.position_ids": torch.arange(257)[None],
+    }
     return state
 
 
@@ -315,16 +317,29 @@ def test_converter_layout_is_fastcomposers_and_transformers():
     postfuse = {f"postfuse_module.{k}": tuple(v.shape) for k, v in FastComposerPostfuseModule(768).state_dict().items()}
     assert postfuse == {k: v for k, v in shapes.items() if k.startswith("postfuse_module.")}
     transformers = pytest.importorskip("transformers")
-    config = transformers.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                           num_attention_heads=16, patch_size=14, image_size=224, projection_dim=768)
+    config = transformers.CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        patch_size=14,
+        image_size=224,
+        projection_dim=768,
+    )
     with torch.device("meta"):
         vision = transformers.CLIPVisionModelWithProjection(config)
-    expected = {f"image_encoder.{k}": tuple(v.shape) for k, v in vision.state_dict().items() if not k.endswith("position_ids")}
+    expected = {
+        f"image_encoder.{k}": tuple(v.shape) for k, v in vision.state_dict().items() if not k.endswith("position_ids")
+    }
     assert expected == {k: v for k, v in shapes.items() if k.startswith("image_encoder.")}
     moa, converted_vision = cf.convert(meta_state_dict())
-    assert len(moa.layer_ids) == 32 and len(moa.router_config.map_layers) == 11 and len(converted_vision) == len(expected)
-    assert cf.attention_layers()["output_blocks.11.1.transformer_blocks.0.attn2"][0] == \
-        "up_blocks.3.attentions.2.transformer_blocks.0.attn2"
+    assert (
+        len(moa.layer_ids) == 32 and len(moa.router_config.map_layers) == 11 and len(converted_vision) == len(expected)
+    )
+    assert (
+        cf.attention_layers()["output_blocks.11.1.transformer_blocks.0.attn2"][0]
+        == "up_blocks.3.attentions.2.transformer_blocks.0.attn2"
+    )
 
 
 def test_converter_refuses_missing_misshaped_and_unknown_keys():
@@ -335,17 +350,20 @@ def test_converter_refuses_missing_misshaped_and_unknown_keys():
     with pytest.raises(WeightFileError, match=f"1 key\\(s\\) are missing\n  {key}"):
         cf.convert({k: v for k, v in state.items() if k != key})
     bad = "postfuse_module.mlp1.fc1.weight"
-    with pytest.raises(WeightFileError, match=f"wrong shape or dtype\n  {bad}: \\(768, 768\\) float16, expected \\(768, 1536\\)"):
+    with pytest.raises(
+        WeightFileError, match=f"wrong shape or dtype\n  {bad}: \\(768, 768\\) float16, expected \\(768, 1536\\)"
+    ):
         cf.convert(dict(state, **{bad: torch.empty(768, 768, dtype=torch.float16, device="meta")}))
     with pytest.raises(WeightFileError, match="FastComposer's model does not have\n  postfuse_module.extra.weight"):
         cf.convert(dict(state, **{"postfuse_module.extra.weight": torch.zeros(2)}))
 
 
 def test_converter_reads_state_dicts_only(tmp_path):
-    from safetensors.torch import save_file
-    from training import convert_fastcomposer as cf
-
     import datetime
+
+    from safetensors.torch import save_file
+
+    from training import convert_fastcomposer as cf
 
     # Anything beyond tensors and plain containers: torch.load(weights_only=True) refuses to build it.
     torch.save({"postfuse_module.x": datetime.timedelta(days=1)}, tmp_path / "payload.bin")

@@ -44,9 +44,15 @@ def kohya_sd(seed, rank=4, alpha=2.0, layers=LAYERS):
 
 def gates(n=2, variant="released", seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {p: GateWeights(torch.randn(n, d_in, generator=g), torch.randn(n, generator=g),
-                           torch.randn(n, d_out if variant == "released" else d_in, generator=g), torch.randn(n, generator=g))
-            for p, (d_in, d_out, _) in LAYERS.items()}
+    return {
+        p: GateWeights(
+            torch.randn(n, d_in, generator=g),
+            torch.randn(n, generator=g),
+            torch.randn(n, d_out if variant == "released" else d_in, generator=g),
+            torch.randn(n, generator=g),
+        )
+        for p, (d_in, d_out, _) in LAYERS.items()
+    }
 
 
 def expert(name, seed, **kw):
@@ -58,7 +64,11 @@ def test_kohya_peft_and_diffusers_namings_parse_to_the_same_pairs():
     k = parse_lora_state_dict(sd)
     name = KOHYA["input_blocks.1.1.proj_in"]
     assert k[name].is_conv and k[name].rank == 4 and k[name].scale == 0.5
-    peft = {key.replace("lora_down", "lora_A").replace("lora_up", "lora_B"): v for key, v in sd.items() if not key.endswith("alpha")}
+    peft = {
+        key.replace("lora_down", "lora_A").replace("lora_up", "lora_B"): v
+        for key, v in sd.items()
+        if not key.endswith("alpha")
+    }
     p = parse_lora_state_dict(peft)
     assert p[name].scale == 1.0  # no alpha stored: scale 1, as ComfyUI's LoraLoader
     torch.testing.assert_close(p[name].down, k[name].down)
@@ -72,7 +82,9 @@ def test_lora_errors_name_the_problem():
     with pytest.raises(WeightFileError, match="no .*lora_up.weight"):
         parse_lora_state_dict(sd, "x.safetensors")
     with pytest.raises(WeightFileError, match="3x3 conv"):
-        parse_lora_state_dict({"a.lora_down.weight": torch.zeros(4, 8, 3, 3), "a.lora_up.weight": torch.zeros(8, 4, 1, 1)})
+        parse_lora_state_dict(
+            {"a.lora_down.weight": torch.zeros(4, 8, 3, 3), "a.lora_up.weight": torch.zeros(8, 4, 1, 1)}
+        )
     with pytest.raises(WeightFileError, match="holds no LoRA layers"):
         parse_lora_state_dict({"w": torch.zeros(2)}, "x.safetensors")
 
@@ -96,7 +108,9 @@ def test_released_format_reads_rows_as_face_then_hand(tmp_path):
     read = read_gate_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, meta)  # bf16 release files
     assert read.variant == "released" and read.expert_names == ["face", "hand"] and read.naming == "kohya"
     layer = read.layers[KOHYA["input_blocks.1.1.proj_in"]]
-    torch.testing.assert_close(layer.global_weight[1], g["input_blocks.1.1.proj_in"].global_weight[1], atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(
+        layer.global_weight[1], g["input_blocks.1.1.proj_in"].global_weight[1], atol=1e-2, rtol=1e-2
+    )
     assert layer.local_weight.dtype == torch.float32
 
 
@@ -108,7 +122,9 @@ def test_build_orders_experts_by_gate_names_and_checks_everything():
     hand_down = hand.layers[KOHYA["input_blocks.1.1.transformer_blocks.0.attn1.to_q"]].down
     torch.testing.assert_close(layer.down[:4], hand_down)  # the gate file's first expert comes first
 
-    with pytest.raises(WeightFileError, match=r"for experts \['hand', 'face'\] but the loaded experts are named \['face', 'feet'\]"):
+    with pytest.raises(
+        WeightFileError, match=r"for experts \['hand', 'face'\] but the loaded experts are named \['face', 'feet'\]"
+    ):
         build_mole_layers([face, expert("feet", 3)], g, RESOLVE)
     with pytest.raises(WeightFileError, match="two experts share a name"):
         build_mole_layers([face, expert("face", 3)], g, RESOLVE)

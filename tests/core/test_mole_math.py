@@ -144,7 +144,9 @@ def test_batch_entries_are_independent():
 def test_mismatched_gate_shape_is_refused():
     experts = make_experts(2, 8, 8)
     with pytest.raises(ValueError, match="global_weight has shape"):
-        MoLELayer(experts, GateWeights(torch.zeros(2, 8), torch.zeros(2), torch.zeros(2, 5), torch.zeros(2)), "released")
+        MoLELayer(
+            experts, GateWeights(torch.zeros(2, 8), torch.zeros(2), torch.zeros(2, 5), torch.zeros(2)), "released"
+        )
     with pytest.raises(ValueError, match="local_weight has shape"):
         MoLELayer(experts, make_gates(3, 8, 8, "released"))
 

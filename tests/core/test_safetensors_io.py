@@ -95,8 +95,11 @@ def test_refusals_are_explained(tmp_path):
     (tmp_path / "cut_data.safetensors").write_bytes(data[:-100])
     (tmp_path / "cut_header.safetensors").write_bytes(data[:20])
     (tmp_path / "empty.safetensors").write_bytes(b"")
-    for name, problem in [("cut_data", "is truncated"), ("cut_header", "is truncated: its header needs"),
-                          ("empty", "is not a safetensors file")]:
+    for name, problem in [
+        ("cut_data", "is truncated"),
+        ("cut_header", "is truncated: its header needs"),
+        ("empty", "is not a safetensors file"),
+    ]:
         with pytest.raises(WeightFileError, match=f"{name}.safetensors: {problem}"):
             load_safetensors(tmp_path / f"{name}.safetensors")
     (tmp_path / "bad_json.safetensors").write_bytes(struct.pack("<Q", 8) + b"{nope!!}")
@@ -108,11 +111,13 @@ def test_key_names_are_checked_before_any_tensor_is_read(tmp_path, monkeypatch):
     save_file({"not.a.gate": torch.zeros(4, 4)}, str(tmp_path / "g.safetensors"))
     reads = []
     real_read = SafetensorsFile.read
-    monkeypatch.setattr(SafetensorsFile, "read",
-                        lambda self, keys, *a, **k: reads.append(list(keys)) or real_read(self, keys, *a, **k))
+    monkeypatch.setattr(
+        SafetensorsFile, "read", lambda self, keys, *a, **k: reads.append(list(keys)) or real_read(self, keys, *a, **k)
+    )
     with pytest.raises(WeightFileError, match="is not a MoLE gate file"):
-        load_safetensors(tmp_path / "g.safetensors",
-                         check_layout=lambda layout, meta: read_gate_file(layout, meta, "g"))
+        load_safetensors(
+            tmp_path / "g.safetensors", check_layout=lambda layout, meta: read_gate_file(layout, meta, "g")
+        )
     assert reads == [[]]  # only the layout's single-element tensors (none here) were read
     tensors, _ = load_safetensors(tmp_path / "g.safetensors", check_layout=lambda layout, meta: None)
     assert list(tensors) == ["not.a.gate"] and reads[-1] == ["not.a.gate"]
@@ -125,8 +130,14 @@ def test_an_fp8_moa_file_loads_widened_to_fp16_exactly(tmp_path):
     from mixture_core.moa_files import load_moa_file, save_moa_file
 
     layer = "input_blocks.1.1.transformer_blocks.0.attn2"
-    model = MoAModel({layer: AttentionShape(16, 12, 2, 4)}, router_hidden=8, fusion_hidden=16, spacetime_dim=6,
-                     text_dim=12, image_dim=10)
+    model = MoAModel(
+        {layer: AttentionShape(16, 12, 2, 4)},
+        router_hidden=8,
+        fusion_hidden=16,
+        spacetime_dim=6,
+        text_dim=12,
+        image_dim=10,
+    )
     save_moa_file(tmp_path / "f32.safetensors", model, "sd15")
     with safe_open(str(tmp_path / "f32.safetensors"), "pt") as f:
         fp8 = {k: f.get_tensor(k).to(torch.float8_e4m3fn) for k in f.keys()}

@@ -16,6 +16,7 @@ RUFF = shutil.which("ruff")
 @pytest.mark.parametrize("command", [["format", "--check"], ["check"]], ids=["format", "lint"])
 def test_ruff(command):
     done = subprocess.run([RUFF, *command, "."], cwd=comfyui_host.REPO, capture_output=True, text=True)
-    assert done.returncode == 0, f"ruff {' '.join(command)} found problems (run `ruff format . && ruff check --fix .`):\n" + (
-        done.stdout + done.stderr
-    )[-4000:]
+    assert done.returncode == 0, (
+        f"ruff {' '.join(command)} found problems (run `ruff format . && ruff check --fix .`):\n"
+        + (done.stdout + done.stderr)[-4000:]
+    )

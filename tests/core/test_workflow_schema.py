@@ -26,16 +26,38 @@ def test_shipped_workflow_opens_without_schema_alert(path):
 
 def _good():
     return {
-        "last_node_id": 2, "last_link_id": 1, "version": 0.4, "config": {}, "groups": [],
+        "last_node_id": 2,
+        "last_link_id": 1,
+        "version": 0.4,
+        "config": {},
+        "groups": [],
         "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}},
         "links": [[1, 1, 0, 2, 0, "MODEL"]],
         "nodes": [
-            {"id": 1, "type": "A", "pos": [0, 0], "size": [200, 80], "flags": {}, "order": 0, "mode": 0,
-             "outputs": [{"name": "MODEL", "type": "MODEL", "links": [1], "slot_index": 0}],
-             "properties": {"Node name for S&R": "A"}, "widgets_values": ["x"]},
-            {"id": 2, "type": "B", "pos": {"0": 300, "1": 0}, "size": [200, 80], "flags": {}, "order": 1, "mode": 0,
-             "inputs": [{"name": "model", "type": "MODEL", "link": 1}, {"name": "w", "type": "INT", "link": None}],
-             "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": None}], "properties": {}},
+            {
+                "id": 1,
+                "type": "A",
+                "pos": [0, 0],
+                "size": [200, 80],
+                "flags": {},
+                "order": 0,
+                "mode": 0,
+                "outputs": [{"name": "MODEL", "type": "MODEL", "links": [1], "slot_index": 0}],
+                "properties": {"Node name for S&R": "A"},
+                "widgets_values": ["x"],
+            },
+            {
+                "id": 2,
+                "type": "B",
+                "pos": {"0": 300, "1": 0},
+                "size": [200, 80],
+                "flags": {},
+                "order": 1,
+                "mode": 0,
+                "inputs": [{"name": "model", "type": "MODEL", "link": 1}, {"name": "w", "type": "INT", "link": None}],
+                "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": None}],
+                "properties": {},
+            },
         ],
     }
 
@@ -44,22 +66,31 @@ def test_checker_accepts_a_valid_workflow():
     assert workflow_errors(_good()) == []
 
 
-@pytest.mark.parametrize("where, expected", [
-    (lambda w: w.__setitem__("floatingLinks", None), 'Expected array, received null at "floatingLinks"'),
-    (lambda w: w["extra"].__setitem__("reroutes", None), 'Expected array, received null at "extra.reroutes"'),
-    (lambda w: w.__setitem__("definitions", None), 'Expected object, received null at "definitions"'),
-    (lambda w: w["nodes"][0]["outputs"][0].__setitem__("slot_index", None),
-     'received null at "nodes[0].outputs[0].slot_index"'),
-    (lambda w: w["nodes"][1]["inputs"][0].__setitem__("slot_index", None),
-     'received null at "nodes[1].inputs[0].slot_index"'),
-    (lambda w: w["nodes"][0].__setitem__("flags", None), 'Expected object, received null at "nodes[0].flags"'),
-    (lambda w: w["nodes"][0].__setitem__("widgets_values", None), 'received null at "nodes[0].widgets_values"'),
-    (lambda w: w["nodes"][0]["properties"].__setitem__("Node name for S&R", None),
-     'received null at "nodes[0].properties.Node name for S&R"'),
-    (lambda w: w["links"][0].__setitem__(2, None), 'received null at "links[0][2]"'),
-    (lambda w: w.__setitem__("id", "not-a-uuid"), 'Invalid uuid at "id"'),
-    (lambda w: w["nodes"][0].pop("order"), 'Required at "nodes[0].order"'),
-])
+@pytest.mark.parametrize(
+    "where, expected",
+    [
+        (lambda w: w.__setitem__("floatingLinks", None), 'Expected array, received null at "floatingLinks"'),
+        (lambda w: w["extra"].__setitem__("reroutes", None), 'Expected array, received null at "extra.reroutes"'),
+        (lambda w: w.__setitem__("definitions", None), 'Expected object, received null at "definitions"'),
+        (
+            lambda w: w["nodes"][0]["outputs"][0].__setitem__("slot_index", None),
+            'received null at "nodes[0].outputs[0].slot_index"',
+        ),
+        (
+            lambda w: w["nodes"][1]["inputs"][0].__setitem__("slot_index", None),
+            'received null at "nodes[1].inputs[0].slot_index"',
+        ),
+        (lambda w: w["nodes"][0].__setitem__("flags", None), 'Expected object, received null at "nodes[0].flags"'),
+        (lambda w: w["nodes"][0].__setitem__("widgets_values", None), 'received null at "nodes[0].widgets_values"'),
+        (
+            lambda w: w["nodes"][0]["properties"].__setitem__("Node name for S&R", None),
+            'received null at "nodes[0].properties.Node name for S&R"',
+        ),
+        (lambda w: w["links"][0].__setitem__(2, None), 'received null at "links[0][2]"'),
+        (lambda w: w.__setitem__("id", "not-a-uuid"), 'Invalid uuid at "id"'),
+        (lambda w: w["nodes"][0].pop("order"), 'Required at "nodes[0].order"'),
+    ],
+)
 def test_checker_rejects_what_the_editor_rejects(where, expected):
     workflow = copy.deepcopy(_good())
     where(workflow)

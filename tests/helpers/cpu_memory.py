@@ -13,7 +13,9 @@ def peak_tensor_memory(fn) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     now = peak = 0
-    for _, change in sorted((e.time_range.end, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage):
+    for _, change in sorted(
+        (e.time_range.end, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage
+    ):
         now += change
         peak = max(peak, now)
     return peak

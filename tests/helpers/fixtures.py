@@ -75,7 +75,7 @@ def model_folders(**folders: Path):
         folder_paths.filename_list_cache.clear()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_sd15() -> SD15Models:
     """The random SD1.5 checkpoint loaded by the host, once per process (so the fixture may be
     imported by several conftest/test modules without loading it twice)."""
@@ -123,8 +123,9 @@ def encode_text(clip, text: str):
     text encoding is what few tests are about, and each costs ~0.3 s here. Do not modify it."""
     key = (id(clip), text)
     if key not in _ENCODED:
-        import nodes
         import torch
+
+        import nodes
 
         with torch.inference_mode():
             _ENCODED[key] = (clip, nodes.CLIPTextEncode().encode(clip, text)[0])  # holds clip: its id stays unique

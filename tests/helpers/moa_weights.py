@@ -79,16 +79,24 @@ def random_moa(model_patcher, seed: int = 0, personal_noise: float = 0.5, layers
     return perturb_(moa, seed + 1, personal_noise)
 
 
-def write_moa_file(path, model_patcher, seed: int = 0, family: str = "sd15", dtype=torch.float16, layers=None,
-                   personal_noise: float = 0.5) -> Path:
+def write_moa_file(
+    path,
+    model_patcher,
+    seed: int = 0,
+    family: str = "sd15",
+    dtype=torch.float16,
+    layers=None,
+    personal_noise: float = 0.5,
+) -> Path:
     """A random MoA file for `model_patcher` in the pack's format (save_moa_file)."""
     moa = random_moa(model_patcher, seed, personal_noise, layers).to(dtype)
     save_moa_file(path, moa, family, {"description": "random weights for tests, not a trained model"})
     return Path(path)
 
 
-def write_moa_for_shapes(path, shapes: dict[str, AttentionShape], seed: int = 0, family: str = "sd15",
-                         dtype=torch.float16, **hyper) -> Path:
+def write_moa_for_shapes(
+    path, shapes: dict[str, AttentionShape], seed: int = 0, family: str = "sd15", dtype=torch.float16, **hyper
+) -> Path:
     """A random MoA file for arbitrary attention shapes (another family or width)."""
     moa = _seeded(seed, lambda: MoAModel(shapes, **hyper))
     perturb_(moa, seed + 1)

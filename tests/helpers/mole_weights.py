@@ -56,7 +56,9 @@ def peft_names(model_patcher) -> dict[str, str]:
     }
 
 
-def write_lora(path, layers, names, rank=8, alpha=4.0, seed=0, dtype=torch.float16, naming="kohya", magnitude=1.0, only=None):
+def write_lora(
+    path, layers, names, rank=8, alpha=4.0, seed=0, dtype=torch.float16, naming="kohya", magnitude=1.0, only=None
+):
     """A random LoRA over `layers` (module path -> widths) with file names from `names`."""
     g = torch.Generator().manual_seed(seed)
     sd = {}

@@ -57,25 +57,58 @@ SEED_SDXL = 2001
 # tables in comfy.model_detection.unet_config_from_diffusers_unet); a test checks that the
 # host's detect_unet_config() finds exactly the family from the weights made with them.
 SD15_UNET_CONFIG = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-    "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
-    "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-    "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
-    "context_dim": 768, "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "use_temporal_attention": False, "use_temporal_resblock": False,
+    "use_checkpoint": False,
+    "image_size": 32,
+    "out_channels": 4,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "adm_in_channels": None,
+    "in_channels": 4,
+    "model_channels": 320,
+    "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "channel_mult": [1, 2, 4, 4],
+    "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False,
+    "context_dim": 768,
+    "num_heads": 8,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
 }
 SDXL_UNET_CONFIG = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-    "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
-    "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
-    "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
-    "context_dim": 2048, "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
-    "use_temporal_attention": False, "use_temporal_resblock": False,
+    "use_checkpoint": False,
+    "image_size": 32,
+    "out_channels": 4,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "num_classes": "sequential",
+    "adm_in_channels": 2816,
+    "in_channels": 4,
+    "model_channels": 320,
+    "num_res_blocks": [2, 2, 2],
+    "transformer_depth": [0, 0, 2, 2, 10, 10],
+    "channel_mult": [1, 2, 4],
+    "transformer_depth_middle": 10,
+    "use_linear_in_transformer": True,
+    "context_dim": 2048,
+    "num_head_channels": 64,
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
 }
 # The SD1.x VAE (ComfyUI's default AutoencoderKL configuration in comfy.sd.VAE).
 SD_VAE_DDCONFIG = {
-    "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-    "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0,
+    "double_z": True,
+    "z_channels": 4,
+    "resolution": 256,
+    "in_channels": 3,
+    "out_ch": 3,
+    "ch": 128,
+    "ch_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2,
+    "attn_resolutions": [],
+    "dropout": 0.0,
 }
 
 
@@ -166,7 +199,7 @@ class _RandomFill:
         while pos < n:
             off = int(torch.randint(0, _POOL_SIZE, (1,), generator=self.gen))
             k = min(n - pos, _POOL_SIZE - off)
-            torch.mul(pool[off:off + k], std, out=flat[pos:pos + k])
+            torch.mul(pool[off : off + k], std, out=flat[pos : pos + k])
             pos += k
 
 
@@ -215,7 +248,7 @@ def _contiguous(sd: dict, dtype=None) -> dict:
 def _ddpm_buffers() -> dict:
     """The DDPM schedule buffers an original SD1.5 checkpoint carries at its top level
     (ldm's register_schedule with linear_start 0.00085, linear_end 0.012, 1000 steps)."""
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
     alphas = 1.0 - betas
     ac = torch.cumprod(alphas, dim=0)
     ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
@@ -288,7 +321,10 @@ def _make_sd15_controlnet():
     config = dict(comfy.supported_models.SD15(SD15_UNET_CONFIG).unet_config)
     config.pop("out_channels")
     net = comfy.cldm.cldm.ControlNet(
-        **config, hint_channels=3, dtype=torch.float16, device=torch.device("cpu"),
+        **config,
+        hint_channels=3,
+        dtype=torch.float16,
+        device=torch.device("cpu"),
         operations=comfy.ops.disable_weight_init,
     )
     _randomize_(net, SEED_SD15_CONTROLNET)
@@ -318,7 +354,9 @@ def _make_clip_vision(config_name: str, seed: int, recipe: str):
     host = import_host()
     with open(host / "comfy" / config_name) as f:
         config = json.load(f)
-    model = comfy.clip_model.CLIPVisionModelProjection(config, torch.float16, torch.device("cpu"), comfy.ops.manual_cast)
+    model = comfy.clip_model.CLIPVisionModelProjection(
+        config, torch.float16, torch.device("cpu"), comfy.ops.manual_cast
+    )
     _randomize_(model, seed)
     # The openai/clip-vit-*-patch14 (transformers CLIPVisionModelWithProjection) key names:
     # vision_model.embeddings.*, vision_model.pre_layrnorm.*, vision_model.encoder.layers.N.*,
@@ -375,8 +413,20 @@ def sdxl_conditioning(seed: int = SEED_SDXL, width: int = 1024, height: int = 10
     gen = torch.Generator().manual_seed(seed)
     cond = torch.randn(1, tokens, 2048, generator=gen)
     pooled = torch.randn(1, 1280, generator=gen)
-    return [[cond, {"pooled_output": pooled, "width": width, "height": height,
-                    "crop_w": 0, "crop_h": 0, "target_width": width, "target_height": height}]]
+    return [
+        [
+            cond,
+            {
+                "pooled_output": pooled,
+                "width": width,
+                "height": height,
+                "crop_w": 0,
+                "crop_h": 0,
+                "target_width": width,
+                "target_height": height,
+            },
+        ]
+    ]
 
 
 def build_sdxl_unet(weight_dtype: torch.dtype = torch.float16, seed: int = SEED_SDXL):
@@ -417,7 +467,9 @@ def sdxl_model(weight_dtype: torch.dtype = torch.float16, seed: int = SEED_SDXL)
 
     start = time.perf_counter()
     base = build_sdxl_unet(weight_dtype, seed)
-    patcher = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    patcher = comfy.model_patcher.ModelPatcher(
+        base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )
     return SDXLBundle(
         model=patcher,
         positive=sdxl_conditioning(seed + 1),

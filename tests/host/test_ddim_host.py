@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import importlib
 
+import hostenv
 import pytest
 import torch
 
-import hostenv
-
 pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def ddim_nodes(pack):
@@ -69,9 +69,15 @@ def test_inversion_and_regeneration_are_exact_mirrors_through_comfyui(ddim_nodes
     error = relative_error(back, photo_latent["samples"])
     shifted = ddim_nodes.run_ddim(model, {"samples": inverted}, prompt, prompt, steps + 1, 1.0, invert=False)
     wrong_scale = ddim_nodes.run_ddim(model, {"samples": inverted * 0.18215}, prompt, prompt, steps, 1.0, invert=False)
-    errors = (error, relative_error(shifted, photo_latent["samples"]), relative_error(wrong_scale, photo_latent["samples"]))
-    print("DDIM through ComfyUI, exact predictor, %d steps: invert->regenerate %.2e; steps+1 %.2e; "
-          "latent scaled twice %.2e" % (steps, *errors))
+    errors = (
+        error,
+        relative_error(shifted, photo_latent["samples"]),
+        relative_error(wrong_scale, photo_latent["samples"]),
+    )
+    print(
+        f"DDIM through ComfyUI, exact predictor, {steps} steps: invert->regenerate {errors[0]:.2e}; "
+        f"steps+1 {errors[1]:.2e}; latent scaled twice {errors[2]:.2e}"
+    )
     assert errors[0] < 1e-3, errors
     assert errors[1] > 10 * errors[0] and errors[2] > 10 * errors[0], errors
 
@@ -82,11 +88,15 @@ def test_random_sd15_inversion_converges_with_refinement(ddim_nodes, sd15, photo
     steps = 3
     errors = {}
     for refine in (0, 3):
-        inverted = ddim_nodes.run_ddim(sd15.model, photo_latent, prompt, prompt, steps, 1.0, invert=True, refine_iters=refine)
+        inverted = ddim_nodes.run_ddim(
+            sd15.model, photo_latent, prompt, prompt, steps, 1.0, invert=True, refine_iters=refine
+        )
         assert torch.isfinite(inverted).all()
         back = ddim_nodes.run_ddim(sd15.model, {"samples": inverted}, prompt, prompt, steps, 1.0, invert=False)
         errors[refine] = relative_error(back, photo_latent["samples"])
-    print(f"random SD1.5, {steps} steps: invert->regenerate relative error {errors[0]:.3f} plain, {errors[3]:.3f} with 3 refinements")
+    print(
+        f"random SD1.5, {steps} steps: invert->regenerate relative error {errors[0]:.3f} plain, {errors[3]:.3f} with 3 refinements"
+    )
     assert errors[3] < errors[0] / 2, errors
 
 
@@ -128,7 +138,9 @@ def test_non_epsilon_models_and_bad_sizes_are_refused(ddim_nodes, sd15, photo_la
     with pytest.raises(ValueError, match="epsilon-prediction"):
         ddim_nodes.DDIMInvert.execute(v_model, prompt, photo_latent, 2, 1.0, 0)
     with pytest.raises(ValueError, match="multiples of 8"):
-        ddim_nodes.MoADDIMSwap.execute(sd15.model, sd15.model, prompt, prompt, sd15.vae, torch.rand(1, 60, 64, 3), 2, 1.0, 1.0)
+        ddim_nodes.MoADDIMSwap.execute(
+            sd15.model, sd15.model, prompt, prompt, sd15.vae, torch.rand(1, 60, 64, 3), 2, 1.0, 1.0
+        )
 
 
 # ----------------------------------------------------------------------------- null-text inversion
@@ -168,13 +180,16 @@ def test_null_text_swap_holds_the_photo_at_cfg_3(ddim_nodes, sd15, prompt, photo
     with torch.inference_mode(), progress_hook(lambda value, total, *a, **k: seen.append((value, total))):
         for inversion in ("ddim", "null_text"):
             seen.clear()
-            out = ddim_nodes.MoADDIMSwap.execute(sd15.model, sd15.model, prompt, empty, sd15.vae, image,
-                                                 inversion=inversion, **SWAP).result[1]["samples"]
+            out = ddim_nodes.MoADDIMSwap.execute(
+                sd15.model, sd15.model, prompt, empty, sd15.vae, image, inversion=inversion, **SWAP
+            ).result[1]["samples"]
             errors[inversion] = relative_error(out, target)
             passes = 3 if inversion == "null_text" else 2
             assert seen == [(i, passes * 2) for i in range(1, passes * 2 + 1)], (inversion, seen)
-    print(f"random SD1.5, 2 steps, cfg 3: invert->regenerate relative error {errors['ddim']:.3f} plain DDIM, "
-          f"{errors['null_text']:.3f} null-text")
+    print(
+        f"random SD1.5, 2 steps, cfg 3: invert->regenerate relative error {errors['ddim']:.3f} plain DDIM, "
+        f"{errors['null_text']:.3f} null-text"
+    )
     assert errors["null_text"] < errors["ddim"] / 3, errors
     # The weight copies for autograd were on a clone only: the shared model is back as it was.
     assert not any(getattr(m, "weight_function", None) for m in sd15.model.model.diffusion_model.modules())
@@ -187,15 +202,26 @@ def test_null_text_embeddings_apply_at_their_own_steps(ddim_nodes, sd15, prompt,
     latent = {"samples": sd15.vae.encode(image)}
     with torch.inference_mode():
         pivots = []
-        noise = ddim_nodes.run_ddim(sd15.model, latent, prompt, empty, 2, 1.0, invert=True, refine_iters=2,
-                                    trajectory=pivots)
-        recon, by_t = ddim_nodes.run_null_text(sd15.model, {"samples": noise}, pivots, prompt, empty, 2, 3.0,
-                                               inner_iters=4, lr=0.05)
-        replay = ddim_nodes.run_ddim(sd15.model, {"samples": noise}, prompt, empty, 2, 3.0, invert=False,
-                                     negative_per_step=by_t)
+        noise = ddim_nodes.run_ddim(
+            sd15.model, latent, prompt, empty, 2, 1.0, invert=True, refine_iters=2, trajectory=pivots
+        )
+        recon, by_t = ddim_nodes.run_null_text(
+            sd15.model, {"samples": noise}, pivots, prompt, empty, 2, 3.0, inner_iters=4, lr=0.05
+        )
+        replay = ddim_nodes.run_ddim(
+            sd15.model, {"samples": noise}, prompt, empty, 2, 3.0, invert=False, negative_per_step=by_t
+        )
         t_hi, t_lo = sorted(by_t, reverse=True)
-        swapped = ddim_nodes.run_ddim(sd15.model, {"samples": noise}, prompt, empty, 2, 3.0, invert=False,
-                                      negative_per_step={t_hi: by_t[t_lo], t_lo: by_t[t_hi]})
+        swapped = ddim_nodes.run_ddim(
+            sd15.model,
+            {"samples": noise},
+            prompt,
+            empty,
+            2,
+            3.0,
+            invert=False,
+            negative_per_step={t_hi: by_t[t_lo], t_lo: by_t[t_hi]},
+        )
     assert len(by_t) == 2 and all(len(e) == 1 and e[0].shape == empty[0][0].shape for e in by_t.values())
     assert not torch.equal(by_t[t_hi][0], by_t[t_lo][0])
     assert relative_error(replay, recon) < 1e-4
@@ -215,10 +241,14 @@ def test_null_text_swap_stops_at_cancel(ddim_nodes, sd15, prompt, photo_and_empt
             mm.interrupt_current_processing(True)
 
     try:
-        with torch.inference_mode(), progress_hook(press_cancel_after_first_update), \
-                pytest.raises(mm.InterruptProcessingException):
-            ddim_nodes.MoADDIMSwap.execute(sd15.model, sd15.model, prompt, empty, sd15.vae, image,
-                                           inversion="null_text", **SWAP)
+        with (
+            torch.inference_mode(),
+            progress_hook(press_cancel_after_first_update),
+            pytest.raises(mm.InterruptProcessingException),
+        ):
+            ddim_nodes.MoADDIMSwap.execute(
+                sd15.model, sd15.model, prompt, empty, sd15.vae, image, inversion="null_text", **SWAP
+            )
     finally:
         mm.interrupt_current_processing(False)
     assert seen == [1, 2, 3]

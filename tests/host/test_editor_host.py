@@ -12,10 +12,9 @@ import json
 import os
 from pathlib import Path
 
+import hostenv
 import pytest
 import torch
-
-import hostenv
 from helpers import moa_weights as aw
 from helpers import mole_weights as mw
 from helpers import random_models as rm
@@ -32,8 +31,10 @@ def pack_nodes(pack):
 
 @pytest.fixture(scope="module")
 def mods(pack):
-    return {name: importlib.import_module(f"{hostenv.PACK_MODULE}.nodes.{name}")
-            for name in ("mole_nodes", "moa_nodes", "visualize_nodes")}
+    return {
+        name: importlib.import_module(f"{hostenv.PACK_MODULE}.nodes.{name}")
+        for name in ("mole_nodes", "moa_nodes", "visualize_nodes")
+    }
 
 
 def test_every_input_has_a_tooltip(pack_nodes):
@@ -74,12 +75,27 @@ def test_overwritten_files_are_read_again_on_the_next_run(mods, tmp_path):
         (tmp_path / f"{name}.safetensors").write_bytes(b"x" * size)
     prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "any.safetensors"}},
-        "2": {"class_type": "MoLE_LoadExperts", "inputs": {"expert_1": "ed_face.safetensors", "name_1": "face",
-                                                            "strength_1": 1.0, "expert_2": "ed_hand.safetensors",
-                                                            "name_2": "hand", "strength_2": 1.0}},
-        "3": {"class_type": "MoLE_ApplyGating", "inputs": {"model": ["1", 0], "experts": ["2", 0],
-                                                            "gates": "ed_gates.safetensors", "mode": "both",
-                                                            "strength": 1.0}},
+        "2": {
+            "class_type": "MoLE_LoadExperts",
+            "inputs": {
+                "expert_1": "ed_face.safetensors",
+                "name_1": "face",
+                "strength_1": 1.0,
+                "expert_2": "ed_hand.safetensors",
+                "name_2": "hand",
+                "strength_2": 1.0,
+            },
+        },
+        "3": {
+            "class_type": "MoLE_ApplyGating",
+            "inputs": {
+                "model": ["1", 0],
+                "experts": ["2", 0],
+                "gates": "ed_gates.safetensors",
+                "mode": "both",
+                "strength": 1.0,
+            },
+        },
         "4": {"class_type": "MoA_LoadRouter", "inputs": {"moa_name": "ed_moa.safetensors"}},
     }
     import nodes
@@ -112,12 +128,18 @@ def test_file_lists_offer_only_safetensors(mods, tmp_path):
     for name in ("ok.safetensors", "pickle.ckpt", "pickle.pt", "pickle.bin"):
         (tmp_path / name).write_bytes(b"")
     with model_folders(loras=tmp_path, mole=tmp_path, moa=tmp_path):
-        for node in (mods["mole_nodes"].LoadMoLEExperts, mods["mole_nodes"].ApplyMoLEGating,
-                     mods["moa_nodes"].LoadMoARouter):
+        for node in (
+            mods["mole_nodes"].LoadMoLEExperts,
+            mods["mole_nodes"].ApplyMoLEGating,
+            mods["moa_nodes"].LoadMoARouter,
+        ):
             info = node.GET_NODE_INFO_V1()["input"]["required"]
             # A combo's options: the spec's first item (V1 style) or its "options" (V3's COMBO).
-            lists = [spec[0] if isinstance(spec[0], list) else spec[1].get("options") or [] for spec in info.values()
-                     if isinstance(spec[0], list) or spec[0] == "COMBO"]
+            lists = [
+                spec[0] if isinstance(spec[0], list) else spec[1].get("options") or []
+                for spec in info.values()
+                if isinstance(spec[0], list) or spec[0] == "COMBO"
+            ]
             files = {f for options in lists for f in options if "." in f}
             assert "ok.safetensors" in files, node
             assert not {f for f in files if not f.endswith(".safetensors")}, (node, files)
@@ -139,6 +161,7 @@ def _assert_preview(output, batches):
 @pytest.mark.slow
 def test_maps_nodes_show_a_preview(mods, sd15, tmp_path):
     import comfy.clip_vision
+
     import nodes as comfy_nodes
 
     vis, mole, moa_nodes = mods["visualize_nodes"], mods["mole_nodes"], mods["moa_nodes"]
@@ -155,8 +178,9 @@ def test_maps_nodes_show_a_preview(mods, sd15, tmp_path):
         return comfy_nodes.VAEDecode().decode(sd15.vae, out)[0]
 
     with model_folders(loras=tmp_path, mole=tmp_path, moa=tmp_path), torch.inference_mode():
-        experts = mole.LoadMoLEExperts.execute("pv_face.safetensors", "face", 1.0, "pv_hand.safetensors", "hand",
-                                               1.0).result[0]
+        experts = mole.LoadMoLEExperts.execute(
+            "pv_face.safetensors", "face", 1.0, "pv_hand.safetensors", "hand", 1.0
+        ).result[0]
         gated = mole.ApplyMoLEGating.execute(sd15.model, experts, "pv_gates.safetensors", "both", 1.0).result[0]
         recorded = vis.MoLERecordGates.execute(gated).result[0]
         drawn = images(recorded, comfy_nodes.CLIPTextEncode().encode(sd15.clip, "a man waving")[0])
@@ -166,9 +190,18 @@ def test_maps_nodes_show_a_preview(mods, sd15, tmp_path):
         moa = moa_nodes.LoadMoARouter.execute("pv_moa.safetensors").result[0]
         clip_vision = comfy.clip_vision.load(str(rm.clip_vision_vit_l14()))
         model, positive = moa_nodes.MoASubjectInject.execute(
-            model=sd15.model, moa=moa, clip=sd15.clip, clip_vision=clip_vision, text="a man waving",
-            subject_words="man", image_1=torch.rand(1, 64, 64, 3), subject_weights="1.0", strength=1.0,
-            start_percent=0.0, end_percent=1.0).result
+            model=sd15.model,
+            moa=moa,
+            clip=sd15.clip,
+            clip_vision=clip_vision,
+            text="a man waving",
+            subject_words="man",
+            image_1=torch.rand(1, 64, 64, 3),
+            subject_weights="1.0",
+            strength=1.0,
+            start_percent=0.0,
+            end_percent=1.0,
+        ).result
         recorded = vis.MoARecordRouter.execute(model).result[0]
         out = vis.MoARouterMaps.execute(recorded, images(recorded, positive), "mean", "first, last", 0, 0.6)
         _assert_preview(out, out.result)
@@ -191,13 +224,17 @@ def test_sdxl_workflows_validate_with_their_files(pack_nodes, tmp_path):
     file it names present (the MoLE files in the SDXL layout, SAI-named as the release is)."""
     import comfy.supported_models
     import execution
+
     import nodes
 
     for node in pack_nodes:
         nodes.NODE_CLASS_MAPPINGS.setdefault(node.GET_SCHEMA().node_id, node)
     graphs, sdxl = _sdxl_graphs()
-    assert {g.name for g in sdxl} == {"mole_fig8_9_comparison_sdxl", "mole_table3_assignment_ablation_sdxl",
-                                      "mole_fig7_gates_sdxl"}
+    assert {g.name for g in sdxl} == {
+        "mole_fig8_9_comparison_sdxl",
+        "mole_table3_assignment_ablation_sdxl",
+        "mole_fig7_gates_sdxl",
+    }
     meta = type("Patcher", (), {})()
     meta.model = comfy.supported_models.SDXL(dict(rm.SDXL_UNET_CONFIG)).get_model({}, device="meta")
     layers = mw.target_layers(meta)
@@ -216,8 +253,11 @@ def test_sdxl_workflows_validate_with_their_files(pack_nodes, tmp_path):
             assert valid, (g.name, error, node_errors)
             samplers = [n["inputs"] for n in prompt.values() if n["class_type"] == "KSampler"]
             assert samplers and all((s["sampler_name"], s["steps"], s["cfg"]) == ("ddim", 50, 7.5) for s in samplers)
-            sizes = {(n["inputs"]["width"], n["inputs"]["height"]) for n in prompt.values()
-                     if n["class_type"] == "EmptyLatentImage"}
+            sizes = {
+                (n["inputs"]["width"], n["inputs"]["height"])
+                for n in prompt.values()
+                if n["class_type"] == "EmptyLatentImage"
+            }
             assert sizes == {(1024, 1024)}
 
 
@@ -243,8 +283,9 @@ def test_sdxl_workflow_mole_part_runs_on_an_sdxl_model(mods, sdxl, tmp_path):
         assert len([k for k in patched.object_patches if k.endswith(".forward")]) == 722
 
         def one_call(model):
-            return nodes.common_ksampler(model, 3, 1, 1.0, "euler", "normal", sdxl.positive, sdxl.negative,
-                                         sdxl.latent(64, 64))[0]["samples"]
+            return nodes.common_ksampler(
+                model, 3, 1, 1.0, "euler", "normal", sdxl.positive, sdxl.negative, sdxl.latent(64, 64)
+            )[0]["samples"]
 
         out = one_call(patched)
         assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
@@ -260,8 +301,9 @@ def _meta_patcher(config_class, unet_config):
     import comfy.model_patcher
 
     config = config_class(dict(unet_config))
-    return comfy.model_patcher.ModelPatcher(config.get_model({}, device="meta"), load_device=torch.device("cpu"),
-                                            offload_device=torch.device("cpu"))
+    return comfy.model_patcher.ModelPatcher(
+        config.get_model({}, device="meta"), load_device=torch.device("cpu"), offload_device=torch.device("cpu")
+    )
 
 
 def test_apply_mole_gating_shows_progress_and_stops_at_cancel(mods, tmp_path):
@@ -280,8 +322,9 @@ def test_apply_mole_gating_shows_progress_and_stops_at_cancel(mods, tmp_path):
     try:
         comfy.utils.set_progress_bar_global_hook(lambda value, total, *_, **__: ticks.append((value, total)))
         with model_folders(loras=tmp_path, mole=tmp_path):
-            experts = mole.LoadMoLEExperts.execute("pb_face.safetensors", "face", 1.0, "pb_hand.safetensors", "hand",
-                                                   1.0).result[0]
+            experts = mole.LoadMoLEExperts.execute(
+                "pb_face.safetensors", "face", 1.0, "pb_hand.safetensors", "hand", 1.0
+            ).result[0]
             patched = mole.ApplyMoLEGating.execute(model, experts, "pb_gates.safetensors", "both", 1.0).result[0]
             assert ticks[-1] == (2 * len(layers), 2 * len(layers))  # one tick per expert layer read, to the end
             assert len(ticks) == 2 * len(layers)

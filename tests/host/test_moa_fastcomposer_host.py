@@ -9,10 +9,9 @@ from __future__ import annotations
 import copy
 import importlib
 
+import hostenv
 import pytest
 import torch
-
-import hostenv
 from helpers import fastcomposer_weights as fw
 from helpers import random_models as rm
 from helpers.fixtures import model_folders
@@ -51,8 +50,8 @@ def converted(fastcomposer, tmp_path_factory):
 
 def test_converted_files_load_and_hold_fastcomposers_weights(moa_nodes, sd15, fastcomposer, converted):
     import comfy.utils
-    import nodes
 
+    import nodes
     from mixture_core.moa import FastComposerFusion, SubjectBinding, bind_subjects
     from mixture_core.moa_files import vision_encoder_fingerprint
 
@@ -229,9 +228,9 @@ def test_attention_router_composes_with_lora_controlnet_and_mole(moa_nodes, sd15
     import comfy.controlnet
     import comfy.sd
     import comfy.utils
-    import nodes
-
     from helpers import mole_weights as mw
+
+    import nodes
 
     _, now, clip_vision = fc_files
     layers, kohya = mw.target_layers(sd15.model), mw.kohya_names(sd15.model, "diffusers")

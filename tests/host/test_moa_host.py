@@ -11,10 +11,9 @@ import asyncio
 import importlib
 import logging
 
+import hostenv
 import pytest
 import torch
-
-import hostenv
 from helpers import moa_weights as aw
 from helpers import mole_weights as mw
 from helpers import random_models as rm
@@ -58,8 +57,11 @@ def moa_dir(sd15, tmp_path_factory):
 
 
 def _shapes(model):
-    return {p: (m.to_q.weight.shape[1], m.to_k.weight.shape[1]) for p, m in model.model.diffusion_model.named_modules()
-            if p.endswith(("attn1", "attn2"))}
+    return {
+        p: (m.to_q.weight.shape[1], m.to_k.weight.shape[1])
+        for p, m in model.model.diffusion_model.named_modules()
+        if p.endswith(("attn1", "attn2"))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +125,15 @@ def inject(moa_nodes, sd15, moa, clip_vision, images, words="man", text=PROMPT, 
     args.update(kw)
     with torch.inference_mode():
         return moa_nodes.MoASubjectInject.execute(
-            model=model if model is not None else sd15.model, moa=moa, clip=clip if clip is not None else sd15.clip,
-            clip_vision=clip_vision, text=text, subject_words=words, image_1=named.pop("image_1", None), **named, **args,
+            model=model if model is not None else sd15.model,
+            moa=moa,
+            clip=clip if clip is not None else sd15.clip,
+            clip_vision=clip_vision,
+            text=text,
+            subject_words=words,
+            image_1=named.pop("image_1", None),
+            **named,
+            **args,
         ).result
 
 
@@ -137,9 +146,12 @@ def moa_patch_of(model, moa_patch):
 
 def patch_counts(model):
     to = model.model_options["transformer_options"]
-    return ({k: len(v) for k, v in to.get("patches", {}).items()},
-            {k: dict(v) for k, v in to.get("patches_replace", {}).items()},
-            dict(model.object_patches), {k: len(v) for k, v in model.additional_models.items()})
+    return (
+        {k: len(v) for k, v in to.get("patches", {}).items()},
+        {k: dict(v) for k, v in to.get("patches_replace", {}).items()},
+        dict(model.object_patches),
+        {k: len(v) for k, v in model.additional_models.items()},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +203,16 @@ def test_nodes_are_in_the_extension(pack, moa_nodes):
     assert {"MoLE_LoadExperts", "MoLE_ApplyGating"} <= set(schemas)  # the MoLE nodes are still there
     inputs = [i.id for i in schemas["MoA_SubjectInject"].inputs]
     assert inputs[:7] == ["model", "moa", "clip", "clip_vision", "text", "subject_words", "image_1"]
-    assert {"image_2", "image_3", "image_4", "morph_image", "morph", "timelapse_word", "timelapse", "edit_subject"} <= set(inputs)
+    assert {
+        "image_2",
+        "image_3",
+        "image_4",
+        "morph_image",
+        "morph",
+        "timelapse_word",
+        "timelapse",
+        "edit_subject",
+    } <= set(inputs)
     assert [o.io_type for o in schemas["MoA_SubjectInject"].outputs] == ["MODEL", "CONDITIONING"]
 
 
@@ -210,11 +231,19 @@ def test_block_ids_map_to_the_real_module_names(moa_patch, sd15):
     # and the blocks ComfyUI actually reports while sampling: every MoA layer is reached once per call
     seen = []
     model = sd15.model.clone()
-    model.set_model_attn1_patch(lambda n, c, v, eo: (seen.append((tuple(eo["block"]), eo["block_index"], "attn1")), (n, c, v))[1])
-    model.set_model_attn2_patch(lambda n, c, v, eo: (seen.append((tuple(eo["block"]), eo["block_index"], "attn2")), (n, c, v))[1])
+    model.set_model_attn1_patch(
+        lambda n, c, v, eo: (seen.append((tuple(eo["block"]), eo["block_index"], "attn1")), (n, c, v))[1]
+    )
+    model.set_model_attn2_patch(
+        lambda n, c, v, eo: (seen.append((tuple(eo["block"]), eo["block_index"], "attn2")), (n, c, v))[1]
+    )
     with torch.inference_mode():
-        model.model.apply_model(torch.zeros(1, 4, 8, 8), torch.tensor([1.0]), c_crossattn=torch.zeros(1, 77, 768),
-                                transformer_options=model.model_options["transformer_options"])
+        model.model.apply_model(
+            torch.zeros(1, 4, 8, 8),
+            torch.tensor([1.0]),
+            c_crossattn=torch.zeros(1, 77, 768),
+            transformer_options=model.model_options["transformer_options"],
+        )
     assert sorted(seen) == sorted(locations)
 
 
@@ -340,12 +369,15 @@ def test_cfg1_batch2_non_square(moa_one, negative):
 
 def test_with_controlnet(moa_one, negative):
     import comfy.controlnet
+
     import nodes
 
     control = comfy.controlnet.load_controlnet(str(rm.sd15_controlnet()))
     model, positive = moa_one
     with torch.inference_mode():
-        pos_cn, neg_cn = nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control, image(5), 0.8, 0.0, 1.0)
+        pos_cn, neg_cn = nodes.ControlNetApplyAdvanced().apply_controlnet(
+            positive, negative, control, image(5), 0.8, 0.0, 1.0
+        )
     out = sample(model, pos_cn, neg_cn)
     assert torch.isfinite(out).all()
 
@@ -367,10 +399,14 @@ def lora_dir(sd15, tmp_path_factory):
 
 def test_with_mole(moa_one, negative, lora_dir):
     mole_nodes = importlib.import_module(f"{hostenv.PACK_MODULE}.nodes.mole_nodes")
-    experts = mole_nodes.LoadMoLEExperts.execute("moa_face.safetensors", "face", 1.0, "moa_hand.safetensors", "hand", 1.0).result[0]
+    experts = mole_nodes.LoadMoLEExperts.execute(
+        "moa_face.safetensors", "face", 1.0, "moa_hand.safetensors", "hand", 1.0
+    ).result[0]
     model, positive = moa_one
     both = mole_nodes.apply_mole(model, experts, "moa_test_gates.safetensors")
-    assert len(both.get_additional_models_with_key("moa")) == 1 and len(both.get_additional_models_with_key("mole")) == 1
+    assert (
+        len(both.get_additional_models_with_key("moa")) == 1 and len(both.get_additional_models_with_key("mole")) == 1
+    )
     assert len([k for k in both.object_patches if k.endswith(".forward")]) == 192
     out = sample(both, positive, negative)
     assert torch.isfinite(out).all()
@@ -405,7 +441,9 @@ def test_with_lora_loader_and_another_packs_attn2_replace(moa_nodes, sd15, moa, 
     assert calls["replace"] == 16 and len(prior_out) == len(mixed_out) == 16  # one step, 16 cross-attentions
     assert all(not torch.allclose(a, b, atol=1e-4) for a, b in zip(prior_out, mixed_out))
     assert "attn2" in other.model_options["transformer_options"]["patches_replace"]
-    assert len(other.model_options["transformer_options"]["patches"]["attn2_output_patch"]) == 1  # the other clone is untouched
+    assert (
+        len(other.model_options["transformer_options"]["patches"]["attn2_output_patch"]) == 1
+    )  # the other clone is untouched
 
 
 def test_morph_and_timelapse(moa_nodes, moa_patch, sd15, moa, clip_l14, moa_two):
@@ -420,11 +458,12 @@ def test_morph_and_timelapse(moa_nodes, moa_patch, sd15, moa, clip_l14, moa_two)
     assert not torch.allclose(bound, a, atol=1e-3)
     # time lapse: "man" -> "kid"; at 1 the conditioning is the prompt with "kid" in its place
     text = "a man dancing in Paris"
-    _, at1 = inject(moa_nodes, sd15, moa, clip_l14, image(1), text=text, strength=0.0, timelapse_word="kid", timelapse=1.0)
+    _, at1 = inject(
+        moa_nodes, sd15, moa, clip_l14, image(1), text=text, strength=0.0, timelapse_word="kid", timelapse=1.0
+    )
     torch.testing.assert_close(at1[0][0], encode(sd15.clip, "a kid dancing in Paris")[0][0], rtol=1e-5, atol=1e-5)
     # between: the subject's input token embedding is timelapse_tokens(man, kid, alpha)
     from mixture_core.moa import timelapse_tokens
-
     from mixture_core.subjects import parse_subject_words
 
     vocab, _, key = moa_nodes.sd1_vocabulary(sd15.clip)
@@ -498,8 +537,9 @@ def test_marked_rows_after_conditioning_nodes(moa_patch, sd15, moa_one, negative
     marked_rows = 0
     for context, rows, fused in seen:
         for row in range(context.shape[0]):
-            is_moa = context.shape[1] == expected.shape[1] and torch.allclose(context[row].float(), expected[0].float(),
-                                                                               rtol=1e-2, atol=1e-2)
+            is_moa = context.shape[1] == expected.shape[1] and torch.allclose(
+                context[row].float(), expected[0].float(), rtol=1e-2, atol=1e-2
+            )
             assert bool(rows[row]) == is_moa, (name, row)
             changed = (fused[row] - context[row]).abs().amax(dim=-1) > 0
             assert changed.nonzero().flatten().tolist() == ([token] if is_moa else [])
@@ -574,6 +614,7 @@ def executor(pack, sd15, clip_l14, moa_dir):
     """ComfyUI's PromptExecutor (as workflows/run.py runs it) with this pack's nodes and the
     session's models."""
     import execution
+
     import nodes
 
     extension = asyncio.run(pack.comfy_entrypoint())
@@ -590,8 +631,19 @@ def executor(pack, sd15, clip_l14, moa_dir):
 
 def moa_prompt(text="a man dancing", seed=0, **inject):
     """An API-format prompt: MoA Subject Inject -> KSampler (64x64, 1 step, cfg 2) -> preview."""
-    inputs = dict(model=["1", 0], moa=["2", 0], clip=["1", 1], clip_vision=["1", 2], text=text, subject_words="man",
-                  image_1=["3", 0], subject_weights="1.0", strength=1.0, start_percent=0.0, end_percent=1.0)
+    inputs = dict(
+        model=["1", 0],
+        moa=["2", 0],
+        clip=["1", 1],
+        clip_vision=["1", 2],
+        text=text,
+        subject_words="man",
+        image_1=["3", 0],
+        subject_weights="1.0",
+        strength=1.0,
+        start_percent=0.0,
+        end_percent=1.0,
+    )
     inputs.update(inject)
     return {
         "1": {"class_type": "MoLEMoATests_SessionModels", "inputs": {}},
@@ -600,9 +652,21 @@ def moa_prompt(text="a man dancing", seed=0, **inject):
         "4": {"class_type": "MoA_SubjectInject", "inputs": inputs},
         "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
         "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "7": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "seed": seed, "steps": 1, "cfg": 2.0,
-                                                   "sampler_name": "euler", "scheduler": "normal", "positive": ["4", 1],
-                                                   "negative": ["5", 0], "latent_image": ["6", 0], "denoise": 1.0}},
+        "7": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["4", 0],
+                "seed": seed,
+                "steps": 1,
+                "cfg": 2.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "positive": ["4", 1],
+                "negative": ["5", 0],
+                "latent_image": ["6", 0],
+                "denoise": 1.0,
+            },
+        },
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 3]}},
         "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
     }
@@ -649,8 +713,11 @@ def test_ten_prompts_one_moa_patcher_no_leak_warning(executor, moa_patch, caplog
 
     def held():
         gc.collect()
-        moa_handles = [o for o in gc.get_objects() if isinstance(o, comfy.model_patcher.ModelPatcher)
-                       and type(o.model).__name__ == "MoAModel"]
+        moa_handles = [
+            o
+            for o in gc.get_objects()
+            if isinstance(o, comfy.model_patcher.ModelPatcher) and type(o.model).__name__ == "MoAModel"
+        ]
         return len(mm.current_loaded_models), len(moa_handles)
 
     sizes = []
@@ -689,14 +756,20 @@ def test_bad_moa_files(moa_nodes, sd15, clip_l14, moa_dir):
     msg = _bad(moa_nodes, sd15, sdxl, clip_l14, image(1))
     assert "moa_sdxl_family.safetensors" in msg and "'sdxl'" in msg and "'sd15'" in msg, msg
     msg = _bad(moa_nodes, sd15, wide, clip_l14, image(1))
-    assert "moa_wrong_width.safetensors" in msg and "does not fit this model's attention layers" in msg and "context 1024" in msg, msg
+    assert (
+        "moa_wrong_width.safetensors" in msg
+        and "does not fit this model's attention layers" in msg
+        and "context 1024" in msg
+    ), msg
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         moa_nodes.LoadMoARouter.execute("missing.safetensors")
 
 
 def test_clip_vision_must_be_vit_l14(moa_nodes, sd15, moa, clip_h14):
     msg = _bad(moa_nodes, sd15, moa, clip_h14, image(1))
-    assert msg.startswith("clip_vision:") and "ViT-L/14" in msg and "hidden size 1280" in msg and "projection 1024" in msg, msg
+    assert (
+        msg.startswith("clip_vision:") and "ViT-L/14" in msg and "hidden size 1280" in msg and "projection 1024" in msg
+    ), msg
     msg = _bad(moa_nodes, sd15, moa, object(), image(1))
     assert msg.startswith("clip_vision:"), msg
 
@@ -715,7 +788,11 @@ BAD_WORDS = [
     ("start after end", dict(start_percent=0.8, end_percent=0.2), ["start_percent"]),
     ("morph without image", dict(morph=0.5), ["no morph_image is connected"]),
     ("timelapse without word", dict(timelapse=0.5), ["timelapse_word is empty"]),
-    ("timelapse word of two tokens", dict(timelapse=0.5, timelapse_word="kidxyzq"), ["timelapse_word 'kidxyzq'", "single-token"]),
+    (
+        "timelapse word of two tokens",
+        dict(timelapse=0.5, timelapse_word="kidxyzq"),
+        ["timelapse_word 'kidxyzq'", "single-token"],
+    ),
     ("edit subject", dict(edit_subject=2), ["edit_subject 2"]),
 ]
 
@@ -759,24 +836,40 @@ def test_ddim_swap_one_and_two_persons(moa_nodes, sd15, moa, clip_l14, negative)
     photo, steps = image(5), 2
     seen = []
     previous = comfy.utils.PROGRESS_BAR_HOOK
-    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, prompt_id=None, node_id=None: seen.append((value, total)))
+    comfy.utils.set_progress_bar_global_hook(
+        lambda value, total, preview, prompt_id=None, node_id=None: seen.append((value, total))
+    )
     try:
         one_model, one_positive = inject(moa_nodes, sd15, moa, clip_l14, image(1), words="person", text="a person")
         with torch.inference_mode():
-            swapped, latent = ddim.MoADDIMSwap.execute(sd15.model, one_model, one_positive, negative, sd15.vae, photo, steps, 1.0, 1.0).result
+            swapped, latent = ddim.MoADDIMSwap.execute(
+                sd15.model, one_model, one_positive, negative, sd15.vae, photo, steps, 1.0, 1.0
+            ).result
         assert seen == [(i, 2 * steps) for i in range(1, 2 * steps + 1)]
         assert swapped.shape == photo.shape and torch.isfinite(swapped).all()
 
         prior_only, _ = inject(moa_nodes, sd15, moa, clip_l14, image(1), words="person", text="a person", strength=0.0)
         with torch.inference_mode():
-            _, prior_latent = ddim.MoADDIMSwap.execute(sd15.model, prior_only, one_positive, negative, sd15.vae, photo, steps, 1.0, 1.0).result
+            _, prior_latent = ddim.MoADDIMSwap.execute(
+                sd15.model, prior_only, one_positive, negative, sd15.vae, photo, steps, 1.0, 1.0
+            ).result
         assert not torch.allclose(latent["samples"], prior_latent["samples"], atol=1e-4)  # the subject went in
 
         keep = image(6)  # stands for the crop of the person to keep
-        two_model, two_positive = inject(moa_nodes, sd15, moa, clip_l14, [keep, image(2)], words="person#1, person#2",
-                                         text="a person and a person", subject_weights="1.0, 1.0")
+        two_model, two_positive = inject(
+            moa_nodes,
+            sd15,
+            moa,
+            clip_l14,
+            [keep, image(2)],
+            words="person#1, person#2",
+            text="a person and a person",
+            subject_weights="1.0, 1.0",
+        )
         with torch.inference_mode():
-            swapped_two, _ = ddim.MoADDIMSwap.execute(sd15.model, two_model, two_positive, negative, sd15.vae, photo, steps, 1.0, 1.0).result
+            swapped_two, _ = ddim.MoADDIMSwap.execute(
+                sd15.model, two_model, two_positive, negative, sd15.vae, photo, steps, 1.0, 1.0
+            ).result
         assert swapped_two.shape == photo.shape and torch.isfinite(swapped_two).all()
     finally:
         comfy.utils.set_progress_bar_global_hook(previous)

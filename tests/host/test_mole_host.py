@@ -9,10 +9,9 @@ import subprocess
 import sys
 import textwrap
 
+import hostenv
 import pytest
 import torch
-
-import hostenv
 from helpers import mole_weights as mw
 from helpers.fixtures import encode_text, model_folders
 
@@ -45,8 +44,17 @@ def sd15_files(sd15, tmp_path_factory):
         yield {"root": root, "loras": loras, "mole": gates, "layers": layers, "kohya": kohya}
 
 
-def experts(nodes_mod, face="face.safetensors", hand="hand.safetensors", names=("face", "hand"), strengths=(1.0, 1.0), previous=None):
-    return nodes_mod.LoadMoLEExperts.execute(face, names[0], strengths[0], hand, names[1], strengths[1], previous).result[0]
+def experts(
+    nodes_mod,
+    face="face.safetensors",
+    hand="hand.safetensors",
+    names=("face", "hand"),
+    strengths=(1.0, 1.0),
+    previous=None,
+):
+    return nodes_mod.LoadMoLEExperts.execute(
+        face, names[0], strengths[0], hand, names[1], strengths[1], previous
+    ).result[0]
 
 
 def apply(nodes_mod, model, ex, gates="released.safetensors", mode="both", strength=1.0):
@@ -80,7 +88,7 @@ def test_pack_registers_through_comfyui_loader(tmp_path):
     link.symlink_to(hostenv.REPO, target_is_directory=True)
     script = textwrap.dedent(f"""
         import asyncio, json, sys
-        sys.path.insert(0, {str(hostenv.REPO / 'tests')!r})
+        sys.path.insert(0, {str(hostenv.REPO / "tests")!r})
         import hostenv; hostenv.import_host()
         import utils.extra_config, folder_paths, nodes
         utils.extra_config.load_extra_path_config({str(yaml)!r})
@@ -147,7 +155,9 @@ def test_cfg_batch_and_non_square_sizes(nodes_mod, sd15, sd15_files, cfg, batch,
 
 def test_modes_differ(nodes_mod, sd15, sd15_files):
     ex = experts(nodes_mod)
-    outs = {mode: sample(sd15, apply(nodes_mod, sd15.model, ex, mode=mode), steps=1) for mode in ("both", "local", "global")}
+    outs = {
+        mode: sample(sd15, apply(nodes_mod, sd15.model, ex, mode=mode), steps=1) for mode in ("both", "local", "global")
+    }
     assert not torch.allclose(outs["both"], outs["local"], atol=1e-5)
     assert not torch.allclose(outs["both"], outs["global"], atol=1e-5)
 
@@ -158,8 +168,8 @@ def test_experts_reach_the_layers_lora_loader_patches(pack, sd15, sd15_files, tm
     the same layers. Peft attention names, which this host's LoraLoader skips, land on the
     layers a kohya file of them patches."""
     import comfy.lora
-    import nodes
 
+    import nodes
     from mixture_core.lora_format import parse_lora_state_dict
     from mixture_core.safetensors_io import load_safetensors
 
@@ -169,8 +179,14 @@ def test_experts_reach_the_layers_lora_loader_patches(pack, sd15, sd15_files, tm
     layers, peft = sd15_files["layers"], mw.peft_names(sd15.model)
     peft_sd, _ = load_safetensors(sd15_files["loras"] / "feet_peft.safetensors")
     # Old diffusers attention-processor LoRAs: "...attn1.processor.to_q_lora.down.weight".
-    old = {k.replace(".to_", ".processor.to_").replace(".to_out.0.", ".to_out.").replace(".lora_A.", "_lora.down.")
-           .replace(".lora_B.", "_lora.up."): v for k, v in peft_sd.items() if ".attn" in k}
+    old = {
+        k.replace(".to_", ".processor.to_")
+        .replace(".to_out.0.", ".to_out.")
+        .replace(".lora_A.", "_lora.down.")
+        .replace(".lora_B.", "_lora.up."): v
+        for k, v in peft_sd.items()
+        if ".attn" in k
+    }
     old_file = tmp_path / "old_diffusers.safetensors"
     from safetensors.torch import save_file
 
@@ -280,12 +296,15 @@ def test_bf16_model(nodes_mod, sd15, sd15_files):
 
 def test_composes_with_controlnet(nodes_mod, sd15, sd15_files, sd15_controlnet_path):
     import comfy.controlnet
+
     import nodes
 
     control = comfy.controlnet.load_controlnet(str(sd15_controlnet_path))
     hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(3))
     positive, negative = encode(sd15, "a waving hand"), encode(sd15, "")
-    positive, negative = nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control, hint, 1.0, 0.0, 1.0)[:2]
+    positive, negative = nodes.ControlNetApplyAdvanced().apply_controlnet(
+        positive, negative, control, hint, 1.0, 0.0, 1.0
+    )[:2]
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
 
     def run(model):
@@ -304,7 +323,10 @@ def test_sdxl_layout_with_sai_named_experts_and_released_gates(nodes_mod, pack, 
     layers = mw.target_layers(sdxl.model)
     assert len(layers) == 722
     names = mw.kohya_names(sdxl.model, "sai")
-    assert names["input_blocks.4.1.transformer_blocks.1.attn2.to_k"] == "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k"
+    assert (
+        names["input_blocks.4.1.transformer_blocks.1.attn2.to_k"]
+        == "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k"
+    )
     mw.write_lora(tmp_path / "xl_face.safetensors", layers, names, rank=4, seed=11)
     mw.write_lora(tmp_path / "xl_hand.safetensors", layers, names, rank=4, seed=12)
     mw.write_released_gates(tmp_path / "xl_gates.safetensors", layers, names, dtype=torch.bfloat16)
@@ -314,7 +336,9 @@ def test_sdxl_layout_with_sai_named_experts_and_released_gates(nodes_mod, pack, 
     assert len([k for k in patched.object_patches if k.endswith(".forward")]) == 722
     visualize = importlib.import_module(f"{hostenv.PACK_MODULE}.nodes.visualize_nodes")
     recorded = visualize.MoLERecordGates.execute(patched).result[0]  # reports each layer that gates
-    out = nodes.common_ksampler(recorded, 3, 1, 1.0, "euler", "normal", sdxl.positive, sdxl.negative, sdxl.latent(64, 64))[0]["samples"]
+    out = nodes.common_ksampler(
+        recorded, 3, 1, 1.0, "euler", "normal", sdxl.positive, sdxl.negative, sdxl.latent(64, 64)
+    )[0]["samples"]
     assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
     assert len(recorded.get_attachment(visualize.GATES_KEY).layers_seen) == 722  # every patch fires
 
@@ -328,11 +352,25 @@ def bad_files(sd15, sd15_files):
 
     loras, gates, layers, kohya = sd15_files["loras"], sd15_files["mole"], sd15_files["layers"], sd15_files["kohya"]
     # SDXL-layout experts, named as SDXL releases name them (SAI style), from an SDXL UNet on the meta device.
-    sdxl_config = dict(comfy.supported_models.SDXL.unet_config, num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4],
-                       transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
-                       transformer_depth_middle=10, num_head_channels=64, in_channels=4, out_channels=4,
-                       use_spatial_transformer=True, legacy=False, image_size=32, num_classes="sequential",
-                       dims=2, num_heads=-1, disable_self_attentions=None, use_checkpoint=False)
+    sdxl_config = dict(
+        comfy.supported_models.SDXL.unet_config,
+        num_res_blocks=[2, 2, 2],
+        channel_mult=[1, 2, 4],
+        transformer_depth=[0, 0, 2, 2, 10, 10],
+        transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+        transformer_depth_middle=10,
+        num_head_channels=64,
+        in_channels=4,
+        out_channels=4,
+        use_spatial_transformer=True,
+        legacy=False,
+        image_size=32,
+        num_classes="sequential",
+        dims=2,
+        num_heads=-1,
+        disable_self_attentions=None,
+        use_checkpoint=False,
+    )
     sdxl = type("Patcher", (), {})()
     sdxl.model = comfy.supported_models.SDXL(sdxl_config).get_model({}, device="meta")
     sdxl_layers = mw.target_layers(sdxl)
@@ -364,12 +402,25 @@ def bad_files(sd15, sd15_files):
 
 BAD_CASES = [
     # (description, experts kwargs, gate file, expected message parts)
-    ("sdxl experts on sd15", dict(face="sdxl_face.safetensors", hand="sdxl_hand.safetensors"), "released.safetensors",
-     ["sdxl_face.safetensors", "do not exist in this model"]),
-    ("different layer sets", dict(hand="hand_fewer.safetensors"), "released.safetensors",
-     ["hand_fewer.safetensors", "adapts other layers", "3 differ"]),
+    (
+        "sdxl experts on sd15",
+        dict(face="sdxl_face.safetensors", hand="sdxl_hand.safetensors"),
+        "released.safetensors",
+        ["sdxl_face.safetensors", "do not exist in this model"],
+    ),
+    (
+        "different layer sets",
+        dict(hand="hand_fewer.safetensors"),
+        "released.safetensors",
+        ["hand_fewer.safetensors", "adapts other layers", "3 differ"],
+    ),
     ("gate misses layers", {}, "gates_fewer.safetensors", ["gates_fewer.safetensors", "3 expert layers have no gate"]),
-    ("gate width", {}, "gates_wrong_width.safetensors", ["gates_wrong_width.safetensors", "do not fit together", "local_weight has shape"]),
+    (
+        "gate width",
+        {},
+        "gates_wrong_width.safetensors",
+        ["gates_wrong_width.safetensors", "do not fit together", "local_weight has shape"],
+    ),
     ("gate family", {}, "gates_sdxl_family.safetensors", ["gates_sdxl_family.safetensors", "sdxl model", "sd15"]),
     ("expert names", {}, "gates_body.safetensors", ["gates_body.safetensors", "['face', 'body']", "['face', 'hand']"]),
     ("unknown gate format", {}, "unknown.safetensors", ["unknown.safetensors", "is not a MoLE gate file"]),
@@ -388,12 +439,15 @@ def test_bad_gates_and_experts_are_refused_clearly(nodes_mod, sd15, bad_files, c
     assert model.object_patches == {} and model.get_additional_models() == []
 
 
-@pytest.mark.parametrize("filename,expected,found_by", [
-    ("nan.safetensors", "NaN or inf", "apply"),  # needs the data, which only Apply reads
-    ("truncated.safetensors", "truncated", "load"),
-    ("pickle.pt", "pickle", "load"),
-    ("not_a_lora.safetensors", "holds no LoRA layers", "load"),
-])
+@pytest.mark.parametrize(
+    "filename,expected,found_by",
+    [
+        ("nan.safetensors", "NaN or inf", "apply"),  # needs the data, which only Apply reads
+        ("truncated.safetensors", "truncated", "load"),
+        ("pickle.pt", "pickle", "load"),
+        ("not_a_lora.safetensors", "holds no LoRA layers", "load"),
+    ],
+)
 def test_bad_expert_files_are_refused_clearly(nodes_mod, sd15, bad_files, filename, expected, found_by):
     model = sd15.model.clone()
     with pytest.raises(Exception) as info:

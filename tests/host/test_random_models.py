@@ -4,9 +4,8 @@ finite, sanely scaled outputs."""
 
 from __future__ import annotations
 
-import torch
 import pytest
-
+import torch
 from helpers import random_models as rm
 from helpers.fixtures import free_host_memory
 
@@ -78,13 +77,19 @@ def test_cached_file_is_made_once_and_never_left_half_written(monkeypatch, tmp_p
     monkeypatch.undo()
     monkeypatch.setenv("MOLE_MOA_TEST_CACHE", str(tmp_path))
     assert rm._cached("half_v1.safetensors", make).is_file()
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["half_v1.safetensors", "thing_v1.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [
+        "half_v1.safetensors",
+        "thing_v1.safetensors",
+    ]
 
 
 def test_random_init_is_seeded_and_scaled():
     def make():
         return torch.nn.Sequential(
-            torch.nn.Linear(256, 512), torch.nn.LayerNorm(512), torch.nn.Conv2d(64, 128, 3), torch.nn.Embedding(1000, 64),
+            torch.nn.Linear(256, 512),
+            torch.nn.LayerNorm(512),
+            torch.nn.Conv2d(64, 128, 3),
+            torch.nn.Embedding(1000, 64),
             torch.nn.Linear(256, 512),
         )
 
@@ -93,7 +98,7 @@ def test_random_init_is_seeded_and_scaled():
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not torch.equal(sa["0.weight"], sc["0.weight"])
     assert torch.equal(sa["1.weight"], torch.ones(512)) and torch.equal(sa["1.bias"], torch.zeros(512))
-    assert abs(sa["0.weight"].std().item() * 256 ** 0.5 - 1) < 0.05
+    assert abs(sa["0.weight"].std().item() * 256**0.5 - 1) < 0.05
     assert abs(sa["2.weight"].std().item() * (64 * 9) ** 0.5 - 1) < 0.05
     assert abs(sa["3.weight"].std().item() / 0.02 - 1) < 0.05
     # two layers of the same shape (say q and k) get unrelated numbers
@@ -112,9 +117,16 @@ def test_sd15_checkpoint_has_the_original_layout():
             if k.startswith(prefix):
                 groups[prefix] += 1
     # the key counts of the original v1-5-pruned-emaonly checkpoint
-    assert groups == {"model.diffusion_model.": 686, "cond_stage_model.transformer.text_model.": 197, "first_stage_model.": 248}
+    assert groups == {
+        "model.diffusion_model.": 686,
+        "cond_stage_model.transformer.text_model.": 197,
+        "first_stage_model.": 248,
+    }
     assert tensors["model.diffusion_model.input_blocks.1.1.proj_in.weight"] == ("F16", (320, 320, 1, 1))
-    assert tensors["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"] == ("F16", (320, 768))
+    assert tensors["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"] == (
+        "F16",
+        (320, 768),
+    )
     assert tensors["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"] == ("F16", (49408, 768))
     assert tensors["cond_stage_model.transformer.text_model.embeddings.position_ids"] == ("I64", (1, 77))
     assert tensors["first_stage_model.decoder.mid.attn_1.q.weight"] == ("F16", (512, 512, 1, 1))
@@ -172,6 +184,7 @@ def test_sd15_one_ksampler_step(sd15):
 def test_sd15_controlnet_has_the_original_layout_and_loads(sd15, sd15_controlnet_path):
     import comfy.cldm.cldm
     import comfy.controlnet
+
     import nodes
 
     tensors, _ = _keys(sd15_controlnet_path)
@@ -191,9 +204,13 @@ def test_sd15_controlnet_has_the_original_layout_and_loads(sd15, sd15_controlnet
     cond, pooled = sd15.clip.encode_from_tokens(sd15.clip.tokenize("a person"), return_pooled=True)
     plain = [[cond, {"pooled_output": pooled}]]
     hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(1))
-    positive, negative = nodes.ControlNetApplyAdvanced().apply_controlnet(plain, plain, control, hint, 1.0, 0.0, 1.0, vae=sd15.vae)
+    positive, negative = nodes.ControlNetApplyAdvanced().apply_controlnet(
+        plain, plain, control, hint, 1.0, 0.0, 1.0, vae=sd15.vae
+    )
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
-    with_control = nodes.common_ksampler(sd15.model, 3, 1, 1.0, "euler", "normal", positive, negative, latent)[0]["samples"]
+    with_control = nodes.common_ksampler(sd15.model, 3, 1, 1.0, "euler", "normal", positive, negative, latent)[0][
+        "samples"
+    ]
     without = nodes.common_ksampler(sd15.model, 3, 1, 1.0, "euler", "normal", plain, plain, latent)[0]["samples"]
     assert torch.isfinite(with_control).all()
     assert (with_control - without).abs().max() > 1e-3  # the control actually reached the UNet
@@ -209,7 +226,10 @@ def test_clip_vision_l14_is_detected_and_encodes(clip_vision_l14_path):
     tensors, _ = _keys(clip_vision_l14_path)
     assert tensors["visual_projection.weight"] == ("F16", (768, 1024))
     assert tensors["vision_model.embeddings.position_embedding.weight"] == ("F16", (257, 1024))
-    assert "vision_model.encoder.layers.23.mlp.fc2.weight" in tensors and "vision_model.encoder.layers.24.mlp.fc2.weight" not in tensors
+    assert (
+        "vision_model.encoder.layers.23.mlp.fc2.weight" in tensors
+        and "vision_model.encoder.layers.24.mlp.fc2.weight" not in tensors
+    )
 
     vision = comfy.clip_vision.load(str(clip_vision_l14_path))
     vm = vision.model.vision_model
@@ -262,5 +282,7 @@ def test_sdxl_model_runs_one_ksampler_step(sdxl):
     import nodes
 
     assert sdxl.positive[0][0].shape == (1, 77, 2048) and sdxl.positive[0][1]["pooled_output"].shape == (1, 1280)
-    out = nodes.common_ksampler(sdxl.model, 0, 1, 5.0, "euler", "normal", sdxl.positive, sdxl.negative, sdxl.latent(64, 64))[0]["samples"]
+    out = nodes.common_ksampler(
+        sdxl.model, 0, 1, 5.0, "euler", "normal", sdxl.positive, sdxl.negative, sdxl.latent(64, 64)
+    )[0]["samples"]
     assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()

@@ -7,10 +7,9 @@ from __future__ import annotations
 import copy
 import importlib
 
+import hostenv
 import pytest
 import torch
-
-import hostenv
 from helpers import moa_weights as aw
 from helpers import mole_weights as mw
 from helpers import random_models as rm
@@ -23,8 +22,10 @@ W, H = 64, 48  # non-square on purpose: maps must keep the latent's aspect
 
 @pytest.fixture(scope="module")
 def nodes(pack):
-    return {name: importlib.import_module(f"{hostenv.PACK_MODULE}.nodes.{name}")
-            for name in ("mole_nodes", "moa_nodes", "visualize_nodes")}
+    return {
+        name: importlib.import_module(f"{hostenv.PACK_MODULE}.nodes.{name}")
+        for name in ("mole_nodes", "moa_nodes", "visualize_nodes")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,9 @@ def run(sd15, model, positive=None, steps=3, cfg=2.0):
 
 def mole_model(nodes, sd15, gates):
     mole = nodes["mole_nodes"]
-    experts = mole.LoadMoLEExperts.execute("vis_face.safetensors", "face", 1.0, "vis_hand.safetensors", "hand", 1.0).result[0]
+    experts = mole.LoadMoLEExperts.execute(
+        "vis_face.safetensors", "face", 1.0, "vis_hand.safetensors", "hand", 1.0
+    ).result[0]
     return mole.ApplyMoLEGating.execute(sd15.model, experts, gates, "both", 1.0).result[0]
 
 
@@ -106,8 +109,18 @@ def router_pictures(nodes, sd15, moa, clip_vision, layers="mean"):
     subject = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         model, positive = moa_nodes.MoASubjectInject.execute(
-            model=sd15.model, moa=moa, clip=sd15.clip, clip_vision=clip_vision, text="a man waving", subject_words="man",
-            image_1=subject, subject_weights="1.0", strength=1.0, start_percent=0.0, end_percent=1.0).result
+            model=sd15.model,
+            moa=moa,
+            clip=sd15.clip,
+            clip_vision=clip_vision,
+            text="a man waving",
+            subject_words="man",
+            image_1=subject,
+            subject_weights="1.0",
+            strength=1.0,
+            start_percent=0.0,
+            end_percent=1.0,
+        ).result
     recorded = vis.MoARecordRouter.execute(model).result[0]
     images = run(sd15, recorded, positive)
     return recorded, vis.MoARouterMaps.execute(recorded, images, layers, "first, middle, last", 0, 0.6).result[0]

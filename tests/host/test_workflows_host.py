@@ -10,10 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hostenv
 import pytest
 import torch
-
-import hostenv
 from helpers import moa_weights as aw
 from helpers import mole_weights as mw
 from helpers import random_models as rm
@@ -48,10 +47,16 @@ def model_root(sd15, tmp_path_factory):
     place(graphs.MOA, aw.cached_moa_file(sd15.model, seed=11))
     # FastComposer's files as the converter writes them (a random state dict in its layout).
     from helpers import fastcomposer_weights as fw
+
     from training import convert_fastcomposer as cf
 
     moa, vision = cf.convert(fw.fastcomposer_state_dict(sd15.model, rm.clip_vision_vit_l14())[0])
-    cf.write(moa, vision, root / graphs.FC_MOA[0] / graphs.FC_MOA[1], root / graphs.FC_CLIP_VISION[0] / graphs.FC_CLIP_VISION[1])
+    cf.write(
+        moa,
+        vision,
+        root / graphs.FC_MOA[0] / graphs.FC_MOA[1],
+        root / graphs.FC_CLIP_VISION[0] / graphs.FC_CLIP_VISION[1],
+    )
     layers, kohya = mw.target_layers(sd15.model), mw.kohya_names(sd15.model, "diffusers")
     for entry, seed in ((graphs.FACE_EXPERT, 41), (graphs.HAND_EXPERT, 42), (graphs.STYLE_LORA, 43)):
         mw.write_lora(root / entry[0] / entry[1], layers, kohya, seed=seed)
@@ -61,8 +66,9 @@ def model_root(sd15, tmp_path_factory):
         pixels = torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(i)).mul(255).byte().numpy()
         Image.fromarray(pixels).save(root / "input" / name)
     yaml = root / "extra_model_paths.yaml"
-    yaml.write_text("workflow_tests:\n  base_path: " + str(root) + "\n"
-                    + "".join(f"  {f}: {f}\n" for f in MODEL_FOLDERS))
+    yaml.write_text(
+        "workflow_tests:\n  base_path: " + str(root) + "\n" + "".join(f"  {f}: {f}\n" for f in MODEL_FOLDERS)
+    )
     return root
 
 
@@ -108,16 +114,31 @@ def test_every_value_fits_its_node(path, node_classes, model_root):
 
 
 def runner(*args, timeout=1200):
-    return subprocess.run([sys.executable, "-m", "workflows.run", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "workflows.run", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow
 def test_all_workflows_run_headless(model_root, tmp_path):
     """One runner process runs every shipped workflow (editor files) at 64x64, 1 step."""
     listing = tmp_path / "images.json"
-    done = runner(*WORKFLOWS, "--out", tmp_path / "out", "--smoke", "--extra-model-paths-config",
-                  model_root / "extra_model_paths.yaml", "--input-dir", model_root / "input", "--list-json", listing)
+    done = runner(
+        *WORKFLOWS,
+        "--out",
+        tmp_path / "out",
+        "--smoke",
+        "--extra-model-paths-config",
+        model_root / "extra_model_paths.yaml",
+        "--input-dir",
+        model_root / "input",
+        "--list-json",
+        listing,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     images = json.loads(listing.read_text())
     for g in (g for g in graphs.all_graphs() if g.name not in graphs.SDXL_WORKFLOWS):
@@ -131,7 +152,9 @@ def test_all_workflows_run_headless(model_root, tmp_path):
 
 @pytest.mark.slow
 def test_runner_names_missing_files_before_running(tmp_path):
-    done = runner(REPO / "workflows" / "moa_fig7_subject_swap.json", "--out", tmp_path, "--input-dir", tmp_path, timeout=600)
+    done = runner(
+        REPO / "workflows" / "moa_fig7_subject_swap.json", "--out", tmp_path, "--input-dir", tmp_path, timeout=600
+    )
     assert done.returncode != 0
     message = done.stderr
     assert "nothing was run" in message

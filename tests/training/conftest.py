@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import hostenv
 import pytest
 import torch
-
-import hostenv
 from helpers.fixtures import sd15  # noqa: F401  (session-scoped random SD1.5, loaded by the host)
 from training_helpers import make_dataset, run_script, tiny_args
 
@@ -42,8 +41,20 @@ def trained_experts(tmp_path_factory, checkpoint) -> dict[str, Path]:
     data = make_dataset(root / "closeups", n=2)
     loras = root / "loras"
     for part, seed in (("face", 1), ("hand", 2)):
-        run_script("mole_expert", "--part", part, "--rank", "4", "--alpha", "4", "--lr", "1e-3", "--seed", seed,
-                   *tiny_args(checkpoint, data, loras / f"{part}.safetensors", 2))
+        run_script(
+            "mole_expert",
+            "--part",
+            part,
+            "--rank",
+            "4",
+            "--alpha",
+            "4",
+            "--lr",
+            "1e-3",
+            "--seed",
+            seed,
+            *tiny_args(checkpoint, data, loras / f"{part}.safetensors", 2),
+        )
     return {"face": loras / "face.safetensors", "hand": loras / "hand.safetensors", "loras": loras, "data": data}
 
 
@@ -52,5 +63,3 @@ def mole_nodes(pack):
     import importlib
 
     return importlib.import_module(f"{hostenv.PACK_MODULE}.nodes.mole_nodes")
-
-

@@ -9,10 +9,9 @@ import re
 
 import pytest
 import torch
+from training_helpers import make_dataset, run_script
 
 from training.data import DataError, ImageCaptionDataset, StreamSampler, load_image, scan_dataset
-
-from training_helpers import make_dataset, run_script
 
 
 def test_caption_files_and_metadata_jsonl(tmp_path):
@@ -28,9 +27,17 @@ def test_kohya_meta_cap_json(tmp_path):
     data = make_dataset(tmp_path / "k", n=3)
     for p in data.glob("*.txt"):
         p.unlink()
-    meta = {"img0": {"caption": "first"}, str(data / "img1"): {"caption": "second", "tags": "x"}, "img2": {"tags": "a, b"}}
+    meta = {
+        "img0": {"caption": "first"},
+        str(data / "img1"): {"caption": "second", "tags": "x"},
+        "img2": {"tags": "a, b"},
+    }
     (data / "meta_cap.json").write_text(json.dumps(meta))
-    assert [(s.image.name, s.caption) for s in scan_dataset(data)] == [("img0.png", "first"), ("img1.png", "second"), ("img2.png", "a, b")]
+    assert [(s.image.name, s.caption) for s in scan_dataset(data)] == [
+        ("img0.png", "first"),
+        ("img1.png", "second"),
+        ("img2.png", "a, b"),
+    ]
     (data / "meta_cap.json").write_text(json.dumps({**meta, "gone": {"caption": "x"}}))
     with pytest.raises(DataError, match=r"meta_cap\.json, entry 'gone': names no image"):
         scan_dataset(data)
@@ -78,7 +85,12 @@ def test_bad_folders_name_the_first_bad_file(tmp_path, break_it, expected):
 
 def test_bad_metadata_lines_name_the_line(tmp_path):
     data = make_dataset(tmp_path / "d", n=2, layout="jsonl")
-    (data / "metadata.jsonl").write_text(json.dumps({"file_name": "img0.png", "text": "ok"}) + "\n" + json.dumps({"file_name": "gone.png", "text": "x"}) + "\n")
+    (data / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "img0.png", "text": "ok"})
+        + "\n"
+        + json.dumps({"file_name": "gone.png", "text": "x"})
+        + "\n"
+    )
     with pytest.raises(DataError, match=r"gone\.png: is named in .*metadata\.jsonl, line 2 but does not exist"):
         scan_dataset(data)
     (data / "metadata.jsonl").write_text('{"file_name": "img0.png"}\n')
@@ -95,8 +107,23 @@ def test_help(script):
 def test_a_script_stops_on_bad_data_before_loading_a_model(tmp_path):
     data = make_dataset(tmp_path / "d", n=2)
     (data / "img1.txt").unlink()
-    proc = run_script("mole_expert", "--part", "face", "--checkpoint", tmp_path / "no_such_model.safetensors", "--data", data,
-                      "--output", tmp_path / "x.safetensors", "--steps", "1", "--lr", "1e-4", check=False, timeout=120)
+    proc = run_script(
+        "mole_expert",
+        "--part",
+        "face",
+        "--checkpoint",
+        tmp_path / "no_such_model.safetensors",
+        "--data",
+        data,
+        "--output",
+        tmp_path / "x.safetensors",
+        "--steps",
+        "1",
+        "--lr",
+        "1e-4",
+        check=False,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert f"error: bad training data: {data / 'img1.png'}: has no caption" in proc.stderr
     assert "no_such_model" not in proc.stderr  # the data is checked first
@@ -107,8 +134,12 @@ def fake_checkpoint(path, width=768, extra=None):
     elsewhere): enough for header checks, never loadable as a model."""
     from safetensors.torch import save_file
 
-    tensors = {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, width, dtype=torch.float16),
-               "model.diffusion_model.out.2.bias": torch.zeros(4)} | (extra or {})
+    tensors = {
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(
+            320, width, dtype=torch.float16
+        ),
+        "model.diffusion_model.out.2.bias": torch.zeros(4),
+    } | (extra or {})
     save_file(tensors, str(path))
     return path
 
@@ -118,11 +149,19 @@ def fake_checkpoint(path, width=768, extra=None):
     [
         (lambda p: p, "not found"),
         (lambda p: p.parent, "is a folder"),
-        (lambda p: (p.write_bytes(b"\x80\x02junk"), p)[1], "is not a readable safetensors file (it looks like a pickled"),
+        (
+            lambda p: (p.write_bytes(b"\x80\x02junk"), p)[1],
+            "is not a readable safetensors file (it looks like a pickled",
+        ),
         (lambda p: fake_checkpoint(p, extra={"v_pred": torch.zeros(1)}), "is not an epsilon-prediction model (v_pred)"),
         (lambda p: fake_checkpoint(p, width=1024), "is an SD2.x checkpoint; this script trains on SD1.x or SDXL"),
-        (lambda p: (__import__("safetensors.torch").torch.save_file({"a.lora_down.weight": torch.zeros(1, 1)}, str(p)), p)[1],
-         "holds no model.diffusion_model.* tensors"),
+        (
+            lambda p: (
+                __import__("safetensors.torch").torch.save_file({"a.lora_down.weight": torch.zeros(1, 1)}, str(p)),
+                p,
+            )[1],
+            "holds no model.diffusion_model.* tensors",
+        ),
     ],
     ids=["missing", "folder", "pickle", "v-prediction", "sd2", "lora"],
 )
@@ -141,8 +180,24 @@ def test_stage3_stops_on_a_missing_expert_before_loading_a_model(tmp_path):
     data = make_dataset(tmp_path / "d", n=1)
     ckpt = fake_checkpoint(tmp_path / "model.safetensors")
     gone = tmp_path / "face.safetensors"
-    proc = run_script("mole_gates", "--checkpoint", ckpt, "--data", data, "--experts", f"face={gone}", f"hand={gone}",
-                      "--output", tmp_path / "g.safetensors", "--steps", "1", "--lr", "1e-4", check=False, timeout=120)
+    proc = run_script(
+        "mole_gates",
+        "--checkpoint",
+        ckpt,
+        "--data",
+        data,
+        "--experts",
+        f"face={gone}",
+        f"hand={gone}",
+        "--output",
+        tmp_path / "g.safetensors",
+        "--steps",
+        "1",
+        "--lr",
+        "1e-4",
+        check=False,
+        timeout=120,
+    )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert f"error: --experts face={gone}: not found" in proc.stderr
 

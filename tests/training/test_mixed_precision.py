@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_helpers import read_log, run_script, tiny_args
 
 from mixture_core.safetensors_io import load_safetensors
-from training_helpers import read_log, run_script, tiny_args
 
 pytestmark = [pytest.mark.host, pytest.mark.slow]
 
@@ -30,14 +30,32 @@ def test_bf16_stage1(tmp_path, checkpoint, trained_experts):
     """Stage 1 in bf16; stages 2 and 3 run bf16 in their warm-start tests (test_mole_expert.py,
     test_mole_gates.py: with gradient checkpointing and a sample image for stage 2)."""
     stage1 = tmp_path / "stage1.safetensors"
-    run_script("mole_finetune", "--trainable", r"^out\.", *BF16, *tiny_args(checkpoint, trained_experts["data"], stage1, 1))
+    run_script(
+        "mole_finetune", "--trainable", r"^out\.", *BF16, *tiny_args(checkpoint, trained_experts["data"], stage1, 1)
+    )
     finite_run(stage1, 1)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 autocast is available with CUDA")
 def test_fp16_without_cuda_is_refused_before_loading(tmp_path):
-    proc = run_script("mole_expert", "--part", "face", "--checkpoint", tmp_path / "not_loaded.safetensors", "--data", tmp_path,
-                      "--output", tmp_path / "x.safetensors", "--steps", "1", "--lr", "1e-4", "--mixed-precision", "fp16",
-                      check=False, timeout=120)
+    proc = run_script(
+        "mole_expert",
+        "--part",
+        "face",
+        "--checkpoint",
+        tmp_path / "not_loaded.safetensors",
+        "--data",
+        tmp_path,
+        "--output",
+        tmp_path / "x.safetensors",
+        "--steps",
+        "1",
+        "--lr",
+        "1e-4",
+        "--mixed-precision",
+        "fp16",
+        check=False,
+        timeout=120,
+    )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "error: --mixed-precision fp16 needs a CUDA GPU" in proc.stderr

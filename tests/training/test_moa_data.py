@@ -11,8 +11,8 @@ import random
 import numpy as np
 import pytest
 import torch
-
 from moa_helpers import CAPTION, make_moa_dataset, segment, write_fastcomposer_item
+
 from training import moa_losses
 from training.data import DataError
 from training.moa_data import Draws, MoADataset, ScanReport, make_subject_image, scan_moa_dataset

@@ -10,12 +10,12 @@ import json
 
 import pytest
 import torch
-
 from helpers import random_models as rm
 from helpers.fixtures import model_folders
 from moa_helpers import make_moa_dataset
-from training import moa_train
 from training_helpers import read_log, tiny_args
+
+from training import moa_train
 
 STEPS = 6
 
@@ -124,8 +124,9 @@ def test_trained_files_load_and_sample_through_the_nodes(micro_run, sd15, pack):
     import importlib
 
     import comfy.clip_vision
-    import nodes
     from safetensors import safe_open
+
+    import nodes
 
     _, out = micro_run
     with safe_open(str(out), framework="pt") as f:

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers.fixtures import model_folders
+from training_helpers import ksample, make_dataset, read_log, run_script, tiny_args
+
 from mixture_core.lora_format import parse_lora_state_dict
 from mixture_core.safetensors_io import load_safetensors
-from training_helpers import ksample, make_dataset, read_log, run_script, tiny_args
 
 pytestmark = [pytest.mark.host, pytest.mark.slow]
 
@@ -23,14 +23,21 @@ def test_expert_file_loads_in_lora_loader_and_load_mole_experts(trained_experts,
 
     tensors, meta = load_safetensors(trained_experts["face"])
     assert meta["ss_network_dim"] == "4" and float(meta["ss_network_alpha"]) == 4.0
-    assert meta["mole.part"] == "face" and meta["mole.base_family"] == "sd15" and meta["ss_base_model_version"] == "sd_v1"
+    assert (
+        meta["mole.part"] == "face" and meta["mole.base_family"] == "sd15" and meta["ss_base_model_version"] == "sd_v1"
+    )
     layers = parse_lora_state_dict(tensors)
     assert len(layers) == 192 and len(tensors) == 3 * 192
-    assert all(name.startswith(("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_")) for name in layers)
+    assert all(
+        name.startswith(("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_")) for name in layers
+    )
     proj_in = tensors["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"]
     assert proj_in.shape == (4, 320, 1, 1)  # SD1.5 proj_in is a 1x1 conv: kohya stores 4-d weights
     assert tensors["lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight"].shape == (320, 4, 1, 1)
-    assert tensors["lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"].shape == (4, 768)
+    assert tensors["lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"].shape == (
+        4,
+        768,
+    )
     assert any(float(t.abs().max()) > 0 for k, t in tensors.items() if "lora_up" in k)  # it trained (up starts at 0)
 
     # ComfyUI's LoraLoader: every key matched, 192 UNet weights patched.
@@ -44,7 +51,9 @@ def test_expert_file_loads_in_lora_loader_and_load_mole_experts(trained_experts,
 
     # The pack's node, as a workflow uses it.
     with model_folders(loras=trained_experts["loras"]):
-        loaded = mole_nodes.LoadMoLEExperts.execute("face.safetensors", "face", 1.0, "hand.safetensors", "hand", 1.0, None).result[0]
+        loaded = mole_nodes.LoadMoLEExperts.execute(
+            "face.safetensors", "face", 1.0, "hand.safetensors", "hand", 1.0, None
+        ).result[0]
     assert [e.name for e in loaded.experts] == ["face", "hand"]
     assert [e.path for e in loaded.experts] == [str(trained_experts["face"]), str(trained_experts["hand"])]
     read = [mole_nodes.expert_layout(e) for e in loaded.experts]  # shapes and alphas, read from the headers
@@ -60,9 +69,27 @@ def test_expert_learns_a_micro_task(tmp_path, checkpoint):
     out = tmp_path / "face.safetensors"
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a close-up photo\n")
-    run_script("mole_expert", "--part", "face", "--rank", "4", "--alpha", "4", "--lr", "2e-3", "--fixed-noise",
-               "--sample-every", "4", "--sample-prompts", prompts, "--sample-steps", "1", "--log-with", "tensorboard",
-               *tiny_args(checkpoint, data, out, 8))
+    run_script(
+        "mole_expert",
+        "--part",
+        "face",
+        "--rank",
+        "4",
+        "--alpha",
+        "4",
+        "--lr",
+        "2e-3",
+        "--fixed-noise",
+        "--sample-every",
+        "4",
+        "--sample-prompts",
+        prompts,
+        "--sample-steps",
+        "1",
+        "--log-with",
+        "tensorboard",
+        *tiny_args(checkpoint, data, out, 8),
+    )
     work = Path(str(out.with_suffix("")) + "-work")
     losses = [r["loss"] for r in read_log(work)]
     assert len(losses) == 8
@@ -93,9 +120,27 @@ def test_expert_warm_starts_from_a_file_in_bf16(tmp_path, checkpoint, trained_ex
     out = tmp_path / "again.safetensors"
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a close-up photo\n")
-    run_script("mole_expert", "--part", "face", "--init-from", trained_experts["face"], "--optimizer", "sgd", "--lr", "0",
-               "--mixed-precision", "bf16", "--gradient-checkpointing", "--sample-every", "1", "--sample-prompts", prompts,
-               "--sample-steps", "1", *tiny_args(checkpoint, trained_experts["data"], out, 2))
+    run_script(
+        "mole_expert",
+        "--part",
+        "face",
+        "--init-from",
+        trained_experts["face"],
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0",
+        "--mixed-precision",
+        "bf16",
+        "--gradient-checkpointing",
+        "--sample-every",
+        "1",
+        "--sample-prompts",
+        prompts,
+        "--sample-steps",
+        "1",
+        *tiny_args(checkpoint, trained_experts["data"], out, 2),
+    )
     start, _ = load_safetensors(trained_experts["face"])
     written, meta = load_safetensors(out)
     assert meta["ss_network_dim"] == "4" and written.keys() == start.keys()

@@ -9,20 +9,28 @@ import json
 
 import pytest
 import torch
-
 from helpers import mole_weights as mw
 from helpers.fixtures import model_folders
+from training_helpers import ksample, make_dataset, run_script, tiny_args
+
 from mixture_core.mole_files import read_gate_file
 from mixture_core.safetensors_io import load_safetensors
-from training_helpers import ksample, make_dataset, run_script, tiny_args
 
 pytestmark = [pytest.mark.host, pytest.mark.slow]
 
 
 def test_trained_gates_apply_in_comfyui_and_sample(trained_experts, sd15, mole_nodes, checkpoint, tmp_path):
     gates = tmp_path / "mole" / "gates.safetensors"
-    run_script("mole_gates", "--experts", f"face={trained_experts['face']}", f"hand={trained_experts['hand']}",
-               "--released-format", "--lr", "1e-3", *tiny_args(checkpoint, trained_experts["data"], gates, 2))
+    run_script(
+        "mole_gates",
+        "--experts",
+        f"face={trained_experts['face']}",
+        f"hand={trained_experts['hand']}",
+        "--released-format",
+        "--lr",
+        "1e-3",
+        *tiny_args(checkpoint, trained_experts["data"], gates, 2),
+    )
     released = tmp_path / "mole" / "gates_released.safetensors"
 
     tensors, meta = load_safetensors(gates)
@@ -41,17 +49,34 @@ def test_trained_gates_apply_in_comfyui_and_sample(trained_experts, sd15, mole_n
     # Warm start: --init-gates begins from this file; with SGD at lr 0 the gates written are its own.
     # (Also stage 3's bf16 run on the CPU.)
     again = tmp_path / "again.safetensors"
-    run_script("mole_gates", "--experts", f"face={trained_experts['face']}", f"hand={trained_experts['hand']}",
-               "--init-gates", gates, "--optimizer", "sgd", "--lr", "0", "--mixed-precision", "bf16",
-               *tiny_args(checkpoint, trained_experts["data"], again, 1))
+    run_script(
+        "mole_gates",
+        "--experts",
+        f"face={trained_experts['face']}",
+        f"hand={trained_experts['hand']}",
+        "--init-gates",
+        gates,
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0",
+        "--mixed-precision",
+        "bf16",
+        *tiny_args(checkpoint, trained_experts["data"], again, 1),
+    )
     warm = read_gate_file(*load_safetensors(again), str(again))
-    assert all(torch.equal(warm.layers[m].local_weight, g.local_weight) and torch.equal(warm.layers[m].global_bias, g.global_bias)
-               for m, g in pack_file.layers.items())
+    assert all(
+        torch.equal(warm.layers[m].local_weight, g.local_weight)
+        and torch.equal(warm.layers[m].global_bias, g.global_bias)
+        for m, g in pack_file.layers.items()
+    )
 
     base = ksample(sd15, sd15.model)
     for name in ("gates.safetensors", "gates_released.safetensors"):
         with model_folders(loras=trained_experts["loras"], mole=gates.parent):
-            experts = mole_nodes.LoadMoLEExperts.execute("face.safetensors", "face", 1.0, "hand.safetensors", "hand", 1.0, None).result[0]
+            experts = mole_nodes.LoadMoLEExperts.execute(
+                "face.safetensors", "face", 1.0, "hand.safetensors", "hand", 1.0, None
+            ).result[0]
             patched = mole_nodes.ApplyMoLEGating.execute(sd15.model, experts, name, "both", 1.0).result[0]
         assert len([k for k in patched.object_patches if k.endswith(".forward")]) == 192
         out = ksample(sd15, patched)
@@ -71,13 +96,28 @@ def test_only_the_gates_train_and_they_learn(sd15, tmp_path, checkpoint):
 
     layers = mw.target_layers(sd15.model)
     kohya = mw.kohya_names(sd15.model, "diffusers")
-    files = {name: mw.write_lora(tmp_path / f"{name}.safetensors", layers, kohya, rank=4, alpha=4.0, seed=seed, magnitude=0.5)
-             for name, seed in (("face", 11), ("hand", 12))}
+    files = {
+        name: mw.write_lora(
+            tmp_path / f"{name}.safetensors", layers, kohya, rank=4, alpha=4.0, seed=seed, magnitude=0.5
+        )
+        for name, seed in (("face", 11), ("hand", 12))
+    }
     hashes = {name: _sha256(p) for name, p in files.items()}
     data = make_dataset(tmp_path / "one", n=1)
     out = tmp_path / "gates.safetensors"
-    result = mole_gates.main(["--experts", f"face={files['face']}", f"hand={files['hand']}", "--lr", "2e-2", "--fixed-noise", "--seed", "3",
-                              *tiny_args(checkpoint, data, out, 8)])
+    result = mole_gates.main(
+        [
+            "--experts",
+            f"face={files['face']}",
+            f"hand={files['hand']}",
+            "--lr",
+            "2e-2",
+            "--fixed-noise",
+            "--seed",
+            "3",
+            *tiny_args(checkpoint, data, out, 8),
+        ]
+    )
     try:
         model = result.stage.model
         # Base: bit-identical to the host's own load of the same checkpoint.

@@ -9,18 +9,34 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_helpers import make_dataset, read_log, run_script, tiny_args
 
 from mixture_core.lora_format import parse_lora_state_dict
 from mixture_core.safetensors_io import load_safetensors
-from training_helpers import make_dataset, read_log, run_script, tiny_args
 
 pytestmark = [pytest.mark.host, pytest.mark.slow]
 
 EXPERT = ["--part", "hand", "--rank", "4", "--alpha", "4", "--lr", "1e-3", "--save-dtype", "fp32"]
 # Plain SGD without weight decay or clipping: a weight moves by exactly -lr times its gradient.
 SGD_LR = 0.5
-SGD = ["--part", "hand", "--rank", "4", "--alpha", "4", "--save-dtype", "fp32", "--optimizer", "sgd", "--lr", str(SGD_LR),
-       "--weight-decay", "0", "--max-grad-norm", "0"]
+SGD = [
+    "--part",
+    "hand",
+    "--rank",
+    "4",
+    "--alpha",
+    "4",
+    "--save-dtype",
+    "fp32",
+    "--optimizer",
+    "sgd",
+    "--lr",
+    str(SGD_LR),
+    "--weight-decay",
+    "0",
+    "--max-grad-norm",
+    "0",
+]
 U = 2.0**-24  # unit roundoff of float32
 # Relative rounding of a float32 gradient, as a share of its tensor's largest element: each of the
 # ~60 reductions on the backward path from the loss to a LoRA weight (lengths K <= 2560 here)
@@ -40,8 +56,13 @@ def reference_run(root: Path, data: Path, checkpoint, optimizer_args: list[str])
     out = root / "single" / "hand.safetensors"
     run_script("mole_expert", *optimizer_args, *tiny_args(checkpoint, data, out, 2, batch_size=2, save_every=1))
     step1 = work_dir(out) / "checkpoints" / "checkpoint_1" / "hand.safetensors"
-    return {"data": data, "output": out, "tensors": load_safetensors(out)[0], "step1": load_safetensors(step1)[0],
-            "losses": [r["loss"] for r in read_log(work_dir(out))]}
+    return {
+        "data": data,
+        "output": out,
+        "tensors": load_safetensors(out)[0],
+        "step1": load_safetensors(step1)[0],
+        "losses": [r["loss"] for r in read_log(work_dir(out))],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +76,7 @@ def references(tmp_path_factory, checkpoint):
         if kind not in made:
             made[kind] = reference_run(root / kind, data, checkpoint, SGD if kind == "sgd" else EXPERT)
         return made[kind]
+
     return get
 
 
@@ -62,7 +84,9 @@ def initial_weights(reference) -> dict:
     """The weights before step 1: peft starts every lora_up at exactly 0, so at step 1 every
     lora_down gradient is exactly 0 (it is multiplied by lora_up) and SGD leaves lora_down as it
     was: the step-1 lora_down is the initial one."""
-    return {k: torch.zeros_like(t) if ".lora_up." in k else reference["step1"][k] for k, t in reference["tensors"].items()}
+    return {
+        k: torch.zeros_like(t) if ".lora_up." in k else reference["step1"][k] for k, t in reference["tensors"].items()
+    }
 
 
 def assert_same_sgd_training(tensors, losses, reference, steps=2):
@@ -115,12 +139,22 @@ def test_resume_gives_exactly_the_uninterrupted_run(tmp_path, checkpoint):
     whole = tmp_path / "whole" / "hand.safetensors"
     # Random crops and flips (so the uncached path: images decoded and encoded at every step).
     augment = ["--crop", "random", "--flip", "--num-workers", "1"]
-    run_script("mole_expert", *EXPERT, *augment, *tiny_args(checkpoint, data, whole, 4, save_every=1, keep_checkpoints=2))
+    run_script(
+        "mole_expert", *EXPERT, *augment, *tiny_args(checkpoint, data, whole, 4, save_every=1, keep_checkpoints=2)
+    )
     assert sorted(p.name for p in (work_dir(whole) / "checkpoints").iterdir()) == ["checkpoint_3", "checkpoint_4"]
     state = work_dir(whole) / "checkpoints" / "checkpoint_3"
-    assert {"trainable.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "progress.json", "hand.safetensors"} <= {
-        p.name for p in state.iterdir()}
-    assert "hand.safetensors" not in {p.name for p in (state.parent / "checkpoint_4").iterdir()}  # the final one: that is the output
+    assert {
+        "trainable.safetensors",
+        "optimizer.bin",
+        "scheduler.bin",
+        "random_states_0.pkl",
+        "progress.json",
+        "hand.safetensors",
+    } <= {p.name for p in state.iterdir()}
+    assert "hand.safetensors" not in {
+        p.name for p in (state.parent / "checkpoint_4").iterdir()
+    }  # the final one: that is the output
 
     extended = tmp_path / "extended" / "hand.safetensors"
     run_script("mole_expert", *EXPERT, *augment, *tiny_args(checkpoint, data, extended, 2))
@@ -135,8 +169,10 @@ def test_resume_gives_exactly_the_uninterrupted_run(tmp_path, checkpoint):
     assert losses_extended == losses_whole
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None and not Path(sys.executable).with_name("accelerate").exists(),
-                    reason="accelerate's launcher is not installed")
+@pytest.mark.skipif(
+    shutil.which("accelerate") is None and not Path(sys.executable).with_name("accelerate").exists(),
+    reason="accelerate's launcher is not installed",
+)
 def test_accelerate_launch_two_processes(tmp_path, checkpoint, references):
     """Two CPU processes (DDP over gloo) with batch 1 each: one output file and one checkpoint per
     step, written by the main process, equal to one process with batch 2 on the same samples (up to
@@ -146,11 +182,27 @@ def test_accelerate_launch_two_processes(tmp_path, checkpoint, references):
     is configured (accelerate's simple launcher); `--multi_gpu` uses torchrun, and the scripts
     ask Accelerate for the CPU when there is no CUDA, which makes it a MULTI_CPU (gloo) run."""
     reference = references("sgd")
-    launcher = [str(Path(sys.executable).with_name("accelerate")) if Path(sys.executable).with_name("accelerate").exists() else "accelerate",
-                "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                "--dynamo_backend", "no", "--main_process_port", "0"]
+    launcher = [
+        str(Path(sys.executable).with_name("accelerate"))
+        if Path(sys.executable).with_name("accelerate").exists()
+        else "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+    ]
     ddp = tmp_path / "ddp" / "hand.safetensors"
-    proc = run_script("mole_expert", *SGD, *tiny_args(checkpoint, reference["data"], ddp, 2, save_every=1), launcher=launcher)
+    proc = run_script(
+        "mole_expert", *SGD, *tiny_args(checkpoint, reference["data"], ddp, 2, save_every=1), launcher=launcher
+    )
     checkpoints = sorted((work_dir(ddp) / "checkpoints").iterdir())
     assert [c.name for c in checkpoints] == ["checkpoint_1", "checkpoint_2"]
     files = {p.name for p in checkpoints[0].iterdir()}
@@ -166,6 +218,10 @@ def test_accelerate_launch_two_processes(tmp_path, checkpoint, references):
 def test_gradient_accumulation_matches_a_larger_batch(tmp_path, checkpoint, references, kind):
     reference = references(kind)
     out = tmp_path / "accum" / "hand.safetensors"
-    run_script("mole_expert", *(SGD if kind == "sgd" else EXPERT), *tiny_args(checkpoint, reference["data"], out, 2, grad_accum=2))
+    run_script(
+        "mole_expert",
+        *(SGD if kind == "sgd" else EXPERT),
+        *tiny_args(checkpoint, reference["data"], out, 2, grad_accum=2),
+    )
     check = assert_same_sgd_training if kind == "sgd" else assert_same_adamw_training
     check(load_safetensors(out)[0], [r["loss"] for r in read_log(work_dir(out))], reference)

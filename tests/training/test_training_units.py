@@ -8,8 +8,8 @@ import argparse
 
 import pytest
 import torch
-
 from helpers.cpu_memory import peak_tensor_memory
+
 from training import grad_checkpoint, host, losses, optim
 
 
@@ -65,7 +65,9 @@ def test_noise_depends_on_position_not_on_batching():
     assert torch.equal(n_all[2:], n_half) and torch.equal(t_all[2:], t_half)
     assert ((t_all >= 0) & (t_all < 1000)).all()
     fixed_a, _ = losses.sample_noise(whole, latents, 5, fixed=True)
-    fixed_b, _ = losses.sample_noise({"index": whole["index"], "position": whole["position"] + 100}, latents, 5, fixed=True)
+    fixed_b, _ = losses.sample_noise(
+        {"index": whole["index"], "position": whole["position"] + 100}, latents, 5, fixed=True
+    )
     assert torch.equal(fixed_a, fixed_b)  # --fixed-noise: per image, whatever the step
 
 
@@ -77,9 +79,20 @@ def tiny_unet(model_channels: int = 32):
 
     torch.manual_seed(0)
     unet = UNetModel(
-        image_size=8, in_channels=4, model_channels=model_channels, out_channels=4, num_res_blocks=[1, 1], channel_mult=(1, 2),
-        num_heads=2, use_spatial_transformer=True, transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1],
-        transformer_depth_middle=1, context_dim=16, legacy=False, operations=comfy.ops.disable_weight_init,
+        image_size=8,
+        in_channels=4,
+        model_channels=model_channels,
+        out_channels=4,
+        num_res_blocks=[1, 1],
+        channel_mult=(1, 2),
+        num_heads=2,
+        use_spatial_transformer=True,
+        transformer_depth=[1, 1],
+        transformer_depth_output=[1, 1, 1, 1],
+        transformer_depth_middle=1,
+        context_dim=16,
+        legacy=False,
+        operations=comfy.ops.disable_weight_init,
     )
     with torch.no_grad():
         for p in unet.parameters():
@@ -103,7 +116,9 @@ def test_gradient_checkpointing_recomputes_comfyui_layers(monkeypatch):
     x, ctx, t = torch.randn(2, 4, 16, 16), torch.randn(2, 5, 16), torch.tensor([10.0, 700.0])
     entered = []
     real_checkpoint = torch.utils.checkpoint.checkpoint
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: entered.append(1) or real_checkpoint(*a, **k))
+    monkeypatch.setattr(
+        torch.utils.checkpoint, "checkpoint", lambda *a, **k: entered.append(1) or real_checkpoint(*a, **k)
+    )
 
     def step(unet, options):
         unet(x, timesteps=t, context=ctx, transformer_options=options).square().mean().backward()
@@ -113,7 +128,9 @@ def test_gradient_checkpointing_recomputes_comfyui_layers(monkeypatch):
         unet = tiny_unet()
         layers = [m for m in unet.modules() if isinstance(m, (ResBlock, SpatialTransformer))]
         if checkpointing:
-            assert grad_checkpoint.enable_gradient_checkpointing(unet) == len(layers) == 15  # 9 ResBlocks, 6 SpatialTransformers
+            assert (
+                grad_checkpoint.enable_gradient_checkpointing(unet) == len(layers) == 15
+            )  # 9 ResBlocks, 6 SpatialTransformers
         calls = []
         for m in layers:  # the layer's first submodule runs whenever the layer's body does
             next(iter(m.children())).register_forward_hook(lambda *_: calls.append(1))

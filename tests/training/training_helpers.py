@@ -9,9 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 import hostenv
+import torch
 
 REPO = hostenv.REPO
 
@@ -48,13 +47,17 @@ def script_env() -> dict:
     return env
 
 
-def run_script(module: str, *args, launcher: list[str] | None = None, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_script(
+    module: str, *args, launcher: list[str] | None = None, check: bool = True, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """Run `python -m training.<module> args...` (or under `launcher`, such as accelerate
     launch) from the repository root, as a user would."""
     cmd = (launcher or [sys.executable]) + ["-m", f"training.{module}"] + [str(a) for a in args]
     proc = subprocess.run(cmd, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}\n{proc.stdout[-2000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}\n{proc.stdout[-2000:]}"
+        )
     return proc
 
 
@@ -75,7 +78,6 @@ def tiny_args(checkpoint, data, output, steps, **extra) -> list[str]:
         else:
             args += [flag, str(value)]
     return [str(a) for a in args]
-
 
 
 def ksample(sd15, model, seed: int = 7, size: int = 64):
@@ -108,17 +110,31 @@ def make_moa_dataset(folder: Path, n: int = 2, size: int = 64, layout: str = "ff
         if layout == "ffhq":
             Image.fromarray((pixels * 255).astype("uint8")).save(folder / f"{name}.jpg")
             np.save(folder / f"{name}.npy", segments)
-            info = {"caption": caption, "segments": [
-                {"id": 1, "word": "man", "end": caption.index("man") + 3, "coco_label": "person"},
-                {"id": 2, "word": "woman", "end": caption.index("woman") + 5, "coco_label": "person"}]}
+            info = {
+                "caption": caption,
+                "segments": [
+                    {"id": 1, "word": "man", "end": caption.index("man") + 3, "coco_label": "person"},
+                    {"id": 2, "word": "woman", "end": caption.index("woman") + 5, "coco_label": "person"},
+                ],
+            }
             (folder / f"{name}.json").write_text(json.dumps(info))
             ids.append(name)
         else:
             Image.fromarray((pixels * 255).astype("uint8")).save(folder / f"{name}.png")
             for k, word in ((1, "man"), (2, "woman")):
                 Image.fromarray(((segments == k) * 255).astype("uint8")).save(folder / f"{name}_{word}.png")
-            lines.append(json.dumps({"file_name": f"{name}.png", "text": caption, "subjects": [
-                {"word": "man", "mask": f"{name}_man.png"}, {"word": "woman", "mask": f"{name}_woman.png"}]}))
+            lines.append(
+                json.dumps(
+                    {
+                        "file_name": f"{name}.png",
+                        "text": caption,
+                        "subjects": [
+                            {"word": "man", "mask": f"{name}_man.png"},
+                            {"word": "woman", "mask": f"{name}_woman.png"},
+                        ],
+                    }
+                )
+            )
     if layout == "ffhq":
         (folder / "image_ids_train.txt").write_text("\n".join(ids) + "\n")
     else:
