@@ -274,8 +274,9 @@ class TrainingPatch:
                 q, k = (t.unflatten(-1, (layer.heads, -1)).transpose(1, 2) for t in (q, k))  # (B, heads, T, d)
                 probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1).mean(1)  # (B, T, S)
                 columns = bindings.token_index[:, None, :].expand(-1, probs.shape[1], -1)
+                subject_attention = torch.gather(probs, 2, columns)  # also when recomputing: the same saved tensors
                 if not record.closed:
-                    record.attention.append(torch.gather(probs, 2, columns))
+                    record.attention.append(subject_attention)
             return mixed
 
         return patch

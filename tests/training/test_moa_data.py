@@ -266,3 +266,40 @@ def test_padded_bindings_equal_per_sample_bindings():
         alone = [SubjectBinding(int(token_index[b, j]), embeds[b, j]) for j in range(2) if valid[b, j]]
         expected = bind_subjects(context[b : b + 1], alone, fusion, timesteps[b], 3) if alone else context[b : b + 1]
         assert torch.allclose(batched[b : b + 1], expected, atol=1e-6)
+
+
+def test_training_patch_recomputes_the_same_graph_under_checkpointing():
+    """The MoA training patch inside torch.utils.checkpoint (non-reentrant): the record is closed
+    once the losses are read, the recomputation in backward computes the same saved tensors
+    (CheckpointError otherwise) and the gradients equal those without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    from mixture_core.moa import AttentionShape, MoAModel
+    from training.moa_train import Bindings, Record, TrainingPatch
+
+    torch.manual_seed(0)
+    layer_id = "middle_block.1.transformer_blocks.0.attn2"
+    moa = MoAModel({layer_id: AttentionShape(16, 768, 2, 8)}, router_hidden=8, fusion_hidden=16, spacetime_dim=8)
+    torch.nn.init.normal_(moa.fusion.mlp.fc2.weight)
+    patches = TrainingPatch(moa, {(("middle", 0), 0, "attn2"): layer_id}, [layer_id], [layer_id]).patches()
+    h, context = torch.randn(2, 4, 16, requires_grad=True), torch.randn(2, 77, 768)
+    bindings = Bindings(
+        torch.tensor([[3], [0]]), torch.tensor([[True], [False]]), torch.randn(2, 1, 768), torch.tensor([10.0, 20.0])
+    )
+
+    def attention(h, record):
+        extra = {"block": ("middle", 0), "block_index": 0, TrainingPatch.KEY: (bindings, record)}
+        patches["attn2_patch"][0](h, context, context, extra)
+        return patches["attn2_output_patch"][0](torch.tanh(h), extra)
+
+    grads = []
+    for checkpointed in (False, True):
+        record = Record()
+        out = checkpoint(attention, h, record, use_reentrant=False) if checkpointed else attention(h, record)
+        loss = out.square().mean() + record.router[0].mean() + record.attention[0].sum()
+        record.closed = True
+        loss.backward()
+        grads.append(moa.layers[0].to_q.weight.grad.clone())
+        moa.zero_grad()
+        assert len(record.attention) == 1
+    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1])
