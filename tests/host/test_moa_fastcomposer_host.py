@@ -216,8 +216,8 @@ def test_subject_images_are_padded_not_cropped(moa_nodes, sd15, fc_files):
     other[:, :, :8] = 1.0 - other[:, :, :8]
     other[:, :, -8:] = 0.0
     with torch.inference_mode():
-        cropped = [moa_nodes.encode_subject_images(clip_vision, [("image_1", x)], "clip") for x in (wide, other)]
-        padded = [moa_nodes.encode_subject_images(clip_vision, [("image_1", x)], "fastcomposer") for x in (wide, other)]
+        cropped = [clip_vision.encode_image(x).image_embeds for x in (wide, other)]  # ComfyUI's own preprocessing
+        padded = [moa_nodes.encode_subject_images(clip_vision, [("image_1", x)]) for x in (wide, other)]
     assert torch.equal(cropped[0], cropped[1])
     assert not torch.allclose(padded[0], padded[1], atol=1e-4)
 
