@@ -392,7 +392,11 @@ class _OutputPatch(_PatchBase):
         if router.kind == "attention":
             share = p.attention_share(layer, h, context, extra_options, p.records(extra_options, self.attn))
             if share is None or not p.active(extra_options):
-                return out  # no maps yet, or only recording (before start / in the prior steps): the prior alone
+                # No maps yet, or only recording (before start / in the prior steps): the prior
+                # alone, which a recording observer sees as prior weight 1 at every token.
+                if p.observer is not None:
+                    p.observer(layer_index, p.moa.layer_ids[layer_index], out.new_ones(out.shape[:2]))
+                return out
         elif router.kind == "constant":
             share = router.share
         import comfy.ldm.modules.attention as host_attention

@@ -562,39 +562,37 @@ def moa_fig13_real_photo_swap() -> Graph:
     subject = load_image(g, SUBJECTS[0], "new subject")
     neg = negative(g, clip)
     patched, pos = inject(g, model, moa, clip, clip_vision, "a person", "person", [subject], "one person")
-    swap = g.add(
-        "MoA_DDIMSwap",
-        "swap (one person)",
-        model=model,
-        moa_model=patched,
-        positive=pos,
-        negative=neg,
-        vae=vae,
-        image=load_image(g, PHOTO_ONE, "photo"),
-        steps=g.settings.steps,
-        cfg=g.settings.cfg,
-        inversion_cfg=g.settings.cfg,
-    )
+    swap = ddim_swap(g, "swap (one person)", model, patched, pos, neg, vae, load_image(g, PHOTO_ONE, "photo"))
     save(g, swap[0], "one_person")
     keep = load_image(g, KEEP_PERSON, "person to keep")
     patched, pos = inject(
         g, model, moa, clip, clip_vision, "a person and a person", "person#1, person#2", [keep, subject], "two persons"
     )
-    swap = g.add(
+    swap = ddim_swap(g, "swap (two persons)", model, patched, pos, neg, vae, load_image(g, PHOTO_TWO, "photo of two"))
+    save(g, swap[0], "two_persons")
+    return g
+
+
+def ddim_swap(g: Graph, title: str, model, moa_model, positive, negative, vae, image):
+    # Every widget is written, optional ones included, as the editor's "Export (API)" does.
+    return g.add(
         "MoA_DDIMSwap",
-        "swap (two persons)",
+        title,
         model=model,
-        moa_model=patched,
-        positive=pos,
-        negative=neg,
+        moa_model=moa_model,
+        positive=positive,
+        negative=negative,
         vae=vae,
-        image=load_image(g, PHOTO_TWO, "photo of two"),
+        image=image,
         steps=g.settings.steps,
         cfg=g.settings.cfg,
         inversion_cfg=g.settings.cfg,
+        refine_iters=0,
+        inversion="ddim",
+        null_text_iters=10,
+        null_text_lr=0.01,
+        null_text_early_stop=1e-5,
     )
-    save(g, swap[0], "two_persons")
-    return g
 
 
 def moa_fig21_22_style_and_timelapse() -> Graph:
