@@ -258,10 +258,12 @@ def execute(executor, prompt: dict, name: str) -> dict[str, list[Path]]:
         errors = [d for event, d in executor.status_messages if event == "execution_error"]
         message = errors[0]["exception_message"] if errors else "see the log"
         raise SystemExit(f"error: {name} failed: {message}")
+    # Saved images only: previews (the Maps nodes' in-node pictures) go to ComfyUI's temp folder.
     return {
         node: [
             Path(folder_paths.get_output_directory()) / i.get("subfolder", "") / i["filename"]
             for i in o.get("images", [])
+            if i.get("type", "output") == "output"
         ]
         for node, o in executor.history_result["outputs"].items()
     }
