@@ -14,6 +14,7 @@ change a recipe, bump its version, and a new file is made (old ones can simply b
 Public functions (all need the ComfyUI host and import it through hostenv):
 
     sd15_checkpoint() -> Path         SD1.5 checkpoint: UNet + CLIP-L + VAE, fp16, ~2.1 GB
+    sd15_small_checkpoint() -> Path   the same with a shallow SD1.5-family UNet (2 levels), ~0.4 GB
     sd15_controlnet() -> Path         SD1.5 ControlNet, control_model.* layout, fp16, ~0.7 GB
     clip_vision_vit_l14() -> Path     CLIP ViT-L/14 vision tower + visual_projection, fp16
     clip_vision_vit_h14() -> Path     CLIP ViT-H/14 vision tower (a wrong encoder for SD1.5 tests)
@@ -44,6 +45,7 @@ import hostenv  # noqa: E402
 
 # Bump a version when its recipe (architecture, init, dtype, extra keys) changes.
 SD15_VERSION = "v1"
+SD15_SMALL_VERSION = "v1"
 SD15_CONTROLNET_VERSION = "v1"
 CLIP_VISION_VERSION = "v1"
 
@@ -75,6 +77,17 @@ SD15_UNET_CONFIG = {
     "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
     "use_temporal_attention": False,
     "use_temporal_resblock": False,
+}
+# A shallow UNet that ComfyUI still detects and loads as SD1.5 (its SD15 entry matches on width
+# 320, text width 768 and the attention kind only): two levels of one block each, at width 320
+# (~30M parameters against 860M). For the tests of what does not depend on SD1.5's depth
+# (inversion, training loops, resume and launch), where the full UNet costs minutes of CPU.
+SD15_SMALL_UNET_CONFIG = {
+    **SD15_UNET_CONFIG,
+    "num_res_blocks": [1, 1],
+    "channel_mult": [1, 1],
+    "transformer_depth": [1, 1],
+    "transformer_depth_output": [1, 1, 1, 1],
 }
 SDXL_UNET_CONFIG = {
     "use_checkpoint": False,
@@ -273,13 +286,13 @@ def _ddpm_buffers() -> dict:
     return out
 
 
-def _make_sd15():
+def _make_sd15(unet_config: dict = SD15_UNET_CONFIG, recipe: str = "sd15_checkpoint", version: str = SD15_VERSION):
     import comfy.ldm.models.autoencoder
     import comfy.ops
     import comfy.sd1_clip
     import comfy.supported_models
 
-    model_config = comfy.supported_models.SD15(SD15_UNET_CONFIG)
+    model_config = comfy.supported_models.SD15(unet_config)
     model_config.set_inference_dtype(torch.float16, None)
     model_config.custom_operations = comfy.ops.disable_weight_init
     base = model_config.get_model({}, "", device=torch.device("cpu"))
@@ -298,7 +311,7 @@ def _make_sd15():
     sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77, dtype=torch.int64)[None]
     sd.update(_ddpm_buffers())
     del base, clip, vae
-    return sd, _metadata("sd15_checkpoint", SD15_VERSION, SEED_SD15)
+    return sd, _metadata(recipe, version, SEED_SD15)
 
 
 def sd15_checkpoint() -> Path:
@@ -307,6 +320,15 @@ def sd15_checkpoint() -> Path:
     text_model.*, first_stage_model.*, plus the DDPM schedule buffers), which
     comfy.sd.load_checkpoint_guess_config loads as "SD15"."""
     return _cached(f"sd15_random_{SD15_VERSION}.safetensors", _make_sd15)
+
+
+def sd15_small_checkpoint() -> Path:
+    """sd15_checkpoint() with the shallow UNet of SD15_SMALL_UNET_CONFIG (same CLIP-L and VAE,
+    ~0.4 GB): ComfyUI loads it as "SD15" and training's checks see an SD1.5 file."""
+    return _cached(
+        f"sd15_small_random_{SD15_SMALL_VERSION}.safetensors",
+        lambda: _make_sd15(SD15_SMALL_UNET_CONFIG, "sd15_small_checkpoint", SD15_SMALL_VERSION),
+    )
 
 
 # --------------------------------------------------------------------------------------------

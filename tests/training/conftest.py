@@ -8,7 +8,7 @@ from pathlib import Path
 import hostenv
 import pytest
 import torch
-from helpers.fixtures import sd15  # noqa: F401  (session-scoped random SD1.5, loaded by the host)
+from helpers.fixtures import sd15, sd15_small  # noqa: F401  (session-scoped random SD1.5s, loaded by the host)
 from training_helpers import make_dataset, run_script, tiny_args
 
 
@@ -34,9 +34,21 @@ def checkpoint() -> Path:
 
 
 @pytest.fixture(scope="session")
-def trained_experts(tmp_path_factory, checkpoint) -> dict[str, Path]:
-    """A face and a hand expert made by the stage-2 script (rank 4, 2 steps each, 64 px), in a
-    folder the tests register with ComfyUI as a loras folder."""
+def small_checkpoint() -> Path:
+    """An SD1.5-family checkpoint with a shallow UNet (the file of the `sd15_small` fixture): for
+    the tests of what does not depend on SD1.5's depth (the loop's engineering, learning, bf16,
+    stage 1's outputs), where the full UNet costs minutes of CPU."""
+    from helpers import random_models
+
+    return random_models.sd15_small_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def trained_experts(tmp_path_factory, small_checkpoint) -> dict[str, Path]:
+    """A face and a hand expert made by the stage-2 script (rank 4, 2 steps each, 64 px) on the
+    shallow SD1.5-family checkpoint (`small_checkpoint`, loaded as `sd15_small`), in a folder the
+    tests register with ComfyUI as a loras folder."""
+    checkpoint = small_checkpoint
     root = tmp_path_factory.mktemp("trained_experts")
     data = make_dataset(root / "closeups", n=2)
     loras = root / "loras"

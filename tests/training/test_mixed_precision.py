@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_helpers import read_log, run_script, tiny_args
+from training_helpers import make_dataset, read_log, run_script, tiny_args
 
 from mixture_core.safetensors_io import load_safetensors
 
@@ -26,12 +26,16 @@ def finite_run(output: Path, steps: int) -> dict:
     return tensors
 
 
-def test_bf16_stage1(tmp_path, checkpoint, trained_experts):
+def test_bf16_stage1(tmp_path, small_checkpoint):
     """Stage 1 in bf16; stages 2 and 3 run bf16 in their warm-start tests (test_mole_expert.py,
     test_mole_gates.py: with gradient checkpointing and a sample image for stage 2)."""
     stage1 = tmp_path / "stage1.safetensors"
     run_script(
-        "mole_finetune", "--trainable", r"^out\.", *BF16, *tiny_args(checkpoint, trained_experts["data"], stage1, 1)
+        "mole_finetune",
+        "--trainable",
+        r"^out\.",
+        *BF16,
+        *tiny_args(small_checkpoint, make_dataset(tmp_path / "d"), stage1, 1),
     )
     finite_run(stage1, 1)
 

@@ -13,12 +13,14 @@ from training_helpers import ksample, make_dataset, read_log, run_script, tiny_a
 
 pytestmark = [pytest.mark.host, pytest.mark.slow]
 
-# A full UNet with AdamW/Lion state does not fit beside the other tests in this machine's memory;
-# the last output block and the output conv (6M parameters) exercise the same code path.
-TRAINABLE = r"^(out|output_blocks\.11)\."
+# On the shallow SD1.5-family checkpoint (`small_checkpoint`): what stage 1 writes and trains does
+# not depend on the UNet's depth. Its last output block and the output conv exercise the
+# trainable-subset path (a full UNet with AdamW/Lion state is a GPU job).
+TRAINABLE = r"^(out|output_blocks\.3)\."
 
 
-def test_finetuned_checkpoint_loads_in_comfyui_and_learned(tmp_path, checkpoint, sd15):
+def test_finetuned_checkpoint_loads_in_comfyui_and_learned(tmp_path, small_checkpoint, sd15_small):
+    checkpoint, sd15 = small_checkpoint, sd15_small
     import comfy.sd
 
     data = make_dataset(tmp_path / "one", n=1)
@@ -67,9 +69,10 @@ def test_finetuned_checkpoint_loads_in_comfyui_and_learned(tmp_path, checkpoint,
         gc.collect()
 
 
-def test_text_encoder_trains_with_the_unet(tmp_path, checkpoint, sd15):
+def test_text_encoder_trains_with_the_unet(tmp_path, small_checkpoint, sd15_small):
     """--train-text-encoder: the trainable encoder is the checkpoint's (same conditioning as
     ComfyUI's CLIP), its tensors change in the output, the VAE does not, and ComfyUI loads it."""
+    checkpoint, sd15 = small_checkpoint, sd15_small
     import comfy.sd
 
     from training import base_model, mole_finetune

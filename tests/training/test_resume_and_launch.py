@@ -1,5 +1,6 @@
 """The shared training loop's engineering, on the stage-2 script: an exact resume from a saved
-Accelerate state, and a two-process data-parallel run under `accelerate launch`."""
+Accelerate state, and a two-process data-parallel run under `accelerate launch`. On the shallow
+SD1.5-family checkpoint (`small_checkpoint`): what is checked is that runs agree, whatever the depth."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def reference_run(root: Path, data: Path, checkpoint, optimizer_args: list[str])
 
 
 @pytest.fixture(scope="module")
-def references(tmp_path_factory, checkpoint):
+def references(tmp_path_factory, small_checkpoint):
     """The batch-2 reference runs, made on first use: "sgd" and "adamw"."""
     root = tmp_path_factory.mktemp("batch2")
     data = make_dataset(root / "d", n=2)
@@ -74,7 +75,7 @@ def references(tmp_path_factory, checkpoint):
 
     def get(kind):
         if kind not in made:
-            made[kind] = reference_run(root / kind, data, checkpoint, SGD if kind == "sgd" else EXPERT)
+            made[kind] = reference_run(root / kind, data, small_checkpoint, SGD if kind == "sgd" else EXPERT)
         return made[kind]
 
     return get
@@ -106,9 +107,10 @@ def assert_same_sgd_training(tensors, losses, reference, steps=2):
         if bool((diff > RHO * update + 2 * steps * U * ref.abs()).any()):
             over.append((k, float(diff.max()), update))
         ratios.append(float(diff.max()) / update if update else 0.0)
-    # Not vacuous: the up tensors learned (a self-attention over the 1x1 middle block has one
-    # key, so its to_k gets no gradient at 64 px: that tensor must then agree exactly).
-    assert learned >= 180, learned
+    # Not vacuous: nearly every up tensor learned (one that gets no gradient, such as a to_k of a
+    # self-attention over a single latent pixel, must then agree exactly).
+    ups = sum(".lora_up." in k for k in reference["tensors"])
+    assert learned >= 0.9 * ups, (learned, ups)
     assert over == [], over
     print(f"largest difference / update: {max(ratios):.2e}")
     assert losses == pytest.approx(reference["losses"], rel=1e-5)
@@ -128,7 +130,8 @@ def assert_same_adamw_training(tensors, losses, reference, lr=1e-3, steps=2):
     assert losses == pytest.approx(reference["losses"], rel=1e-4)
 
 
-def test_resume_gives_exactly_the_uninterrupted_run(tmp_path, checkpoint):
+def test_resume_gives_exactly_the_uninterrupted_run(tmp_path, small_checkpoint):
+    checkpoint = small_checkpoint
     """4 steps in one go against a finished 2-step run extended to 4 (--resume latest: the
     checkpoint written at the final step). Data order, crops, flips, noise and timesteps of every
     micro-batch depend only on the seed and the micro-batch number, and the checkpoint holds the
@@ -173,7 +176,7 @@ def test_resume_gives_exactly_the_uninterrupted_run(tmp_path, checkpoint):
     shutil.which("accelerate") is None and not Path(sys.executable).with_name("accelerate").exists(),
     reason="accelerate's launcher is not installed",
 )
-def test_accelerate_launch_two_processes(tmp_path, checkpoint, references):
+def test_accelerate_launch_two_processes(tmp_path, small_checkpoint, references):
     """Two CPU processes (DDP over gloo) with batch 1 each: one output file and one checkpoint per
     step, written by the main process, equal to one process with batch 2 on the same samples (up to
     the rounding assert_same_sgd_training allows, with SGD).
@@ -201,7 +204,7 @@ def test_accelerate_launch_two_processes(tmp_path, checkpoint, references):
     ]
     ddp = tmp_path / "ddp" / "hand.safetensors"
     proc = run_script(
-        "mole_expert", *SGD, *tiny_args(checkpoint, reference["data"], ddp, 2, save_every=1), launcher=launcher
+        "mole_expert", *SGD, *tiny_args(small_checkpoint, reference["data"], ddp, 2, save_every=1), launcher=launcher
     )
     checkpoints = sorted((work_dir(ddp) / "checkpoints").iterdir())
     assert [c.name for c in checkpoints] == ["checkpoint_1", "checkpoint_2"]
@@ -209,19 +212,20 @@ def test_accelerate_launch_two_processes(tmp_path, checkpoint, references):
     assert {"random_states_0.pkl", "random_states_1.pkl", "trainable.safetensors", "hand.safetensors"} <= files
     assert proc.stderr.count("wrote ") == 1  # only the main process writes the output
     tensors, meta = load_safetensors(ddp)
-    assert len(parse_lora_state_dict(tensors)) == 192 and meta["ss_steps"] == "2"
+    layers = parse_lora_state_dict(reference["tensors"])
+    assert parse_lora_state_dict(tensors).keys() == layers.keys() and meta["ss_steps"] == "2"
 
     assert_same_sgd_training(tensors, [r["loss"] for r in read_log(work_dir(ddp))], reference)
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
-def test_gradient_accumulation_matches_a_larger_batch(tmp_path, checkpoint, references, kind):
+def test_gradient_accumulation_matches_a_larger_batch(tmp_path, small_checkpoint, references, kind):
     reference = references(kind)
     out = tmp_path / "accum" / "hand.safetensors"
     run_script(
         "mole_expert",
         *(SGD if kind == "sgd" else EXPERT),
-        *tiny_args(checkpoint, reference["data"], out, 2, grad_accum=2),
+        *tiny_args(small_checkpoint, reference["data"], out, 2, grad_accum=2),
     )
     check = assert_same_sgd_training if kind == "sgd" else assert_same_adamw_training
     check(load_safetensors(out)[0], [r["loss"] for r in read_log(work_dir(out))], reference)
