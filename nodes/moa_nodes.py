@@ -15,9 +15,12 @@ the checks that need no model run in validate_inputs too, before the queue start
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import os
 import uuid
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -205,18 +208,47 @@ def check_image_encoder(clip_vision, moa: LoadedMoA) -> None:
         )
 
 
+class SubjectEmbeddingCache:
+    """The last image embeddings, per (CLIP vision model, image content): a graph that swaps prompts
+    or subjects over the same photos (the couples figure runs seven samplers over two faces) encodes
+    each photo once, not once per MoA Subject Inject (~1 s each for ViT-L/14 on a CPU). The model is
+    held weakly and compared by identity, so a freed model's reused id never hits."""
+
+    def __init__(self, size: int = 32):
+        self.size = size
+        self.entries: OrderedDict = OrderedDict()
+        self.encoded = 0  # encoder calls made, for tests and logs
+
+    @staticmethod
+    def key(clip_vision, image: torch.Tensor) -> tuple:
+        data = image.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+        return id(clip_vision), tuple(image.shape), hashlib.blake2b(data, digest_size=16).hexdigest()
+
+    def embed(self, clip_vision, image: torch.Tensor) -> torch.Tensor:
+        key = self.key(clip_vision, image)
+        hit = self.entries.get(key)
+        if hit is not None and hit[0]() is clip_vision:
+            self.entries.move_to_end(key)
+            return hit[1]
+        with torch.no_grad():  # as ComfyUI runs nodes (inference mode): no autograd graph through the encoder
+            square = square_subject(image, clip_vision.image_size)
+            embedding = clip_vision.encode_image(square).image_embeds.float().cpu()
+        self.encoded += 1
+        self.entries[key] = (weakref.ref(clip_vision), embedding)
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+        return embedding
+
+
+SUBJECT_EMBEDDINGS = SubjectEmbeddingCache()
+
+
 def encode_subject_images(clip_vision, images: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
     """(n, 768) projected CLS embeddings of every image, input by input, in order. Each image is
     padded to a square first, as MoA's training and FastComposer make subject images
     (mixture_core.subject_images): a full-body photo keeps its head, which the encoder's center
     crop would cut off. The CLIP normalization that follows is the clip_vision model's own."""
-    embeddings = []
-    with torch.no_grad():  # as ComfyUI runs nodes (inference mode): no autograd graph through the encoder
-        for _, image in images:
-            embeddings.append(
-                clip_vision.encode_image(square_subject(image, clip_vision.image_size)).image_embeds.float().cpu()
-            )
-    return torch.cat(embeddings)
+    return torch.cat([SUBJECT_EMBEDDINGS.embed(clip_vision, image) for _, image in images])
 
 
 @dataclass(frozen=True)

@@ -332,6 +332,27 @@ def test_the_subject_image_matters(moa_nodes, sd15, moa, clip_l14, negative, moa
     assert not torch.allclose(out, moa_one_latent, atol=1e-4)
 
 
+def test_each_subject_photo_is_encoded_once_per_clip_vision(moa_nodes, sd15, moa, clip_l14, clip_h14):
+    """Injects over the same photo reuse its embedding; another photo, a photo changed in place
+    or another CLIP vision model is encoded anew, and the embeddings are the encoder's own."""
+    cache = moa_nodes.SUBJECT_EMBEDDINGS
+    photo, other = image(21), image(22)
+    start = cache.encoded
+    first = moa_nodes.encode_subject_images(clip_l14, [("image_1", photo), ("image_2", other)])
+    assert cache.encoded == start + 2
+    again = moa_nodes.encode_subject_images(clip_l14, [("image_1", other), ("image_2", photo)])
+    assert cache.encoded == start + 2 and torch.equal(again, first.flip(0))
+    with torch.no_grad():
+        direct = clip_l14.encode_image(moa_nodes.square_subject(photo, clip_l14.image_size)).image_embeds.float()
+    assert torch.equal(first[0], direct[0])
+    changed = photo.clone()
+    changed[0, 0, 0, 0] += 0.5
+    moa_nodes.encode_subject_images(clip_l14, [("image_1", changed)])
+    assert cache.encoded == start + 3
+    moa_nodes.encode_subject_images(clip_h14, [("image_1", photo)])
+    assert cache.encoded == start + 4
+
+
 def test_two_subjects(moa_two, negative, base_latent, moa_one_latent):
     model, positive = moa_two
     out = sample(model, positive, negative)
