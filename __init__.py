@@ -6,6 +6,9 @@ imports happen inside comfy_entrypoint, so importing the package alone (as test 
 do) needs no ComfyUI.
 """
 
+# The editor-side part (web/fit_labels.js): nodes wide enough that no widget label is cut.
+WEB_DIRECTORY = "./web"
+
 
 async def comfy_entrypoint():
     from .nodes.extension import MixtureExpertsExtension

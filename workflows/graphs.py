@@ -1,9 +1,10 @@
 """The shipped workflows, written once as API-format graphs (class_type + inputs).
 
-`python3 -m workflows.build` turns each into the two shipped files: `workflows/<name>.json`
+`python3 -m workflows.build` turns each into the two shipped files: `workflows/<file>.json`
 (the graph editor's format, laid out and given its note by the real ComfyUI frontend) and
-`workflows/api/<name>.json` (this graph, as `python3 -m workflows.run` and the /prompt API
-take it). The tests check that the two agree and that every value fits its node.
+`workflows/api/<file>.json` (this graph, as `python3 -m workflows.run` and the /prompt API
+take it), <file> being the graph's entry in FILES. The tests check that the two agree and that
+every value fits its node.
 """
 
 from __future__ import annotations
@@ -170,6 +171,11 @@ class Graph:
             self.files.append(entry)
         return entry[1]
 
+    @property
+    def file_stem(self) -> str:
+        """The shipped files' name without extension (FILES)."""
+        return FILES[self.name]
+
     def note(self) -> str:
         intro = f"Reproduces {self.figure}. {self.shows}" if self.figure else self.shows
         lines = [
@@ -191,7 +197,7 @@ class Graph:
         lines += [
             "",
             "Names can be changed in the loader nodes. Run headless: "
-            f"`python3 -m workflows.run workflows/{self.name}.json --out OUT` from the pack's folder.",
+            f'`python3 -m workflows.run "workflows/{self.file_stem}.json" --out OUT` from the pack\'s folder.',
         ]
         return "\n".join(lines)
 
@@ -748,7 +754,8 @@ def _sdxl(make):
     return make_sdxl
 
 
-# In figure order, MoLE first (each SDXL graph beside its SD1.5 twin), then MoA.
+# In figure order, MoLE first (each SDXL graph beside its SD1.5 twin), then MoA (the quickstart,
+# which needs no training, first).
 WORKFLOWS = [
     mole_fig1_lora_refinement,
     mole_fig7_gates,
@@ -757,6 +764,7 @@ WORKFLOWS = [
     _sdxl(mole_fig8_9_comparison),
     mole_table3_assignment_ablation,
     _sdxl(mole_table3_assignment_ablation),
+    moa_fastcomposer_quickstart,
     moa_fig6_router_maps,
     moa_fig7_subject_swap,
     moa_fig8_couples,
@@ -764,8 +772,30 @@ WORKFLOWS = [
     moa_fig12_morphing,
     moa_fig13_real_photo_swap,
     moa_fig21_22_style_and_timelapse,
-    moa_fastcomposer_quickstart,
 ]
+# The shipped file of each graph (workflows/<file>.json, its card picture <file>.jpg, and
+# api/<file>.json), by the graph's name (its id here, in the tests and in output folders).
+# ComfyUI 0.8.0's template browser (frontend 1.35) makes a pack's card from the file name alone:
+# it is the card's title and, with "-" and "_" shown as spaces, its description; the server lists
+# the files in the file system's order and the "Alphabetical" sort orders them by that name. So
+# the names read as titles, and their numbers keep the order above (tests/core/test_workflow_files.py).
+FILES = {
+    "mole_fig1_lora_refinement": "01 MoLE Fig. 1 - refinement (SD1.5)",
+    "mole_fig7_gates": "02 MoLE Fig. 7 - gate maps (SD1.5)",
+    "mole_fig7_gates_sdxl": "03 MoLE Fig. 7 - gate maps (SDXL)",
+    "mole_fig8_9_comparison": "04 MoLE Fig. 8, 9 - vs base (SD1.5)",
+    "mole_fig8_9_comparison_sdxl": "05 MoLE Fig. 8, 9 - vs base (SDXL)",
+    "mole_table3_assignment_ablation": "06 MoLE Table 3 - ablation (SD1.5)",
+    "mole_table3_assignment_ablation_sdxl": "07 MoLE Table 3 - ablation (SDXL)",
+    "moa_fastcomposer_quickstart": "08 MoA quickstart - no training",
+    "moa_fig6_router_maps": "09 MoA Fig. 6 - router maps",
+    "moa_fig7_subject_swap": "10 MoA Fig. 7 - subject swap",
+    "moa_fig8_couples": "11 MoA Fig. 8 - two-subject couples",
+    "moa_fig11_controlnet_pose": "12 MoA Fig. 11 - pose with ControlNet",
+    "moa_fig12_morphing": "13 MoA Fig. 12 - subject morphing",
+    "moa_fig13_real_photo_swap": "14 MoA Fig. 13 - swap in real photos",
+    "moa_fig21_22_style_and_timelapse": "15 MoA Fig. 21, 22 - style, time lapse",
+}
 SDXL_WORKFLOWS = [make.__name__ for make in WORKFLOWS if make.__name__.endswith("_sdxl")]
 
 

@@ -1,6 +1,6 @@
 """Run shipped (or your own) workflows headless through the host's own executor.
 
-    python3 -m workflows.run workflows/moa_fig7_subject_swap.json [more.json ...] --out OUT
+    python3 -m workflows.run "workflows/10 MoA Fig. 7 - subject swap.json" [more.json ...] --out OUT
 
 from the pack's folder. ComfyUI is found as the tests find it (COMFYUI_PATH, the ComfyUI whose
 custom_nodes/ holds the pack, else ~/comfy/ComfyUI); the pack is loaded by ComfyUI's own

@@ -247,7 +247,7 @@ def test_sdxl_workflows_validate_with_their_files(pack_nodes, tmp_path):
     mw.write_released_gates(tmp_path / "mole" / graphs.SDXL_GATES[1], layers, names)
     with model_folders(**{f: tmp_path / f for f in ("checkpoints", "loras", "mole")}):
         for g in sdxl:
-            prompt = json.loads((REPO / "workflows" / "api" / f"{g.name}.json").read_text())
+            prompt = json.loads((REPO / "workflows" / "api" / f"{g.file_stem}.json").read_text())
             assert prompt == g.nodes
             valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("test", prompt, None))
             assert valid, (g.name, error, node_errors)

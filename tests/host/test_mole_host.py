@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import hostenv
 import pytest
@@ -77,8 +78,8 @@ def sample(sd15, model, cfg=2.0, width=64, height=64, batch=1, steps=1, seed=7):
 
 @pytest.mark.slow
 def test_pack_registers_through_comfyui_loader(tmp_path):
-    """The real custom-node loader finds both nodes; the mole folder keeps an
-    extra_model_paths.yaml entry made before the pack loaded."""
+    """The real custom-node loader finds both nodes and the editor extension (web/, served to the
+    editor); the mole folder keeps an extra_model_paths.yaml entry made before the pack loaded."""
     extra = tmp_path / "extra_models" / "mole"
     extra.mkdir(parents=True)
     yaml = tmp_path / "extra_model_paths.yaml"
@@ -95,7 +96,8 @@ def test_pack_registers_through_comfyui_loader(tmp_path):
         ok = asyncio.run(nodes.load_custom_node({str(link)!r}))
         print(json.dumps({{"ok": ok, "nodes": sorted(k for k in nodes.NODE_CLASS_MAPPINGS if k.startswith(("MoLE_", "MoA_"))),
                           "names": {{k: nodes.NODE_DISPLAY_NAME_MAPPINGS.get(k) for k in ("MoLE_LoadExperts", "MoLE_ApplyGating")}},
-                          "mole": folder_paths.get_folder_paths("mole")}}))
+                          "mole": folder_paths.get_folder_paths("mole"),
+                          "web": nodes.EXTENSION_WEB_DIRS.get("ComfyUI-MoLE-MoA")}}))
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -105,6 +107,7 @@ def test_pack_registers_through_comfyui_loader(tmp_path):
     assert result["names"] == {"MoLE_LoadExperts": "Load MoLE Experts", "MoLE_ApplyGating": "Apply MoLE Gating"}
     assert str(extra) in result["mole"]
     assert result["mole"][0].endswith(os.path.join("models", "mole"))
+    assert result["web"] and {"fit_labels.js", "labels.js"} <= {p.name for p in Path(result["web"]).iterdir()}
 
 
 def test_both_gate_formats_and_namings_patch_every_target_layer(nodes_mod, sd15, sd15_files):

@@ -21,11 +21,15 @@ from helpers.fixtures import model_folders
 # The two runs of the runner (a subprocess each) are slow; the checks of the files are not.
 
 REPO = hostenv.REPO
-# The SDXL MoLE graphs (*_sdxl) need SDXL-layout files: tests/host/test_editor_host.py covers them.
-WORKFLOWS = sorted(p for p in (REPO / "workflows").glob("*.json") if not p.stem.endswith("_sdxl"))
 MODEL_FOLDERS = ("checkpoints", "loras", "mole", "moa", "clip_vision", "controlnet")
 sys.path.insert(0, str(REPO))
 from workflows import graphs, run  # noqa: E402
+
+# The SDXL MoLE graphs (*_sdxl) need SDXL-layout files: tests/host/test_editor_host.py covers them.
+SDXL_FILES = {graphs.FILES[name] for name in graphs.SDXL_WORKFLOWS}
+WORKFLOWS = sorted(p for p in (REPO / "workflows").glob("*.json") if p.stem not in SDXL_FILES)
+GRAPH_OF = {stem: name for name, stem in graphs.FILES.items()}  # file -> graph name (the test ids)
+IDS = [GRAPH_OF.get(p.stem, p.stem) for p in WORKFLOWS]
 
 
 @pytest.fixture(scope="module")
@@ -73,26 +77,26 @@ def model_root(sd15, tmp_path_factory):
 
 
 def test_every_figure_has_a_workflow_and_an_api_twin():
-    names = {g.name for g in graphs.all_graphs() if g.name not in graphs.SDXL_WORKFLOWS}
+    names = {g.file_stem for g in graphs.all_graphs() if g.name not in graphs.SDXL_WORKFLOWS}
     assert len(names) == 12
     assert {p.stem for p in WORKFLOWS} == names
-    assert {p.stem for p in (REPO / "workflows" / "api").glob("*.json")} == names | set(graphs.SDXL_WORKFLOWS)
+    assert {p.stem for p in (REPO / "workflows" / "api").glob("*.json")} == names | SDXL_FILES
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+@pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
 def test_editor_file_matches_its_api_twin_and_graphs_py(path, node_classes):
     ui = json.loads(path.read_text())
     api = json.loads((REPO / "workflows" / "api" / path.name).read_text())
     converted = run.ui_to_api(ui, node_classes, path.name)  # raises if a widget count no longer fits its node
     strip = lambda prompt: {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in prompt.items()}  # noqa: E731
     assert strip(converted) == strip(api)
-    source = {g.name: g for g in graphs.all_graphs()}[path.stem]
+    source = {g.file_stem: g for g in graphs.all_graphs()}[path.stem]
     assert strip(source.nodes) == strip(api)  # the twin is what graphs.py says
     notes = [n for n in ui["nodes"] if n["type"] == "MarkdownNote"]
     assert len(notes) == 1 and all(name in notes[0]["widgets_values"][0] for _, name in source.files)
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+@pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
 def test_every_value_fits_its_node(path, node_classes, model_root):
     """The host's own validation (types, ranges, combo lists) of each API twin, with every
     file it names present."""
@@ -142,19 +146,18 @@ def test_all_workflows_run_headless(model_root, tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     images = json.loads(listing.read_text())
     for g in (g for g in graphs.all_graphs() if g.name not in graphs.SDXL_WORKFLOWS):
-        saved = images[f"{g.name}.json"]
+        saved = images[f"{g.file_stem}.json"]
         saves = [n for n in g.nodes.values() if n["class_type"] == "SaveImage"]
         assert len(saved) >= len(saves) and all(Path(p).is_file() for p in saved), (g.name, saved)
     # Side-by-side rows hold one image per sampler: e.g. the couples row has seven.
-    couples = [p for p in images["moa_fig8_couples.json"] if "couples" in p]
+    couples = [p for p in images[f"{graphs.FILES['moa_fig8_couples']}.json"] if "couples" in p]
     assert len(couples) == len(graphs.COUPLE_PROMPTS)
 
 
 @pytest.mark.slow
 def test_runner_names_missing_files_before_running(tmp_path):
-    done = runner(
-        REPO / "workflows" / "moa_fig7_subject_swap.json", "--out", tmp_path, "--input-dir", tmp_path, timeout=600
-    )
+    swap = REPO / "workflows" / f"{graphs.FILES['moa_fig7_subject_swap']}.json"
+    done = runner(swap, "--out", tmp_path, "--input-dir", tmp_path, timeout=600)
     assert done.returncode != 0
     message = done.stderr
     assert "nothing was run" in message
