@@ -171,6 +171,7 @@ class MoAPatch:
         self._key = f"moa_stash_{id(self):x}"
         # transformer_options key of the uuids of the rows that carry this patch's subjects
         self.rows_key = f"mole_moa.subject_rows.{settings.mark.key}"
+        self.sigma_key = f"mole_moa.sigma.{settings.mark.key}"
 
     def __deepcopy__(self, memo):
         return self
@@ -215,6 +216,9 @@ class MoAPatch:
         options["transformer_options"] = {
             **model_options.get("transformer_options", {}),
             self.rows_key: frozenset(rows),
+            # Read once per model call here: every layer call asks for it, and on a GPU each
+            # read of a device tensor waits for the queued work.
+            self.sigma_key: float(timestep.reshape(-1)[0]),
         }
         return executor(model, conds, x_in, timestep, options)
 
@@ -231,11 +235,18 @@ class MoAPatch:
             return None
         return self.layers.get((tuple(block), extra_options.get("block_index", 0), attn))
 
+    def sigma(self, extra_options: dict) -> float | None:
+        """This call's sigma (None outside a sampler): the float the wrapper read, else the tensor."""
+        sigma = extra_options.get(self.sigma_key)
+        if sigma is None:
+            sigmas = extra_options.get("sigmas")
+            sigma = None if sigmas is None else float(sigmas.reshape(-1)[0])
+        return sigma
+
     def active(self, extra_options: dict) -> bool:
-        sigmas = extra_options.get("sigmas")
-        if sigmas is None:
+        sigma = self.sigma(extra_options)
+        if sigma is None:
             return True  # called outside a sampler: no schedule to follow
-        sigma = float(sigmas.reshape(-1)[0])
         s = self.settings
         return s.sigma_end <= sigma <= s.sigma_start
 
@@ -244,28 +255,28 @@ class MoAPatch:
         inside a sampler, before end_percent (the maps of one step serve the next)."""
         if self.maps is None or attn != "attn2" or not self.settings.bindings:
             return False
-        block, sigmas = extra_options.get("block"), extra_options.get("sigmas")
+        block, sigma = extra_options.get("block"), self.sigma(extra_options)
         if (
             block is None
-            or sigmas is None
+            or sigma is None
             or (tuple(block), extra_options.get("block_index", 0), attn) not in self.map_keys
         ):
             return False
-        return float(sigmas.reshape(-1)[0]) >= self.settings.sigma_end
+        return sigma >= self.settings.sigma_end
 
     def attention_share(
         self, layer: MoALayer, h: torch.Tensor, context: torch.Tensor | None, extra_options: dict, record: bool
     ) -> torch.Tensor | None:
         """The attention router's personal share (B, T, 1) for this layer call, from the previous
         step's maps (None: none yet, the prior alone); records this call's maps when `record`."""
-        sigmas, shape = extra_options.get("sigmas"), extra_options.get("original_shape")
-        if sigmas is None or shape is None:
+        sigma, shape = self.sigma(extra_options), extra_options.get("original_shape")
+        if sigma is None or shape is None:
             return None
         latent = tuple(shape[-2:])
         grid = token_grid(h.shape[1], *latent)
         if grid is None:
             return None
-        self.maps.step(float(sigmas.reshape(-1)[0]))
+        self.maps.step(sigma)
         batch = h.shape[0]
         chunks = len(extra_options.get("uuids") or extra_options.get("cond_or_uncond") or [0])
         per_chunk = batch // chunks if batch % chunks == 0 else batch
@@ -300,9 +311,10 @@ class MoAPatch:
                 len(chunks),
             )
             return None
-        rows = torch.tensor([chunk in marked for chunk in chunks], device=device)
-        rows = rows.repeat_interleave(batch // len(chunks))
-        return rows if bool(rows.any()) else None
+        flags = [chunk in marked for chunk in chunks]
+        if not any(flags):  # decided on the host: no device sync per layer call
+            return None
+        return torch.tensor(flags, device=device).repeat_interleave(batch // len(chunks))
 
     def timesteps(self, extra_options: dict, batch: int, device) -> torch.Tensor | None:
         """(B,) timesteps (0..999) of the rows of a batch; None outside a sampler."""
