@@ -203,6 +203,7 @@ def null_text_inversion(
     inner_iters: int = 10,
     lr: float = 1e-2,
     early_stop: float = 1e-5,
+    losses: list | None = None,
 ) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
     """Null-text inversion (Mokady et al. 2023, Alg. 1): per-step unconditional embeddings that
     make cfg-guided DDIM sampling from ``pivots[0]`` retrace the pivot trajectory.
@@ -213,10 +214,12 @@ def null_text_inversion(
     ``e_u = uncond_eps_fn(x, t, embeddings)``. At step i, starting from step i-1's result (the
     paper's warm start), Adam (``lr``) minimizes the MSE between the guided step from the current
     latent and the pivot ``pivots[i+1]``, for at most ``inner_iters`` updates, stopping early once
-    the MSE is below ``early_stop``; the latent then moves on with the optimized embeddings, so
-    errors of earlier steps are corrected by later ones. Costs per step one cond call plus at most
-    ``inner_iters`` uncond calls with backward and one without (none at cfg 1, where the
-    embeddings have no effect).
+    the MSE is below ``early_stop``; the step keeps the embeddings of the lowest MSE seen (Adam
+    can overshoot, so the last update is not always the best; never worse than the warm start),
+    and the latent moves on with them, so errors of earlier steps are corrected by later ones.
+    Costs per step one cond call plus at most ``inner_iters`` uncond calls with backward and one
+    without (none at cfg 1, where the embeddings have no effect). ``losses``, a list, receives
+    per step the MSE of every evaluation (empty at cfg 1).
 
     Returns (the reconstruction of the clean latent, one list of embeddings per step, aligned with
     ``timesteps``: what the unconditional branch must use at that step to retrace the pivots).
@@ -241,6 +244,7 @@ def null_text_inversion(
         for i, t in enumerate(ts):
             with torch.no_grad():
                 e_c = _eps(cond_eps_fn, x, t, in_dtype)
+            step_losses = []
             if not guided:
                 x_prev = ddim_step(x, e_c, levels[i], levels[i + 1])
             else:
@@ -258,7 +262,10 @@ def null_text_inversion(
                     inner_iters,
                     lr,
                     early_stop,
+                    step_losses,
                 )
+            if losses is not None:
+                losses.append(step_losses)
             x = x_prev.detach()
             per_step.append([p.detach().clone() for p in params])
             if callback is not None:
@@ -267,21 +274,29 @@ def null_text_inversion(
 
 
 def _null_text_step(
-    x, e_c, t, params, uncond_eps_fn, cfg, alpha_t, alpha_prev, target, in_dtype, inner_iters, lr, early_stop
+    x, e_c, t, params, uncond_eps_fn, cfg, alpha_t, alpha_prev, target, in_dtype, inner_iters, lr, early_stop, losses
 ):
-    """Optimize ``params`` in place for one step; return the guided step's result with them."""
+    """Optimize ``params`` in place for one step (left at the best iterate); return the guided
+    step's result with them. ``losses`` receives the MSE of every evaluation."""
     optimizer = torch.optim.Adam(params, lr=lr)
+    best = None  # (loss, x_prev, embeddings)
     for j in range(inner_iters + 1):
         last = j == inner_iters  # the final evaluation after the last update needs no gradient
         with torch.set_grad_enabled(not last):
             e_u = uncond_eps_fn(x.to(in_dtype), t, params).to(device=x.device, dtype=x.dtype)
             x_prev = ddim_step(x, e_u + cfg * (e_c - e_u), alpha_t, alpha_prev)
             loss = torch.nn.functional.mse_loss(x_prev, target)
-        if last or loss.item() < early_stop:
-            return x_prev
+        losses.append(loss.item())
+        if best is None or losses[-1] < best[0]:
+            best = (losses[-1], x_prev.detach(), [p.detach().clone() for p in params])
+        if last or losses[-1] < early_stop:
+            break
         # autograd.grad, not backward(): only the embeddings get gradients, never model weights.
         grads = torch.autograd.grad(loss, params)
         for p, g in zip(params, grads):
             p.grad = g
         optimizer.step()
-    return x_prev
+    with torch.no_grad():
+        for p, b in zip(params, best[2]):
+            p.copy_(b)
+    return best[1]

@@ -305,11 +305,13 @@ def run_null_text(
     early_stop=1e-5,
     progress=None,
     seed=0,
+    losses=None,
 ):
     """Null-text inversion's optimization pass (Mokady et al. 2023): from the inverted ``latent``
     and the inversion's ``pivots`` (run_ddim(..., trajectory=list)), tunes the negative prompt's
     embeddings step by step so that sampling at ``cfg`` retraces the inversion. Returns (the
-    reconstruction, {timestep index: embeddings}) for run_ddim(..., negative_per_step=...)."""
+    reconstruction, {timestep index: embeddings}) for run_ddim(..., negative_per_step=...).
+    ``losses``: see mixture_core.ddim.null_text_inversion."""
     table, timesteps, sigmas = _table_and_sigmas(model, steps, invert=False)
     embeddings = {}
     sampler = comfy.samplers.KSAMPLER(
@@ -319,7 +321,7 @@ def run_null_text(
             "timesteps": timesteps,
             "pivots": pivots,
             "embeddings_out": embeddings,
-            "settings": {"inner_iters": inner_iters, "lr": lr, "early_stop": early_stop},
+            "settings": {"inner_iters": inner_iters, "lr": lr, "early_stop": early_stop, "losses": losses},
         },
     )
     guider = comfy.samplers.CFGGuider(_autograd_ready(model))

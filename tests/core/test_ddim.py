@@ -303,3 +303,31 @@ def test_null_text_inversion_cost_early_stop_cfg1_and_inference_mode():
     assert not torch.equal(per_step[0][0], NULL0[0]) and not NULL0[0].any()  # the input is not modified
     with pytest.raises(ValueError, match="pivots"):
         null_text_inversion(pivots[1:], cond, uncond, NULL0, ALPHAS, 3.0, timesteps=ddim_timesteps(1000, 4))
+
+
+def test_null_text_step_keeps_its_best_iterate():
+    """Adam can overshoot: a step whose updates only made the loss worse keeps the embeddings it
+    started from, and every step returns the latent of its lowest recorded loss."""
+    x0, cond, uncond, guided, _ = conditional_gaussian_problem()
+    steps = 4
+    pivots = []
+    x_T = ddim_invert(x0, cond, ALPHAS, steps, refine_iters=3, trajectory=pivots)
+    losses = []
+    recon, per_step = null_text_inversion(
+        pivots, cond, uncond, NULL0, ALPHAS, 3.0, inner_iters=3, lr=50.0, early_stop=0.0, losses=losses
+    )
+    assert len(losses) == steps and all(len(step) == 4 for step in losses)
+    overshot = [i for i, step in enumerate(losses) if min(step[1:]) > step[0]]
+    assert overshot, losses  # lr 50 throws the embedding far off at some step
+    for i in overshot:
+        start = NULL0 if i == 0 else per_step[i - 1]
+        assert torch.equal(per_step[i][0], start[0]), i
+    # The kept embeddings are what the step used: replaying them reproduces the reconstruction,
+    # and each step's result is at its lowest loss.
+    by_t = dict(zip(ddim_timesteps(1000, steps), per_step))
+    assert rel_err(ddim_sample(x_T, guided(3.0, lambda t: by_t[t]), ALPHAS, steps), recon) < 1e-5
+    x = pivots[0]
+    for i, t in enumerate(ddim_timesteps(1000, steps)):
+        levels = [float(ALPHAS[s]) for s in ddim_timesteps(1000, steps)] + [1.0]
+        x = ddim_step(x, guided(3.0, lambda _t: per_step[i])(x, t), levels[i], levels[i + 1])
+        assert math.isclose(float(torch.nn.functional.mse_loss(x, pivots[i + 1])), min(losses[i]), rel_tol=1e-6)

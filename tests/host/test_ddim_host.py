@@ -190,10 +190,11 @@ def test_null_text_swap_holds_the_photo_at_cfg_3(ddim_nodes, sd15, prompt, photo
         f"random SD1.5, 2 steps, cfg 3: invert->regenerate relative error {errors['ddim']:.3f} plain DDIM, "
         f"{errors['null_text']:.3f} null-text"
     )
-    # Measured on the random SD1.5 at 2 steps: 7.72 plain, 4.62 null-text (0.60). The core test on
-    # Gaussian data shows > 100x; why the host gains far less is open (issue 11), so this bound
-    # only holds the gain that is there.
-    assert errors["null_text"] < 0.8 * errors["ddim"], errors
+    # Measured on the random SD1.5 at 2 steps: 7.72 plain, 4.34 null-text (0.56). The gain is small
+    # here only because 4 updates of lr 0.05 are little for this UNet: its eps barely responds to
+    # the text, so the embedding has to travel about its own size (rms ~1.4; the same pass with 50
+    # updates of lr 0.1 reaches 0.05, bench_ddim_swap). Optimizing nothing gives 1.0.
+    assert errors["null_text"] < 0.7 * errors["ddim"], errors
     # The weight copies for autograd were on a clone only: the shared model is back as it was.
     assert not any(getattr(m, "weight_function", None) for m in sd15.model.model.diffusion_model.modules())
 
@@ -208,8 +209,9 @@ def test_null_text_embeddings_apply_at_their_own_steps(ddim_nodes, sd15, prompt,
         noise = ddim_nodes.run_ddim(
             sd15.model, latent, prompt, empty, 2, 1.0, invert=True, refine_iters=2, trajectory=pivots
         )
+        losses = []
         recon, by_t = ddim_nodes.run_null_text(
-            sd15.model, {"samples": noise}, pivots, prompt, empty, 2, 3.0, inner_iters=4, lr=0.05
+            sd15.model, {"samples": noise}, pivots, prompt, empty, 2, 3.0, inner_iters=4, lr=0.05, losses=losses
         )
         replay = ddim_nodes.run_ddim(
             sd15.model, {"samples": noise}, prompt, empty, 2, 3.0, invert=False, negative_per_step=by_t
@@ -227,6 +229,8 @@ def test_null_text_embeddings_apply_at_their_own_steps(ddim_nodes, sd15, prompt,
         )
     assert len(by_t) == 2 and all(len(e) == 1 and e[0].shape == empty[0][0].shape for e in by_t.values())
     assert not torch.equal(by_t[t_hi][0], by_t[t_lo][0])
+    # The optimization acted: every step ends below the loss of the embedding it started from.
+    assert len(losses) == 2 and all(min(step) < 0.95 * step[0] for step in losses), losses
     assert relative_error(replay, recon) < 1e-4
     assert relative_error(swapped, recon) > 100 * relative_error(replay, recon)
 
