@@ -1,4 +1,7 @@
-"""DDIM inversion and regeneration through the real ComfyUI sampler path (random SD1.5)."""
+"""DDIM inversion and regeneration through the real ComfyUI sampler path, on the shallow random
+SD1.5-family checkpoint (`sd15_small`): inversion, null-text optimization and the progress bar do
+not depend on the UNet's depth, and the small UNet lets the null-text test run the optimization
+to convergence in seconds."""
 
 from __future__ import annotations
 
@@ -10,6 +13,11 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sd15(sd15_small):
+    return sd15_small
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +176,9 @@ def progress_hook(hook):
 
 
 SWAP = {"steps": 2, "cfg": 3.0, "inversion_cfg": 1.0, "refine_iters": 2, "null_text_iters": 4, "null_text_lr": 0.05}
+# Enough optimization to converge on the random model (its eps barely responds to the text, so the
+# embedding must travel about its own size: far more than the paper's 10 updates of lr 0.01 cover).
+CONVERGED = {**SWAP, "null_text_iters": 50, "null_text_lr": 0.1}
 
 
 def test_null_text_swap_holds_the_photo_at_cfg_3(ddim_nodes, sd15, prompt, photo_and_empty):
@@ -181,20 +192,17 @@ def test_null_text_swap_holds_the_photo_at_cfg_3(ddim_nodes, sd15, prompt, photo
         for inversion in ("ddim", "null_text"):
             seen.clear()
             out = ddim_nodes.MoADDIMSwap.execute(
-                sd15.model, sd15.model, prompt, empty, sd15.vae, image, inversion=inversion, **SWAP
+                sd15.model, sd15.model, prompt, empty, sd15.vae, image, inversion=inversion, **CONVERGED
             ).result[1]["samples"]
             errors[inversion] = relative_error(out, target)
             passes = 3 if inversion == "null_text" else 2
             assert seen == [(i, passes * 2) for i in range(1, passes * 2 + 1)], (inversion, seen)
     print(
-        f"random SD1.5, 2 steps, cfg 3: invert->regenerate relative error {errors['ddim']:.3f} plain DDIM, "
+        f"random SD1.5-family, 2 steps, cfg 3: invert->regenerate relative error {errors['ddim']:.3f} plain DDIM, "
         f"{errors['null_text']:.3f} null-text"
     )
-    # Measured on the random SD1.5 at 2 steps: 7.72 plain, 4.34 null-text (0.56). The gain is small
-    # here only because 4 updates of lr 0.05 are little for this UNet: its eps barely responds to
-    # the text, so the embedding has to travel about its own size (rms ~1.4; the same pass with 50
-    # updates of lr 0.1 reaches 0.05, bench_ddim_swap). Optimizing nothing gives 1.0.
-    assert errors["null_text"] < 0.7 * errors["ddim"], errors
+    # Measured: 14.2 plain, 0.055 null-text (50 updates of lr 0.1; 4 updates of lr 0.05 give 9.1).
+    assert errors["null_text"] < 0.02 * errors["ddim"] and errors["null_text"] < 0.2, errors
     # The weight copies for autograd were on a clone only: the shared model is back as it was.
     assert not any(getattr(m, "weight_function", None) for m in sd15.model.model.diffusion_model.modules())
 
