@@ -1,6 +1,6 @@
 """The quality pipeline end to end on the real host: `python3 -m quality generate` renders the MoA
-protocol's prompts for base, MoLE and MoA through ComfyUI's executor (random-weight SD1.5 and
-random MoLE/MoA files, 64x64, 1 step) and resumes a stopped run (a run with other settings is refused:
+protocol's prompts for base, MoLE and MoA through ComfyUI's executor (the shallow random-weight
+SD1.5-family checkpoint and random MoLE/MoA files for it, 64x64, 1 step) and resumes a stopped run (a run with other settings is refused:
 tests/quality/test_generate_settings.py);
 then the run is scored (random-weight CLIP and FaceNet of the real architectures; MTCNN's real
 weights) and reported."""
@@ -26,13 +26,16 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def setup(sd15, tmp_path_factory):
+def setup(sd15_small, tmp_path_factory):
+    # The pipeline does not depend on the UNet's depth: the shallow model renders it in seconds.
+    sd15 = sd15_small
     root = tmp_path_factory.mktemp("quality")
     for folder in ("checkpoints", "loras", "mole", "moa", "clip_vision"):
         (root / folder).mkdir()
-    (root / "checkpoints" / "sd15.safetensors").symlink_to(rm.sd15_checkpoint())
+    (root / "checkpoints" / "sd15.safetensors").symlink_to(rm.sd15_small_checkpoint())
     (root / "clip_vision" / "vit_l14.safetensors").symlink_to(rm.clip_vision_vit_l14())
-    (root / "moa" / "moa.safetensors").symlink_to(aw.cached_moa_file(sd15.model, seed=11))
+    moa = aw.cached_moa_file(sd15.model, seed=11, model_tag=f"sd15small{rm.SD15_SMALL_VERSION}")
+    (root / "moa" / "moa.safetensors").symlink_to(moa)
     layers, kohya = mw.target_layers(sd15.model), mw.kohya_names(sd15.model, "diffusers")
     mw.write_lora(root / "loras" / "face.safetensors", layers, kohya, seed=41)
     mw.write_lora(root / "loras" / "hand.safetensors", layers, kohya, seed=42)
