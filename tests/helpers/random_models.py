@@ -16,6 +16,7 @@ Public functions (all need the ComfyUI host and import it through hostenv):
     sd15_checkpoint() -> Path         SD1.5 checkpoint: UNet + CLIP-L + VAE, fp16, ~2.1 GB
     sd15_small_checkpoint() -> Path   the same with a shallow SD1.5-family UNet (2 levels), ~0.4 GB
     sd15_controlnet() -> Path         SD1.5 ControlNet, control_model.* layout, fp16, ~0.7 GB
+    sd15_small_controlnet() -> Path   the same for the shallow UNet of sd15_small_checkpoint()
     clip_vision_vit_l14() -> Path     CLIP ViT-L/14 vision tower + visual_projection, fp16
     clip_vision_vit_h14() -> Path     CLIP ViT-H/14 vision tower (a wrong encoder for SD1.5 tests)
     sdxl_model() -> SDXLBundle        an SDXL-layout UNet ModelPatcher built in-process (no file),
@@ -335,12 +336,12 @@ def sd15_small_checkpoint() -> Path:
 # SD1.5 ControlNet
 
 
-def _make_sd15_controlnet():
+def _make_sd15_controlnet(unet_config: dict = SD15_UNET_CONFIG, recipe: str = "sd15_controlnet"):
     import comfy.cldm.cldm
     import comfy.ops
     import comfy.supported_models
 
-    config = dict(comfy.supported_models.SD15(SD15_UNET_CONFIG).unet_config)
+    config = dict(comfy.supported_models.SD15(unet_config).unet_config)
     config.pop("out_channels")
     net = comfy.cldm.cldm.ControlNet(
         **config,
@@ -353,7 +354,7 @@ def _make_sd15_controlnet():
     sd = {f"control_model.{k}": v for k, v in net.state_dict().items()}
     sd = _contiguous(sd, torch.float16)
     del net
-    return sd, _metadata("sd15_controlnet", SD15_CONTROLNET_VERSION, SEED_SD15_CONTROLNET)
+    return sd, _metadata(recipe, SD15_CONTROLNET_VERSION, SEED_SD15_CONTROLNET)
 
 
 def sd15_controlnet() -> Path:
@@ -361,6 +362,14 @@ def sd15_controlnet() -> Path:
     time_embed, input_blocks, input_hint_block, zero_convs, middle_block, middle_block_out),
     fp16, 3 hint channels, which comfy.controlnet.load_controlnet loads."""
     return _cached(f"sd15_controlnet_random_{SD15_CONTROLNET_VERSION}.safetensors", _make_sd15_controlnet)
+
+
+def sd15_small_controlnet() -> Path:
+    """sd15_controlnet() for the shallow UNet of sd15_small_checkpoint() (its residuals fit that UNet)."""
+    return _cached(
+        f"sd15_small_controlnet_random_{SD15_CONTROLNET_VERSION}.safetensors",
+        lambda: _make_sd15_controlnet(SD15_SMALL_UNET_CONFIG, "sd15_small_controlnet"),
+    )
 
 
 # --------------------------------------------------------------------------------------------
