@@ -16,13 +16,14 @@ import torch
 from helpers import moa_weights as aw
 from helpers import mole_weights as mw
 from helpers import random_models as rm
+from helpers.fixtures import model_folders
 
 # The two runs of the runner (a subprocess each) are slow; the checks of the files are not.
 
 REPO = hostenv.REPO
 MODEL_FOLDERS = ("checkpoints", "loras", "mole", "moa", "clip_vision", "controlnet")
 sys.path.insert(0, str(REPO))
-from workflows import graphs  # noqa: E402
+from workflows import graphs, run  # noqa: E402
 
 # The SDXL MoLE graphs (*_sdxl) need SDXL-layout files: tests/host/test_editor_host.py covers them.
 SDXL_FILES = {graphs.FILES[name] for name in graphs.SDXL_WORKFLOWS}
@@ -88,6 +89,47 @@ def small_model_root(sd15_small, tmp_path_factory):
     root = tmp_path_factory.mktemp("workflow_models_small")
     tag = f"sd15small{rm.SD15_SMALL_VERSION}"
     return make_model_root(root, sd15_small, rm.sd15_small_checkpoint(), rm.sd15_small_controlnet(), tag)
+
+
+def test_every_figure_has_a_workflow_and_an_api_twin():
+    names = {g.file_stem for g in graphs.all_graphs() if g.name not in graphs.SDXL_WORKFLOWS}
+    assert len(names) == 12
+    assert {p.stem for p in WORKFLOWS} == names
+    assert {p.stem for p in (REPO / "workflows" / "api").glob("*.json")} == names | SDXL_FILES
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
+def test_editor_file_matches_its_api_twin_and_graphs_py(path, node_classes):
+    ui = json.loads(path.read_text())
+    api = json.loads((REPO / "workflows" / "api" / path.name).read_text())
+    converted = run.ui_to_api(ui, node_classes, path.name)  # raises if a widget count no longer fits its node
+    strip = lambda prompt: {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in prompt.items()}  # noqa: E731
+    assert strip(converted) == strip(api)
+    source = {g.file_stem: g for g in graphs.all_graphs()}[path.stem]
+    assert strip(source.nodes) == strip(api)  # the twin is what graphs.py says
+    notes = [n for n in ui["nodes"] if n["type"] == "MarkdownNote"]
+    assert len(notes) == 1 and all(name in notes[0]["widgets_values"][0] for _, name in source.files)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
+def test_every_value_fits_its_node(path, node_classes, model_root):
+    """The host's own validation (types, ranges, combo lists) of each API twin, with every
+    file it names present."""
+    import asyncio
+
+    import execution
+    import folder_paths
+
+    previous_input = folder_paths.get_input_directory()
+    folder_paths.set_input_directory(str(model_root / "input"))
+    try:
+        with model_folders(**{f: model_root / f for f in MODEL_FOLDERS}):
+            prompt = json.loads((REPO / "workflows" / "api" / path.name).read_text())
+            valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("test", prompt, None))
+    finally:
+        folder_paths.set_input_directory(previous_input)
+    assert valid, (error, node_errors)
+    assert len(outputs) == sum(1 for n in prompt.values() if n["class_type"] == "SaveImage")
 
 
 def runner(*args, timeout=1200):
