@@ -1,4 +1,3 @@
-import os
 import sys
 from pathlib import Path
 
@@ -47,21 +46,7 @@ def pytest_runtest_teardown(item, nextitem):
     if "sdxl" in getattr(item, "fixturenames", ()):
         from helpers.fixtures import SharedSDXL
 
-        # Under pytest-xdist a worker runs only some of the counted users, a file at a time
-        # (--dist loadfile): there the bundle goes when the worker leaves the file.
-        leaves_file = nextitem is None or nextitem.path != item.path
-        SharedSDXL.used_by_one(force=XDIST_WORKERS > 1 and leaves_file)
-
-
-# pytest-xdist workers (scripts/test.sh runs two): the cores are shared out, not oversubscribed.
-XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-
-
-def pytest_configure(config):
-    if XDIST_WORKERS > 1:
-        import torch
-
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // XDIST_WORKERS))
+        SharedSDXL.used_by_one()
 
 
 def pytest_report_header(config):

@@ -185,9 +185,9 @@ class SharedSDXL:
         return cls.bundle
 
     @classmethod
-    def used_by_one(cls, force: bool = False) -> None:
+    def used_by_one(cls) -> None:
         cls.users_left -= 1
-        if (cls.users_left <= 0 or force) and cls.bundle is not None:
+        if cls.users_left <= 0 and cls.bundle is not None:
             # pytest keeps fixture values until the session ends: drop what the bundle holds.
             cls.bundle.model = cls.bundle.positive = cls.bundle.negative = None
             cls.bundle = None
