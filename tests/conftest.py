@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -22,9 +23,54 @@ def pack():
 # Fixtures that take more than ~5 s to set up (a model built, a training script run): a test
 # using one is `slow` wherever it lives, so `scripts/test.sh --fast` leaves it out.
 SLOW_FIXTURES = {"sdxl", "trained_experts", "micro_run"}
+# Fixtures that hold gigabytes or take minutes to make: under pytest-xdist (scripts/test.sh runs
+# two workers) every module using one runs on the same worker, so that a session fixture is made
+# once and two modules holding the full SD1.5 never run at once.
+SHARED_ON_ONE_WORKER = ("sd15_full", "sdxl", "trained_experts")
+# Modules that load the full SD1.5 themselves (the workflow runner): with the sd15_full users, so
+# that the two workers never hold it at once (peak 17 GB instead of 15 GB, and the page cache
+# loses the model files the next tests read from this slow disk).
+MODULE_GROUPS = {"tests/host/test_workflows_host.py": "sd15_full"}
+# The groups that take a minute or more, handed out first and longest first, so that no worker is
+# left with one of them at the end while the other idles (a group is one unit of work).
+LONG_GROUPS = (
+    "sd15_full",
+    "tests/training/test_resume_and_launch.py",
+    "trained_experts",
+    "sdxl",
+    "tests/training/test_mole_finetune.py",
+    "tests/training/test_moa_train.py",
+)
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: one thread each (and in the scripts they start) instead of four
+    # threads that wait on each other at every barrier.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 
-@pytest.hookimpl(tryfirst=True)  # before -m/-k select on the marks added here
+def _module(item) -> str:
+    return str(Path(str(item.fspath)).resolve().relative_to(hostenv.REPO)).replace("\\", "/")
+
+
+def _worker_groups(items) -> dict[str, str]:
+    """{module: xdist group}: the module itself, or the shared fixture its tests use."""
+    groups = {}
+    for item in items:
+        module = _module(item)
+        shared = [f for f in SHARED_ON_ONE_WORKER if f in getattr(item, "fixturenames", ())]
+        if module in MODULE_GROUPS:
+            groups[module] = MODULE_GROUPS[module]
+        elif shared:
+            groups[module] = shared[0]
+        else:
+            groups.setdefault(module, module)
+    return groups
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m/-k select on the marks added here, and xdist reads them
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason=HOST_REASON)
     for item in items:
@@ -34,6 +80,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.host)
         if HOST is None and "host" in item.keywords:
             item.add_marker(skip)
+    # In a worker, xdist sets option.loadgroup for `--dist loadgroup` (and option.dist to "no").
+    if getattr(config.option, "loadgroup", False):
+        groups = _worker_groups(items)
+        for item in items:
+            item.add_marker(pytest.mark.xdist_group(groups[_module(item)]))
+        rank = {group: i for i, group in enumerate(LONG_GROUPS)}
+        items.sort(key=lambda item: rank.get(groups[_module(item)], len(rank)))  # stable: order kept within
 
 
 def pytest_collection_finish(session):

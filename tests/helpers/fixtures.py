@@ -3,13 +3,18 @@
 tests/host/conftest.py imports them for the host tests; another test folder imports the ones it
 needs into its own conftest.py (`from helpers.fixtures import sd15  # noqa: F401`).
 
-sd15                  SD15Models(path, model, clip, vae): the random SD1.5 checkpoint loaded once per
-                      session with comfy.sd.load_checkpoint_guess_config (model: ModelPatcher,
-                      clip: comfy.sd.CLIP, vae: comfy.sd.VAE). Shared: clone() before patching.
+sd15                  SD15Models(path, model, clip, vae): the random thin SD1.5 checkpoint
+                      (random_models.sd15_thin_checkpoint: every one of SD1.5's layers and key names,
+                      each level at width 320) loaded once per session with
+                      comfy.sd.load_checkpoint_guess_config (model: ModelPatcher, clip: comfy.sd.CLIP,
+                      vae: comfy.sd.VAE). Shared: clone() before patching. SD1.5's real widths are
+                      checked on the full file's header (tests/host/test_random_models.py).
+sd15_full             (module scope) SD15Models with the full random SD1.5's UNet (real widths) and the
+                      `sd15` CLIP and VAE: for FastComposer's weights, which fit SD1.5's widths only.
 sd15_small            SD15Models of the shallow SD1.5-family checkpoint (random_models.sd15_small_checkpoint:
                       same CLIP and VAE as sd15, a 2-level UNet): for tests that do not depend on
                       SD1.5's depth (inversion, training loops), ~20x cheaper per UNet call.
-sd15_controlnet_path  Path of the random SD1.5 ControlNet (comfy.controlnet.load_controlnet).
+sd15_controlnet_path  Path of the random ControlNet for the `sd15` UNet (comfy.controlnet.load_controlnet).
 clip_vision_l14_path  Path of the random CLIP ViT-L/14 vision model (comfy.clip_vision.load).
 clip_vision_l14       That model loaded by comfy.clip_vision.load, once per session (~3 s a load).
 clip_vision_h14_path  Path of the random CLIP ViT-H/14 vision model (a wrong encoder for SD1.5).
@@ -89,10 +94,10 @@ def _load_checkpoint(path: Path) -> SD15Models:
 
 @functools.cache
 def load_sd15() -> SD15Models:
-    """The random SD1.5 checkpoint loaded by the host, once per process (so the fixture may be
+    """The random thin SD1.5 checkpoint loaded by the host, once per process (so the fixture may be
     imported by several conftest/test modules without loading it twice)."""
     random_models.import_host()
-    return _load_checkpoint(random_models.sd15_checkpoint())
+    return _load_checkpoint(random_models.sd15_thin_checkpoint())
 
 
 @functools.cache
@@ -116,9 +121,34 @@ def sd15_small():
     free_host_memory()
 
 
+def load_sd15_full_unet(clip, vae, fp16_weights: bool = False) -> SD15Models:
+    """The full random SD1.5's UNet (SD1.5's real widths: what FastComposer's weights fit), with
+    the given CLIP and VAE (the `sd15` fixture's are the same weights: every random SD1.5 file
+    draws them from the same seeds). fp16_weights: 1.7 GB instead of 3.4 GB, for a UNet that only
+    gives its weights (ComfyUI would cast every layer to fp32 at every call on the CPU)."""
+    import comfy.sd
+    import torch
+
+    path = random_models.sd15_checkpoint()
+    options = {"dtype": torch.float16} if fp16_weights else {}
+    model = comfy.sd.load_checkpoint_guess_config(
+        str(path), output_vae=False, output_clip=False, model_options=options
+    )[0]
+    return SD15Models(path=path, model=model, clip=clip, vae=vae)
+
+
+@pytest.fixture(scope="module")
+def sd15_full(sd15):
+    """load_sd15_full_unet with the `sd15` CLIP and VAE (fp32 weights); module-scoped, freed after."""
+    models = load_sd15_full_unet(sd15.clip, sd15.vae)
+    yield models
+    del models
+    free_host_memory()
+
+
 @pytest.fixture(scope="session")
 def sd15_controlnet_path() -> Path:
-    return random_models.sd15_controlnet()
+    return random_models.sd15_thin_controlnet()
 
 
 @pytest.fixture(scope="session")
@@ -171,8 +201,9 @@ def clip_vision_h14_path() -> Path:
 
 
 class SharedSDXL:
-    """One SDXL bundle for the tests that use the `sdxl` fixture (building it costs ~10 s and
-    ~5 GB each time): made for the first of them, freed after the last (counted over the
+    """One SDXL bundle for the tests that use the `sdxl` fixture: the thin SDXL UNet (SDXL's layer
+    names at width 320, random_models.SDXL_THIN_UNET_CONFIG; SDXL's real widths are checked on a
+    meta-device build), made for the first of them, freed after the last (counted over the
     collected tests by tests/conftest.py), so it is not held while other tests run."""
 
     bundle: random_models.SDXLBundle | None = None
@@ -181,7 +212,7 @@ class SharedSDXL:
     @classmethod
     def get(cls) -> random_models.SDXLBundle:
         if cls.bundle is None:
-            cls.bundle = random_models.sdxl_model()
+            cls.bundle = random_models.sdxl_model(unet_config=random_models.SDXL_THIN_UNET_CONFIG)
         return cls.bundle
 
     @classmethod

@@ -109,12 +109,12 @@ MOA_RECIPE_VERSION = "v1"
 
 
 def cached_moa_file(model_patcher, seed: int = 0, model_tag: str | None = None) -> Path:
-    """write_moa_file for the random SD1.5 checkpoint of helpers.random_models, made once and
+    """write_moa_file for the random (thin) SD1.5 checkpoint of helpers.random_models, made once and
     cached beside it (the file depends on that checkpoint's weights: its recipe version is in
     the name). Link or copy it into a models/moa folder to use it."""
     from . import random_models as rm
 
-    tag = model_tag or f"sd15{rm.SD15_VERSION}"
+    tag = model_tag or f"sd15thin{rm.SD15_THIN_VERSION}"
     path = rm.cache_dir() / f"moa_random_{MOA_RECIPE_VERSION}_{tag}_seed{seed}.safetensors"
     if not path.is_file():
         # Written under a temporary name and renamed: a concurrent or killed run never leaves

@@ -14,12 +14,15 @@ change a recipe, bump its version, and a new file is made (old ones can simply b
 Public functions (all need the ComfyUI host and import it through hostenv):
 
     sd15_checkpoint() -> Path         SD1.5 checkpoint: UNet + CLIP-L + VAE, fp16, ~2.1 GB
+    sd15_thin_checkpoint() -> Path    the same with every layer of SD1.5's UNet at width 320, ~0.6 GB
     sd15_small_checkpoint() -> Path   the same with a shallow SD1.5-family UNet (2 levels), ~0.4 GB
     sd15_controlnet() -> Path         SD1.5 ControlNet, control_model.* layout, fp16, ~0.7 GB
+    sd15_thin_controlnet() -> Path    the same for the thin UNet of sd15_thin_checkpoint()
     sd15_small_controlnet() -> Path   the same for the shallow UNet of sd15_small_checkpoint()
     clip_vision_vit_l14() -> Path     CLIP ViT-L/14 vision tower + visual_projection, fp16
     clip_vision_vit_h14() -> Path     CLIP ViT-H/14 vision tower (a wrong encoder for SD1.5 tests)
-    sdxl_model() -> SDXLBundle        an SDXL-layout UNet ModelPatcher built in-process (no file),
+    sdxl_model() -> SDXLBundle        an SDXL-layout UNet ModelPatcher built in-process (no file; full
+                                      or, unet_config=SDXL_THIN_UNET_CONFIG, at width 320),
                                       with random positive/negative SDXL conditioning
     sdxl_conditioning(...)            random SDXL conditioning in ComfyUI's format
     cache_dir() -> Path
@@ -46,6 +49,7 @@ import hostenv  # noqa: E402
 
 # Bump a version when its recipe (architecture, init, dtype, extra keys) changes.
 SD15_VERSION = "v1"
+SD15_THIN_VERSION = "v1"
 SD15_SMALL_VERSION = "v1"
 SD15_CONTROLNET_VERSION = "v1"
 CLIP_VISION_VERSION = "v1"
@@ -79,6 +83,13 @@ SD15_UNET_CONFIG = {
     "use_temporal_attention": False,
     "use_temporal_resblock": False,
 }
+# SD1.5's UNet with every level at width 320 (channel_mult 1 throughout): the same 686 key names,
+# 16 transformer blocks and 32 attention layers as SD1.5, which ComfyUI detects and loads as SD15,
+# with 111M parameters against 860M. For every test of what hangs on SD1.5's layers (their names,
+# their count, which of them MoA or MoLE patch) but not on their widths: a UNet call costs ~8x
+# less, and the process holds 0.4 GB of UNet instead of 3.4 GB (fp32 on the CPU), which leaves the
+# page cache the model files.
+SD15_THIN_UNET_CONFIG = {**SD15_UNET_CONFIG, "channel_mult": [1, 1, 1, 1]}
 # A shallow UNet that ComfyUI still detects and loads as SD1.5 (its SD15 entry matches on width
 # 320, text width 768 and the attention kind only): two levels of one block each, at width 320
 # (~30M parameters against 860M). For the tests of what does not depend on SD1.5's depth
@@ -111,6 +122,10 @@ SDXL_UNET_CONFIG = {
     "use_temporal_attention": False,
     "use_temporal_resblock": False,
 }
+# SDXL's UNet with every level at width 320, as SD15_THIN_UNET_CONFIG is to SD1.5: SDXL's 743
+# linear layers under their own names (MoLE's 722 targets), detected as SDXL, 283M parameters
+# against 2.567B (0.6 GB in fp16 instead of 5.1 GB). What the `sdxl` test fixture builds.
+SDXL_THIN_UNET_CONFIG = {**SDXL_UNET_CONFIG, "channel_mult": [1, 1, 1]}
 # The SD1.x VAE (ComfyUI's default AutoencoderKL configuration in comfy.sd.VAE).
 SD_VAE_DDCONFIG = {
     "double_z": True,
@@ -323,6 +338,15 @@ def sd15_checkpoint() -> Path:
     return _cached(f"sd15_random_{SD15_VERSION}.safetensors", _make_sd15)
 
 
+def sd15_thin_checkpoint() -> Path:
+    """sd15_checkpoint() with the thin UNet of SD15_THIN_UNET_CONFIG (SD1.5's key names, width 320
+    at every level; same CLIP-L and VAE, ~0.6 GB): ComfyUI loads it as "SD15"."""
+    return _cached(
+        f"sd15_thin_random_{SD15_THIN_VERSION}.safetensors",
+        lambda: _make_sd15(SD15_THIN_UNET_CONFIG, "sd15_thin_checkpoint", SD15_THIN_VERSION),
+    )
+
+
 def sd15_small_checkpoint() -> Path:
     """sd15_checkpoint() with the shallow UNet of SD15_SMALL_UNET_CONFIG (same CLIP-L and VAE,
     ~0.4 GB): ComfyUI loads it as "SD15" and training's checks see an SD1.5 file."""
@@ -362,6 +386,14 @@ def sd15_controlnet() -> Path:
     time_embed, input_blocks, input_hint_block, zero_convs, middle_block, middle_block_out),
     fp16, 3 hint channels, which comfy.controlnet.load_controlnet loads."""
     return _cached(f"sd15_controlnet_random_{SD15_CONTROLNET_VERSION}.safetensors", _make_sd15_controlnet)
+
+
+def sd15_thin_controlnet() -> Path:
+    """sd15_controlnet() for the thin UNet of sd15_thin_checkpoint() (its residuals fit that UNet)."""
+    return _cached(
+        f"sd15_thin_controlnet_random_{SD15_CONTROLNET_VERSION}.safetensors",
+        lambda: _make_sd15_controlnet(SD15_THIN_UNET_CONFIG, "sd15_thin_controlnet"),
+    )
 
 
 def sd15_small_controlnet() -> Path:
@@ -460,7 +492,9 @@ def sdxl_conditioning(seed: int = SEED_SDXL, width: int = 1024, height: int = 10
     ]
 
 
-def build_sdxl_unet(weight_dtype: torch.dtype = torch.float16, seed: int = SEED_SDXL):
+def build_sdxl_unet(
+    weight_dtype: torch.dtype = torch.float16, seed: int = SEED_SDXL, unet_config: dict = SDXL_UNET_CONFIG
+):
     """An SDXL model (comfy.model_base.SDXL) built in-process from comfy.supported_models.SDXL
     with random weights stored in `weight_dtype`; on the CPU, fp16/bf16 weights are cast to
     fp32 per layer when run (ComfyUI's manual_cast ops), fp32 weights are used as they are."""
@@ -468,7 +502,7 @@ def build_sdxl_unet(weight_dtype: torch.dtype = torch.float16, seed: int = SEED_
     import comfy.model_management as mm
     import comfy.supported_models
 
-    model_config = comfy.supported_models.SDXL(dict(SDXL_UNET_CONFIG))
+    model_config = comfy.supported_models.SDXL(dict(unet_config))
     load_device = mm.get_torch_device()
     manual_cast = mm.unet_manual_cast(weight_dtype, load_device, model_config.supported_inference_dtypes)
     model_config.set_inference_dtype(weight_dtype, manual_cast)
@@ -477,10 +511,13 @@ def build_sdxl_unet(weight_dtype: torch.dtype = torch.float16, seed: int = SEED_
     return base
 
 
-def sdxl_model(weight_dtype: torch.dtype = torch.float16, seed: int = SEED_SDXL) -> SDXLBundle:
+def sdxl_model(
+    weight_dtype: torch.dtype = torch.float16, seed: int = SEED_SDXL, unet_config: dict = SDXL_UNET_CONFIG
+) -> SDXLBundle:
     """An SDXL-layout UNet in the real host, the fastest way measured: built in-process from
     ComfyUI's SDXL model config (comfy.supported_models.SDXL -> model_base.SDXL, the real layer
-    names and widths, 2.567B parameters), with no file at all.
+    names and widths, 2.567B parameters; SDXL_THIN_UNET_CONFIG: the names at width 320), with no
+    file at all.
 
     Measured on 2 CPU cores (one step = nodes.common_ksampler, 1 step, cfg, 64x64 px):
       in-process fp16 weights (default): ~3.5 s to build, ~6 s a step, peak RSS 6.2 GB
@@ -497,7 +534,7 @@ def sdxl_model(weight_dtype: torch.dtype = torch.float16, seed: int = SEED_SDXL)
     import comfy.model_patcher
 
     start = time.perf_counter()
-    base = build_sdxl_unet(weight_dtype, seed)
+    base = build_sdxl_unet(weight_dtype, seed, unet_config)
     patcher = comfy.model_patcher.ModelPatcher(
         base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
     )

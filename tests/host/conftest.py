@@ -6,6 +6,7 @@ from helpers.fixtures import (  # noqa: F401
     node_classes,
     sd15,
     sd15_controlnet_path,
+    sd15_full,
     sd15_small,
     sdxl,
 )

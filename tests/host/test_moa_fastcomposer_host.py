@@ -20,6 +20,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
+def sd15(sd15_full):
+    """FastComposer's weights fit SD1.5's own widths: this module runs on the full random SD1.5."""
+    return sd15_full
+
+
+@pytest.fixture(scope="module")
 def moa_nodes(pack):
     return importlib.import_module(f"{hostenv.PACK_MODULE}.nodes.moa_nodes")
 

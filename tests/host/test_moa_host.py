@@ -393,7 +393,7 @@ def test_with_controlnet(moa_one, negative):
 
     import nodes
 
-    control = comfy.controlnet.load_controlnet(str(rm.sd15_controlnet()))
+    control = comfy.controlnet.load_controlnet(str(rm.sd15_thin_controlnet()))
     model, positive = moa_one
     with torch.inference_mode():
         pos_cn, neg_cn = nodes.ControlNetApplyAdvanced().apply_controlnet(

@@ -135,6 +135,48 @@ def test_sd15_checkpoint_has_the_original_layout():
     assert metadata["mole_moa_test_model"] == "sd15_checkpoint"
 
 
+# The 1x1 convolutions of the two ResBlocks where SD1.5 widens (320 -> 640 -> 1280): a block
+# that keeps its width has none. Not attention, not a MoLE or MoA target.
+WIDENING_SKIPS = {
+    f"model.diffusion_model.input_blocks.{block}.0.skip_connection.{p}" for block in (4, 7) for p in ("weight", "bias")
+}
+
+
+def test_thin_sd15_has_every_key_of_sd15_at_width_320():
+    """The `sd15` fixture's thin file: SD1.5's key names (less the widening skips), shapes equal
+    wherever SD1.5 is at width 320 (its first level, text encoder, VAE), narrower where it widens."""
+    full, _ = _keys(rm.sd15_checkpoint())
+    thin, metadata = _keys(rm.sd15_thin_checkpoint())
+    assert thin.keys() == full.keys() - WIDENING_SKIPS and metadata["mole_moa_test_model"] == "sd15_thin_checkpoint"
+    narrower = [k for k in thin if thin[k] != full[k]]
+    assert narrower and all(k.startswith("model.diffusion_model.") for k in narrower)
+    assert all(max(thin[k][1]) <= max(full[k][1]) and thin[k][0] == full[k][0] for k in narrower)
+    assert (
+        thin["model.diffusion_model.input_blocks.1.1.proj_in.weight"]
+        == full["model.diffusion_model.input_blocks.1.1.proj_in.weight"]
+    )
+    assert thin["model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight"] == ("F16", (320, 768))
+
+
+def _unet_config_from_header(path):
+    """ComfyUI's own detection (model_detection.detect_unet_config) run on the file's shapes only."""
+    import comfy.model_detection
+
+    tensors, _ = _keys(path)
+    sd = {k: torch.empty(shape, device="meta") for k, (_, shape) in tensors.items()}
+    return comfy.model_detection.detect_unet_config(sd, "model.diffusion_model."), sd
+
+
+def test_full_sd15_file_is_detected_as_sd15():
+    import comfy.model_detection
+
+    config, sd = _unet_config_from_header(rm.sd15_checkpoint())
+    for k, v in rm.SD15_UNET_CONFIG.items():
+        assert config.get(k, v) == v, k
+    model_config = comfy.model_detection.model_config_from_unet(sd, "model.diffusion_model.")
+    assert type(model_config).__name__ == "SD15"
+
+
 def test_sd15_checkpoint_loads_as_sd15(sd15):
     import comfy.ldm.models.autoencoder
     import comfy.model_base
@@ -143,8 +185,10 @@ def test_sd15_checkpoint_loads_as_sd15(sd15):
     config = sd15.model.model.model_config
     assert type(config).__name__ == "SD15"
     assert sd15.model.model.model_type == comfy.model_base.ModelType.EPS
-    for k, v in rm.SD15_UNET_CONFIG.items():
+    for k, v in rm.SD15_THIN_UNET_CONFIG.items():
         assert config.unet_config.get(k, v) == v, k
+    attention = [n for n, _ in sd15.model.model.diffusion_model.named_modules() if n.endswith((".attn1", ".attn2"))]
+    assert len(attention) == 32
     assert isinstance(sd15.clip.cond_stage_model, comfy.sd1_clip.SD1ClipModel)
     assert isinstance(sd15.vae.first_stage_model, comfy.ldm.models.autoencoder.AutoencoderKL)
     assert sd15.vae.latent_channels == 4
@@ -187,7 +231,10 @@ def test_sd15_controlnet_has_the_original_layout_and_loads(sd15, sd15_controlnet
 
     import nodes
 
-    tensors, _ = _keys(sd15_controlnet_path)
+    tensors, _ = _keys(rm.sd15_controlnet())
+    thin_keys = {k.replace("control_model.", "model.diffusion_model.", 1) for k in _keys(sd15_controlnet_path)[0]}
+    full_keys = {k.replace("control_model.", "model.diffusion_model.", 1) for k in tensors}
+    assert thin_keys == full_keys - WIDENING_SKIPS  # the thin one, for the `sd15` UNet
     assert all(k.startswith("control_model.") for k in tensors)
     assert tensors["control_model.input_hint_block.0.weight"] == ("F16", (16, 3, 3, 3))
     assert tensors["control_model.input_hint_block.14.weight"] == ("F16", (320, 256, 3, 3))
@@ -259,22 +306,42 @@ def test_clip_vision_h14_is_detected_as_h_not_l(clip_vision_h14_path):
 # ---------------------------------------------------------------------------------------- SDXL
 
 
-@pytest.mark.slow
-def test_sdxl_model_has_the_sdxl_layout(sdxl):
-    import comfy.model_base
+def _detected_sdxl(sd, config):
     import comfy.model_detection
 
-    sd = sdxl.model.model.diffusion_model.state_dict()
     detected = comfy.model_detection.detect_unet_config(sd, "")
-    config = comfy.model_detection.model_config_from_unet_config(detected, sd)
-    assert type(config).__name__ == "SDXL"
-    for k, v in rm.SDXL_UNET_CONFIG.items():
+    assert type(comfy.model_detection.model_config_from_unet_config(detected, sd)).__name__ == "SDXL"
+    for k, v in config.items():
         assert detected.get(k, v) == v, k
-    assert isinstance(sdxl.model.model, comfy.model_base.SDXL)
+
+
+def test_sdxl_config_is_sdxls_layout():
+    """SDXL's real widths, on a meta-device build (no memory): what the thin fixture narrows."""
+    import comfy.supported_models
+
+    sd = comfy.supported_models.SDXL(dict(rm.SDXL_UNET_CONFIG)).get_model({}, device="meta").diffusion_model
+    sd = sd.state_dict()
+    _detected_sdxl(sd, rm.SDXL_UNET_CONFIG)
     assert sd["label_emb.0.0.weight"].shape == (1280, 2816)
     assert sd["input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight"].shape == (1280, 2048)
     assert sd["input_blocks.4.1.proj_in.weight"].shape == (640, 640)  # use_linear_in_transformer
     assert 2.5e9 < sum(t.numel() for t in sd.values()) < 2.6e9
+
+
+@pytest.mark.slow
+def test_sdxl_model_has_the_sdxl_layout(sdxl):
+    import comfy.model_base
+    import comfy.supported_models
+
+    sd = sdxl.model.model.diffusion_model.state_dict()
+    _detected_sdxl(sd, rm.SDXL_THIN_UNET_CONFIG)
+    assert isinstance(sdxl.model.model, comfy.model_base.SDXL)
+    full = comfy.supported_models.SDXL(dict(rm.SDXL_UNET_CONFIG)).get_model({}, device="meta").diffusion_model
+    widening_skips = {f"input_blocks.{b}.0.skip_connection.{p}" for b in (4, 7) for p in ("weight", "bias")}
+    assert sd.keys() == full.state_dict().keys() - widening_skips  # SDXL's names, at width 320
+    assert sd["label_emb.0.0.weight"].shape == (320 * 4, 2816)
+    assert sd["input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight"].shape == (320, 2048)
+    assert 2.5e8 < sum(t.numel() for t in sd.values()) < 3.0e8
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ import torch
 from helpers import moa_weights as aw
 from helpers import mole_weights as mw
 from helpers import random_models as rm
-from helpers.fixtures import model_folders
+from helpers.fixtures import free_host_memory, load_sd15_full_unet, model_folders
 
 # The two runs of the runner (a subprocess each) are slow; the checks of the files are not.
 
@@ -32,9 +32,12 @@ GRAPH_OF = {stem: name for name, stem in graphs.FILES.items()}  # file -> graph 
 IDS = [GRAPH_OF.get(p.stem, p.stem) for p in WORKFLOWS]
 
 
-def make_model_root(root: Path, sd15, checkpoint: Path, controlnet: Path, moa_tag: str | None) -> Path:
-    """Every file the workflows name, with random weights of the right layouts for `sd15`'s model,
-    under the names the workflows use; and an extra_model_paths.yaml for them."""
+def make_model_root(
+    root: Path, sd15, checkpoint: Path, controlnet: Path, moa_tag: str, fastcomposer: bool = False
+) -> Path:
+    """Every file the workflows name, with random weights of the right layouts for `sd15`'s model
+    (the MoA file cached under `moa_tag`), under the names the workflows use; and an
+    extra_model_paths.yaml for them. FastComposer's converted files need the full SD1.5."""
     from PIL import Image
 
     for folder in (*MODEL_FOLDERS, "input"):
@@ -52,7 +55,7 @@ def make_model_root(root: Path, sd15, checkpoint: Path, controlnet: Path, moa_ta
 
     from training import convert_fastcomposer as cf
 
-    if moa_tag is None:  # the converter's tables are SD1.5's own layers
+    if fastcomposer:  # the converter's tables are SD1.5's own layers and widths
         moa, vision = cf.convert(fw.fastcomposer_state_dict(sd15.model, rm.clip_vision_vit_l14())[0])
         cf.write(
             moa,
@@ -77,9 +80,14 @@ def make_model_root(root: Path, sd15, checkpoint: Path, controlnet: Path, moa_ta
 
 @pytest.fixture(scope="module")
 def model_root(sd15, tmp_path_factory):
-    """The files for the random SD1.5 (FastComposer's converted files included)."""
+    """The files for the full random SD1.5 (FastComposer's converted files included). Its UNet is
+    freed once they are written: the runner process loads the checkpoint itself."""
     root = tmp_path_factory.mktemp("workflow_models")
-    return make_model_root(root, sd15, rm.sd15_checkpoint(), rm.sd15_controlnet(), None)
+    full = load_sd15_full_unet(sd15.clip, sd15.vae, fp16_weights=True)
+    make_model_root(root, full, rm.sd15_checkpoint(), rm.sd15_controlnet(), f"sd15{rm.SD15_VERSION}", fastcomposer=True)
+    del full
+    free_host_memory()
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -150,11 +158,10 @@ FULL_SD15_ONLY = [
 ]
 
 
-def run_headless(workflows, root: Path, out: Path) -> dict:
-    """One runner process over `workflows` at 64x64, 1 step; {file name: saved images}."""
+def start_headless(workflows, root: Path, out: Path):
+    """One runner process over `workflows` at 64x64, 1 step, started (its log in out/log.txt)."""
     out.mkdir(parents=True, exist_ok=True)
-    listing = out / "images.json"
-    done = runner(
+    args = [
         *workflows,
         "--out",
         out / "images",
@@ -164,21 +171,34 @@ def run_headless(workflows, root: Path, out: Path) -> dict:
         "--input-dir",
         root / "input",
         "--list-json",
-        listing,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(listing.read_text())
+        out / "images.json",
+    ]
+    with open(out / "log.txt", "w") as log:  # a file, not a pipe: two runners never block on a full pipe
+        return subprocess.Popen(
+            [sys.executable, "-m", "workflows.run", *map(str, args)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+        )
+
+
+def finish_headless(process, out: Path, timeout=1200) -> dict:
+    """{file name: saved images} of a runner started by start_headless, once it has finished."""
+    assert process.wait(timeout=timeout) == 0, (out / "log.txt").read_text()[-4000:]
+    return json.loads((out / "images.json").read_text())
 
 
 @pytest.mark.slow
 def test_all_workflows_run_headless(model_root, small_model_root, tmp_path):
     """Every shipped SD1.5 workflow (editor files) runs end to end: FULL_SD15_ONLY on the random
-    SD1.5, the others in one runner process on the shallow SD1.5-family model (they do not depend
-    on the UNet's depth, and each UNet call costs ~20x less)."""
+    SD1.5, the others in a second runner process on the shallow SD1.5-family model (they do not
+    depend on the UNet's depth, and each UNet call costs ~20x less)."""
     assert all(p in WORKFLOWS for p in FULL_SD15_ONLY)
     others = [p for p in WORKFLOWS if p not in FULL_SD15_ONLY]
-    images = run_headless(others, small_model_root, tmp_path / "small")
-    images |= run_headless(FULL_SD15_ONLY, model_root, tmp_path / "sd15")
+    # The two runners at once: one waits on reading the full SD1.5 while the other computes.
+    full = start_headless(FULL_SD15_ONLY, model_root, tmp_path / "sd15")
+    try:
+        images = finish_headless(start_headless(others, small_model_root, tmp_path / "small"), tmp_path / "small")
+        images |= finish_headless(full, tmp_path / "sd15")
+    finally:
+        full.kill()  # no-op when it has finished
     for g in (g for g in graphs.all_graphs() if g.name not in graphs.SDXL_WORKFLOWS):
         saved = images[f"{g.file_stem}.json"]
         saves = [n for n in g.nodes.values() if n["class_type"] == "SaveImage"]

@@ -9,7 +9,7 @@ import hostenv
 import pytest
 import torch
 from helpers.fixtures import sd15, sd15_small  # noqa: F401  (session-scoped random SD1.5s, loaded by the host)
-from training_helpers import make_dataset, run_script, tiny_args
+from training_helpers import make_dataset, run_training, tiny_args
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +30,7 @@ def pack():
 def checkpoint() -> Path:
     from helpers import random_models
 
-    return random_models.sd15_checkpoint()
+    return random_models.sd15_thin_checkpoint()
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +53,7 @@ def trained_experts(tmp_path_factory, small_checkpoint) -> dict[str, Path]:
     data = make_dataset(root / "closeups", n=2)
     loras = root / "loras"
     for part, seed in (("face", 1), ("hand", 2)):
-        run_script(
+        run_training(
             "mole_expert",
             "--part",
             part,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_helpers import make_dataset, read_log, run_script, tiny_args
+from training_helpers import make_dataset, read_log, run_script, run_training, tiny_args
 
 from mixture_core.safetensors_io import load_safetensors
 
@@ -30,7 +30,7 @@ def test_bf16_stage1(tmp_path, small_checkpoint):
     """Stage 1 in bf16; stages 2 and 3 run bf16 in their warm-start tests (test_mole_expert.py,
     test_mole_gates.py: with gradient checkpointing and a sample image for stage 2)."""
     stage1 = tmp_path / "stage1.safetensors"
-    run_script(
+    run_training(
         "mole_finetune",
         "--trainable",
         r"^out\.",

@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import mole_weights as mw
 from helpers.fixtures import model_folders
-from training_helpers import ksample, make_dataset, read_log, run_script, tiny_args
+from training_helpers import ksample, make_dataset, read_log, run_training, tiny_args
 
 from mixture_core.lora_format import parse_lora_state_dict
 from mixture_core.safetensors_io import load_safetensors
@@ -80,7 +80,7 @@ def test_expert_learns_a_micro_task(tmp_path, small_checkpoint):
     out = tmp_path / "face.safetensors"
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a close-up photo\n")
-    run_script(
+    run_training(
         "mole_expert",
         "--part",
         "face",
@@ -131,7 +131,7 @@ def test_expert_warm_starts_from_a_file_in_bf16(tmp_path, small_checkpoint, trai
     out = tmp_path / "again.safetensors"
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a close-up photo\n")
-    run_script(
+    run_training(
         "mole_expert",
         "--part",
         "face",

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 from safetensors import safe_open
-from training_helpers import ksample, make_dataset, read_log, run_script, tiny_args
+from training_helpers import ksample, make_dataset, read_log, run_training, tiny_args
 
 pytestmark = [pytest.mark.host, pytest.mark.slow]
 
@@ -25,7 +25,7 @@ def test_finetuned_checkpoint_loads_in_comfyui_and_learned(tmp_path, small_check
 
     data = make_dataset(tmp_path / "one", n=1)
     out = tmp_path / "stage1.safetensors"
-    run_script(
+    run_training(
         "mole_finetune",
         "--trainable",
         TRAINABLE,
@@ -92,7 +92,7 @@ def test_text_encoder_trains_with_the_unet(tmp_path, small_checkpoint, sd15_smal
 
     data = make_dataset(tmp_path / "one", n=1)
     out = tmp_path / "stage1_te.safetensors"
-    run_script(
+    run_training(
         "mole_finetune",
         "--trainable",
         TRAINABLE,

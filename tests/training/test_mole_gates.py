@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import mole_weights as mw
 from helpers.fixtures import model_folders
-from training_helpers import ksample, make_dataset, run_script, tiny_args
+from training_helpers import ksample, make_dataset, run_training, tiny_args
 
 from mixture_core.mole_files import read_gate_file
 from mixture_core.safetensors_io import load_safetensors
@@ -23,7 +23,7 @@ def test_trained_gates_apply_in_comfyui_and_sample(trained_experts, sd15_small, 
     sd15, checkpoint = sd15_small, small_checkpoint  # the experts' model (see trained_experts)
     count = len(mw.target_layers(sd15.model))
     gates = tmp_path / "mole" / "gates.safetensors"
-    run_script(
+    run_training(
         "mole_gates",
         "--experts",
         f"face={trained_experts['face']}",
@@ -51,7 +51,7 @@ def test_trained_gates_apply_in_comfyui_and_sample(trained_experts, sd15_small, 
     # Warm start: --init-gates begins from this file; with SGD at lr 0 the gates written are its own.
     # (Also stage 3's bf16 run on the CPU.)
     again = tmp_path / "again.safetensors"
-    run_script(
+    run_training(
         "mole_gates",
         "--experts",
         f"face={trained_experts['face']}",

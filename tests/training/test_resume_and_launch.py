@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_helpers import make_dataset, read_log, run_script, tiny_args
+from training_helpers import make_dataset, read_log, run_script, run_training, tiny_args
 
 from mixture_core.lora_format import parse_lora_state_dict
 from mixture_core.safetensors_io import load_safetensors
@@ -55,7 +55,7 @@ def reference_run(root: Path, data: Path, checkpoint, optimizer_args: list[str])
     """One process, batch 2, 2 steps on two images (with the step-1 checkpoint): what DDP
     (2 x batch 1) and gradient accumulation (2 x batch 1 per step) must reproduce."""
     out = root / "single" / "hand.safetensors"
-    run_script("mole_expert", *optimizer_args, *tiny_args(checkpoint, data, out, 2, batch_size=2, save_every=1))
+    run_training("mole_expert", *optimizer_args, *tiny_args(checkpoint, data, out, 2, batch_size=2, save_every=1))
     step1 = work_dir(out) / "checkpoints" / "checkpoint_1" / "hand.safetensors"
     return {
         "data": data,
@@ -142,7 +142,7 @@ def test_resume_gives_exactly_the_uninterrupted_run(tmp_path, small_checkpoint):
     whole = tmp_path / "whole" / "hand.safetensors"
     # Random crops and flips (so the uncached path: images decoded and encoded at every step).
     augment = ["--crop", "random", "--flip", "--num-workers", "1"]
-    run_script(
+    run_training(
         "mole_expert", *EXPERT, *augment, *tiny_args(checkpoint, data, whole, 4, save_every=1, keep_checkpoints=2)
     )
     assert sorted(p.name for p in (work_dir(whole) / "checkpoints").iterdir()) == ["checkpoint_3", "checkpoint_4"]
@@ -160,9 +160,9 @@ def test_resume_gives_exactly_the_uninterrupted_run(tmp_path, small_checkpoint):
     }  # the final one: that is the output
 
     extended = tmp_path / "extended" / "hand.safetensors"
-    run_script("mole_expert", *EXPERT, *augment, *tiny_args(checkpoint, data, extended, 2))
+    run_training("mole_expert", *EXPERT, *augment, *tiny_args(checkpoint, data, extended, 2))
     assert [p.name for p in (work_dir(extended) / "checkpoints").iterdir()] == ["checkpoint_2"]  # the final step
-    run_script("mole_expert", *EXPERT, *augment, *tiny_args(checkpoint, data, extended, 4, resume="latest"))
+    run_training("mole_expert", *EXPERT, *augment, *tiny_args(checkpoint, data, extended, 4, resume="latest"))
     a, _ = load_safetensors(whole)
     b, _ = load_safetensors(extended)
     assert a.keys() == b.keys()
@@ -222,7 +222,7 @@ def test_accelerate_launch_two_processes(tmp_path, small_checkpoint, references)
 def test_gradient_accumulation_matches_a_larger_batch(tmp_path, small_checkpoint, references, kind):
     reference = references(kind)
     out = tmp_path / "accum" / "hand.safetensors"
-    run_script(
+    run_training(
         "mole_expert",
         *(SGD if kind == "sgd" else EXPERT),
         *tiny_args(small_checkpoint, reference["data"], out, 2, grad_accum=2),
