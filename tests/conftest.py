@@ -25,15 +25,13 @@ def pack():
 SLOW_FIXTURES = {"sdxl", "trained_experts", "micro_run"}
 # Fixtures that hold gigabytes or take minutes to make: under pytest-xdist (scripts/test.sh runs
 # two workers) every module using one runs on the same worker, so that a session fixture is made
-# once and two modules holding the full SD1.5 never run at once.
+# once. (Putting the workflow module, which loads the full SD1.5 itself, with the sd15_full users
+# lowered peak memory from 17 to 15 GB but made that worker the last to finish: 7.2 min.)
 SHARED_ON_ONE_WORKER = ("sd15_full", "sdxl", "trained_experts")
-# Modules that load the full SD1.5 themselves (the workflow runner): with the sd15_full users, so
-# that the two workers never hold it at once (peak 17 GB instead of 15 GB, and the page cache
-# loses the model files the next tests read from this slow disk).
-MODULE_GROUPS = {"tests/host/test_workflows_host.py": "sd15_full"}
 # The groups that take a minute or more, handed out first and longest first, so that no worker is
 # left with one of them at the end while the other idles (a group is one unit of work).
 LONG_GROUPS = (
+    "tests/host/test_workflows_host.py",
     "sd15_full",
     "tests/training/test_resume_and_launch.py",
     "trained_experts",
@@ -61,9 +59,7 @@ def _worker_groups(items) -> dict[str, str]:
     for item in items:
         module = _module(item)
         shared = [f for f in SHARED_ON_ONE_WORKER if f in getattr(item, "fixturenames", ())]
-        if module in MODULE_GROUPS:
-            groups[module] = MODULE_GROUPS[module]
-        elif shared:
+        if shared:
             groups[module] = shared[0]
         else:
             groups.setdefault(module, module)
