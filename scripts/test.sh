@@ -9,7 +9,7 @@
 #
 # Two pytest-xdist workers ($TEST_WORKERS; `-n 0` after the script runs in one process): each
 # module runs whole on one worker, and the modules sharing a costly fixture on the same one
-# (tests/conftest.py). Peak memory with two workers: ~21 GB.
+# (tests/conftest.py). Peak memory with two workers: 15-18 GB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q -r requirements-dev.txt 2>&1 | grep -vi "running pip as the 'root'\|is ignored" || true
