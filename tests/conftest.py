@@ -23,24 +23,6 @@ def pack():
 # Fixtures that take more than ~5 s to set up (a model built, a training script run): a test
 # using one is `slow` wherever it lives, so `scripts/test.sh --fast` leaves it out.
 SLOW_FIXTURES = {"sdxl", "trained_experts", "micro_run"}
-# Fixtures that hold gigabytes or take minutes to make: under pytest-xdist (scripts/test.sh runs
-# two workers) every module using one runs on the same worker, so that a session fixture is made
-# once. (Putting the workflow module, which loads the full SD1.5 itself, with the sd15_full users
-# lowered peak memory from 17 to 15 GB but made that worker the last to finish: 7.2 min.)
-SHARED_ON_ONE_WORKER = ("sd15_full", "sdxl", "trained_experts")
-# The groups that take a minute or more, handed out first, so that no worker is left with one of
-# them at the end while the other idles (a group is one unit of work). The two that read the full
-# SD1.5 (2.1 GB) are not handed out together: read at once they took 70 s each from this disk.
-LONG_GROUPS = (
-    "tests/host/test_workflows_host.py",
-    "tests/training/test_resume_and_launch.py",
-    "sd15_full",
-    "trained_experts",
-    "sdxl",
-    "tests/training/test_mole_finetune.py",
-    "tests/training/test_moa_train.py",
-)
-
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two workers on two cores: one thread each (and in the scripts they start) instead of four
     # threads that wait on each other at every barrier.
@@ -48,23 +30,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
 
     torch.set_num_threads(1)
-
-
-def _module(item) -> str:
-    return str(Path(str(item.fspath)).resolve().relative_to(hostenv.REPO)).replace("\\", "/")
-
-
-def _worker_groups(items) -> dict[str, str]:
-    """{module: xdist group}: the module itself, or the shared fixture its tests use."""
-    groups = {}
-    for item in items:
-        module = _module(item)
-        shared = [f for f in SHARED_ON_ONE_WORKER if f in getattr(item, "fixturenames", ())]
-        if shared:
-            groups[module] = shared[0]
-        else:
-            groups.setdefault(module, module)
-    return groups
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m/-k select on the marks added here, and xdist reads them
@@ -79,11 +44,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
     # In a worker, xdist sets option.loadgroup for `--dist loadgroup` (and option.dist to "no").
     if getattr(config.option, "loadgroup", False):
-        groups = _worker_groups(items)
-        for item in items:
-            item.add_marker(pytest.mark.xdist_group(groups[_module(item)]))
-        rank = {group: i for i, group in enumerate(LONG_GROUPS)}
-        items.sort(key=lambda item: rank.get(groups[_module(item)], len(rank)))  # stable: order kept within
+        from helpers.worker_groups import group_for_workers
+
+        group_for_workers(items, hostenv.REPO)
 
 
 def pytest_collection_finish(session):

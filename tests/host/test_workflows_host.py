@@ -140,9 +140,12 @@ def test_every_value_fits_its_node(path, node_classes, model_root):
     assert len(outputs) == sum(1 for n in prompt.values() if n["class_type"] == "SaveImage")
 
 
+RUNNER = [sys.executable, "-m", "workflows.run"]
+
+
 def runner(*args, timeout=1200):
     return subprocess.run(
-        [sys.executable, "-m", "workflows.run", *map(str, args)],
+        [*RUNNER, *map(str, args)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -174,9 +177,7 @@ def start_headless(workflows, root: Path, out: Path):
         out / "images.json",
     ]
     with open(out / "log.txt", "w") as log:  # a file, not a pipe: two runners never block on a full pipe
-        return subprocess.Popen(
-            [sys.executable, "-m", "workflows.run", *map(str, args)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT
-        )
+        return subprocess.Popen([*RUNNER, *map(str, args)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
 
 def finish_headless(process, out: Path, timeout=1200) -> dict:
