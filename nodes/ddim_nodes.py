@@ -18,11 +18,11 @@ _PIXELS_PER_LATENT = 8
 
 
 def pad_to_latent_grid(image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
-    """The image (B, H, W, C) padded by repeating its edge pixels to the next multiple of 8 on each
-    side, the padding split between both sides as ComfyUI's VAE encode centres its crop; and
+    """The image (B, H, W, C) padded by repeating its edge pixels until width and height are
+    multiples of 8, the padding split between both sides as ComfyUI's VAE encode centres its crop; and
     (top, left, H, W), the photo's place in it. Padding rather than scaling or cropping: the photo's
     pixels stay as they are (no resampling blur, no pixel of the photo lost), the result lines up
-    pixel for pixel with the photo, and the at most 7 invented pixels per side (less than one latent
+    pixel for pixel with the photo, and the invented pixels (at most 4 on a side: less than one latent
     cell) are cut off again by ``crop_to``."""
     if image.shape[0] == 0:
         raise ValueError("the image batch is empty")
