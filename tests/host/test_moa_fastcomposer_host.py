@@ -346,10 +346,11 @@ def test_pytorch_model_bin_runs_with_no_terminal_step(moa_nodes, loading, sd15, 
         with model_folders(moa=bin_models):
             schema = moa_nodes.LoadMoARouter.GET_SCHEMA()
             combo = schema.inputs[0]
-            assert combo.options == ["pytorch_model.bin", "other.bin"] and combo.default == "pytorch_model.bin"
+            assert combo.options[0] == combo.default == "pytorch_model.bin" and "other.bin" in combo.options
+            assert "old.ckpt" not in combo.options
             with torch.inference_mode():
                 loaded = moa_nodes.LoadMoARouter.execute("pytorch_model.bin").result[0]
-            assert moa_nodes.moa_choices() == ["pytorch_model.bin", "other.bin"]  # the cache is not offered
+            assert moa_nodes.moa_choices() == combo.options  # the cache is not offered
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
     assert len(calls) == 34 and calls[-1] == (34, 34), calls  # 32 layers, the fusion, the image encoder
