@@ -68,6 +68,10 @@ UNUSED_PREFIXES = ("unet.", "text_encoder.", "vae.")
 # A buffer older transformers versions saved with the weights; ComfyUI's CLIP vision has none.
 UNUSED_KEYS = ("image_encoder.vision_model.embeddings.position_ids",)
 DEFAULT_ENCODER_FILE = "fastcomposer_image_encoder.safetensors"
+# The router a conversion gets unless told otherwise (the command's option defaults too): the
+# constant router's share, the attention router's quantile, and FastComposer's delayed subject
+# conditioning (10 of 50 steps run the prior alone).
+ROUTER_DEFAULTS = {"share": 0.5, "quantile": 0.98, "prior_steps": 0.2}
 
 
 def attention_layers() -> dict[str, tuple[str, AttentionShape]]:
@@ -224,7 +228,7 @@ def convert(
     """(MoAModel, clip_vision state dict) from a FastComposer state dict; progress(done, total),
     if given, is called as the layers are converted (Load MoA Router shows it as a progress bar)."""
     check_keys(state, path)
-    router = router or RouterConfig("attention", quantile=0.98, prior_steps=0.2, map_layers=map_layers())
+    router = router or RouterConfig("attention", **ROUTER_DEFAULTS, map_layers=map_layers())
     layers = attention_layers()
     with torch.device("meta"):
         moa = MoAModel(
