@@ -167,6 +167,20 @@ def test_the_scan_passes_ordinary_code():
     assert scan_requirements("pkg @ https://example.com/pkg.whl\ngit+https://github.com/a/b", "r.txt")
 
 
+def test_comfy_node_validate_passes(capsys):
+    """`comfy node validate` in-process: pyproject parses, and its ruff pass (exec, eval, `;`-joined
+    statements, over the whole checkout; it only warns) finds nothing."""
+    command = pytest.importorskip("comfy_cli.command.custom_nodes.command")
+    before = os.getcwd()
+    os.chdir(REPO)
+    try:
+        command.validate_node_for_publishing()
+    finally:
+        os.chdir(before)
+    out = capsys.readouterr().out
+    assert "All validation checks passed" in out and "Security warnings" not in out, out
+
+
 def test_pyproject_has_what_the_registry_records(config):
     project, comfy = config.project, config.tool_comfy
     assert project.name and project.version and comfy.publisher_id
