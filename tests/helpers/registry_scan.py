@@ -38,7 +38,6 @@ FLAGGED_MODULES = {
     "pip": "installs packages",
     "ensurepip": "installs packages",
     "setuptools": "installs packages",
-    "importlib": "imports modules by name (importlib)",
 }
 # Calls by dotted name.
 FLAGGED_CALLS = {
