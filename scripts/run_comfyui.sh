@@ -21,6 +21,10 @@ if [ -z "$python" ]; then
   done
 fi
 if [ -z "$python" ]; then python=$(command -v python3 || echo python3) origin="python3 on PATH"; fi
+if ! command -v "$python" >/dev/null; then
+  echo "run_comfyui.sh: no Python at $python ($origin): set COMFYUI_PYTHON to the Python that runs ComfyUI." >&2
+  exit 3
+fi
 if ! "$python" -c "import torch" >/dev/null 2>&1; then
   echo "run_comfyui.sh: $python ($origin) cannot import torch: install ComfyUI's requirements into it" \
     "(pip install -r $host/requirements.txt, torch as ComfyUI's README says) or set COMFYUI_PYTHON to the" \
