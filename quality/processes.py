@@ -14,6 +14,7 @@ next run (with any number of processes) reads them as done and merges them at it
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 from pathlib import Path
@@ -54,7 +55,9 @@ def processes() -> Processes:
     except ImportError as e:
         raise SystemExit("error: generating with several processes needs Accelerate (pip install accelerate)") from e
     # Without CUDA: CPU processes over gloo (how the tests run two processes on one machine).
-    state = PartialState(cpu=not torch.cuda.is_available())
+    # A process whose share is done waits at the end for the others, for as long as theirs take
+    # (a resumed run can leave one process most of the work): no collective timeout.
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=datetime.timedelta(days=7))
     return Processes(state.process_index, state.num_processes, state)
 
 
