@@ -15,7 +15,8 @@ from moa_helpers import CAPTION, make_moa_dataset, segment, write_fastcomposer_i
 
 from training import moa_losses
 from training.data import DataError
-from training.moa_data import Draws, MoADataset, ScanReport, make_subject_image, scan_moa_dataset
+from training.moa_data import ScanReport, scan_moa_dataset
+from training.moa_samples import Draws, MoADataset, make_subject_image
 
 NO_DRAWS = Draws(subject_drop=0, condition_drop=0, augment=False)
 
@@ -252,7 +253,7 @@ def test_padded_bindings_equal_per_sample_bindings():
     """One call binding different subjects and counts per sample gives each row exactly what
     mixture_core.moa.bind_subjects gives that sample alone (as MoA Subject Inject binds)."""
     from mixture_core.moa import MultimodalFusion, SubjectBinding, bind_subjects
-    from training.moa_train import Bindings
+    from training.moa_forward import Bindings
 
     torch.manual_seed(0)
     fusion = MultimodalFusion(text_dim=16, image_dim=8, hidden_dim=32, spacetime_dim=8, n_layers=4)
@@ -275,7 +276,7 @@ def test_training_patch_recomputes_the_same_graph_under_checkpointing():
     from torch.utils.checkpoint import checkpoint
 
     from mixture_core.moa import AttentionShape, MoAModel
-    from training.moa_train import Bindings, Record, TrainingPatch
+    from training.moa_forward import Bindings, Record, TrainingPatch
 
     torch.manual_seed(0)
     layer_id = "middle_block.1.transformer_blocks.0.attn2"

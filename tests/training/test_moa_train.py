@@ -174,14 +174,14 @@ def test_moa_patch_survives_gradient_checkpoint_recomputation(micro_run):
     result, _ = micro_run
     model = result.stage.model
     model = getattr(model, "module", model)
-    from training import moa_data
+    from training import moa_data, moa_samples
 
     samples = moa_data.scan_moa_dataset(model.args.data)
-    bound = moa_data.MoADataset(
-        samples, 64, moa_data.Draws(max_subjects=1, subject_drop=0, condition_drop=0, augment=False)
+    bound = moa_samples.MoADataset(
+        samples, 64, moa_samples.Draws(max_subjects=1, subject_drop=0, condition_drop=0, augment=False)
     )
-    unbound = moa_data.MoADataset(samples, 64, moa_data.Draws(condition_drop=1, augment=False))
-    batch = moa_data.collate_list([bound[(0, 0)], unbound[(0, 1)]])  # one subject and none: padded
+    unbound = moa_samples.MoADataset(samples, 64, moa_samples.Draws(condition_drop=1, augment=False))
+    batch = moa_samples.collate_list([bound[(0, 0)], unbound[(0, 1)]])  # one subject and none: padded
     params = [p for p in model.parameters() if p.requires_grad]
 
     def grads():
