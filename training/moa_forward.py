@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import base_model, encoding, host, moa_encoder, moa_losses
+from . import base_model, cli, encoding, host, moa_encoder, moa_losses
 
 
 @dataclass
@@ -165,7 +165,9 @@ class MoATraining(torch.nn.Module):
         a = self.base.alphas_cumprod.to(device)[timesteps].float()[:, None, None, None]
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
         pred = self.unet(
-            noisy,
+            # In the frozen weights' storage dtype, as ComfyUI's apply_model casts its input (the
+            # UNet casts h back to it before the last GroupNorm, whose bf16 weight the CPU must match).
+            noisy.to(cli.weight_dtype(args)),
             timesteps=timesteps.float(),
             context=context,
             y=None if y is None else y.to(device),

@@ -176,14 +176,15 @@ def main(argv=None) -> loop.Result:
         nodes.check_clip_vision(clip_vision, 768)
         moa_patch = importlib.import_module(f"{host.import_pack().__name__}.nodes.moa_patch")
 
+        # The personalized attentions start as the checkpoint's own weights, read before the
+        # frozen UNet is cast to --mixed-precision's storage dtype.
+        moa = MoAModel.from_prior(prior_weights(base.unet)).float()
         base_model.freeze(base.unet)
         base_model.cast_frozen(base.unet, cli.weight_dtype(args))
         if args.gradient_checkpointing:
             grad_checkpoint.enable_gradient_checkpointing(base.unet)
         encoder_model = clip_vision.model
         encoder_layers = moa_encoder.prepare(encoder_model, args.train_image_encoder_layers)
-
-        moa = MoAModel.from_prior(prior_weights(base.unet)).float()
         router_ids = moa_losses.router_layers(
             moa.layer_ids, _blocks(args.router_excluded_blocks, moa, "--router-excluded-blocks")
         )
