@@ -36,12 +36,45 @@ Besides this learned design, a MoA model may carry (file format version 2):
   ``attention`` (training-free: the personal share follows the subject tokens' cross-attention
   maps of the previous step, see mixture_core.moa_router).
 
+One MoA for training and inference: both call the same three pieces per layer call, with what
+depends on the batch (which rows carry which subjects at which tokens) made once per model call
+as index tensors, so a layer call reads nothing on the host (no GPU stall, issue 22):
+
+* ``SubjectIndex`` (made once per model call: ``for_rows`` at inference, ``from_padded`` in
+  training) and ``bind_indexed`` / ``MoAModel.bind``: the personalized branch's context;
+* ``MoALayer.forward``: router softmax, strength, and the prior/personal mix; the observer gets R0';
+* ``MoALayer.subject_attention``: the subject tokens' personalized cross-attention, (B, T, n).
+
+A training patch's attention output patch, for example::
+
+    index = SubjectIndex.from_padded(token_index, valid, embeds)   # once per UNet call
+    ...                                                            # per layer call:
+    if attn == "attn2":
+        context = moa.bind(context, index, timesteps, layer_index)
+    out = layer(h, out, context if attn == "attn2" else None, observer=record.router.append)
+    maps = layer.subject_attention(h, context, token_index_on_device)  # (B, T, n)
+
+One set of precision rules for both: the MoA weights are cast to the hidden states' device and
+dtype per call; the router, the personalized attention and the fusion run in the input's dtype
+(the fusion's timestep sinusoid in at least float32); the mix comes back in the prior output's
+dtype (a float32 softmax under autocast is cast down first); the subject attention
+probabilities are computed in at least float32 with autocast off.
+
 The package, one job per module: config (sizes, target layers, shapes, router/fusion kinds),
 ops (weight-casting building blocks), layer (MoALayer), fusion (MoA's and FastComposer's),
 binding (subjects into the context, embedding interpolations), model (MoAModel).
 """
 
-from .binding import SubjectBinding, bind_subjects, bind_subjects_where, morph_embeddings, timelapse_tokens
+from .binding import (
+    SubjectBinding,
+    SubjectIndex,
+    bind_indexed,
+    bind_subjects,
+    bind_subjects_where,
+    check_bindings,
+    morph_embeddings,
+    timelapse_tokens,
+)
 from .config import (
     FUSION_HIDDEN,
     FUSION_KINDS,
@@ -89,9 +122,12 @@ __all__ = [
     "RouterObserver",
     "SpacetimeEncoding",
     "SubjectBinding",
+    "SubjectIndex",
+    "bind_indexed",
     "bind_subjects",
     "bind_subjects_where",
     "cast_like",
+    "check_bindings",
     "is_moa_target",
     "layer_norm",
     "linear",

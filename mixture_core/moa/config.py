@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+# The attention modules that become MoA layers (attn1 and attn2 of every transformer block), from the
+# one map of UNet layer names.
+from ..unet_names import MOA_TARGET, is_moa_target  # noqa: F401  (re-exported)
 
 TEXT_DIM = IMAGE_DIM = 768  # CLIP ViT-L/14 text width and projected image embedding on SD1.5
 ROUTER_HIDDEN = 128
@@ -16,18 +19,11 @@ PRIOR_LOGIT = 4.0  # fresh router: R1 = 1 / (1 + e^4), about 0.018
 ROUTER_INIT_SCALE = 0.1  # shrinks the router's last weights so PRIOR_LOGIT dominates at init
 MAX_PERIOD = 10000  # the UNet's timestep sinusoid
 
-# The attention modules that become MoA layers: attn1 and attn2 of every transformer block.
-MOA_TARGET = re.compile(r"(^|\.)transformer_blocks\.\d+\.attn[12]$")
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 # Receives the prior's weight R0' = 1 - strength * R1 per token (B, T) of one layer call, for
 # pictures of the routers at work (as mole.Observer for MoLE's gates).
 RouterObserver = Callable[[torch.Tensor], None]
-
-
-def is_moa_target(module_path: str) -> bool:
-    """True for the UNet module path (SAI naming) of an attention module MoA mixes."""
-    return MOA_TARGET.search(module_path) is not None
 
 
 @dataclass(frozen=True)

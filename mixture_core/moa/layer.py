@@ -36,15 +36,27 @@ class MoALayer(nn.Module):
             raise ValueError("this MoA layer has no learned router (its file's router is constant or attention)")
         return torch.softmax(self.router(h), dim=-1)
 
-    def subject_attention(self, h: torch.Tensor, context: torch.Tensor, token_indices: Sequence[int]) -> torch.Tensor:
+    def subject_attention(
+        self, h: torch.Tensor, context: torch.Tensor, token_index: torch.Tensor | Sequence[int]
+    ) -> torch.Tensor:
         """The personalized cross-attention probabilities of the given context tokens, averaged
-        over heads: (B, T, len(token_indices)), computed in at least float32."""
+        over heads: (B, T, n). token_index: (n,) positions shared by every row, or (B, n) per row
+        (training's padded subjects: pad slots read any token, the caller masks them). Computed in
+        at least float32 with autocast off, so that training's localization loss and inference's
+        attention router read the same numbers. A tensor index made once per model call keeps this
+        free of host copies."""
         dtype = torch.promote_types(h.dtype, torch.float32)
-        h32 = h.to(dtype)
-        q, k = linear(h32, self.to_q), linear(cast_like(context, h32), self.to_k)
-        q, k = (rearrange(t, "b t (h d) -> b h t d", h=self.heads) for t in (q, k))
-        probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1).mean(1)  # (B, T, S)
-        return probs[..., list(token_indices)]
+        with torch.autocast(h.device.type, enabled=False):
+            h32 = h.to(dtype)
+            q, k = linear(h32, self.to_q), linear(cast_like(context, h32), self.to_k)
+            q, k = (rearrange(t, "b t (h d) -> b h t d", h=self.heads) for t in (q, k))
+            probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1).mean(1)  # (B, T, S)
+        index = torch.as_tensor(token_index, dtype=torch.long).to(probs.device, non_blocking=True)
+        if index.ndim == 1:
+            return probs.index_select(-1, index)
+        if index.shape[0] != probs.shape[0]:
+            raise ValueError(f"token_index has {index.shape[0]} rows for a batch of {probs.shape[0]}")
+        return probs.gather(2, index[:, None, :].expand(-1, probs.shape[1], -1))
 
     def personal(
         self, h: torch.Tensor, context: torch.Tensor | None = None, attention: Attention | None = None
@@ -64,15 +76,17 @@ class MoALayer(nn.Module):
         observer: RouterObserver | None = None,
         share: torch.Tensor | float | None = None,
     ) -> torch.Tensor:
-        """observer, if given, receives this call's prior weight R0' per token, (B, T). share: the
-        personal share R1 per pixel ((B, T, 1) or a number) from a router that is not learned;
-        None: this layer's learned router."""
+        """R0' * prior_out + R1' * personal(h, context), in prior_out's dtype. observer, if given,
+        receives this call's prior weight R0' = 1 - strength * R1 per token, (B, T) (with its
+        gradient: training's router loss reads it). share: the personal share R1 per pixel
+        ((B, T, 1) or a number) from a router that is not learned; None: this layer's learned
+        router. attention: the kernel of the personalized attention (the host's, at inference)."""
         if strength < 0:
             raise ValueError(f"MoA strength must be >= 0, not {strength}")
         if strength == 0:
             return prior_out  # the router forced to the prior: nothing to compute
         if share is None:
-            share = self.route(h)[..., 1:]
+            share = cast_like(self.route(h)[..., 1:], prior_out)  # softmax may come back float32 under autocast
         elif isinstance(share, torch.Tensor):
             share = cast_like(share, prior_out)
         else:  # a number: the same share at every pixel, as a (B, T, 1) map like a router's

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .binding import SubjectIndex, bind_indexed
 from .config import (
     DEFAULT_ROUTER,
     FUSION_HIDDEN,
@@ -70,6 +71,12 @@ class MoAModel(nn.Module):
 
     def __getitem__(self, layer_id: str) -> MoALayer:
         return self.layers[self.layer_index(layer_id)]
+
+    def bind(
+        self, context: torch.Tensor, index: SubjectIndex, timestep: torch.Tensor | float, layer_index: int
+    ) -> torch.Tensor:
+        """The personalized branch's context of one layer call: bind_indexed with this model's fusion."""
+        return bind_indexed(context, index, self.fusion, timestep, layer_index)
 
     def shapes(self) -> dict[str, AttentionShape]:
         return {layer_id: layer.shape for layer_id, layer in zip(self.layer_ids, self.layers)}
