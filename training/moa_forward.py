@@ -13,27 +13,26 @@ import torch.nn.functional as F
 from . import base_model, cli, encoding, host, moa_encoder, moa_losses
 
 
-@dataclass
+@dataclass(frozen=True)
 class Bindings:
-    """The subjects of one batch, padded to n per sample: token_index (B, n), valid (B, n),
-    embeds (B, n, D), timesteps (B,). A function of the batch only: a recomputed block sees
-    exactly what the first pass saw."""
+    """The subjects of one batch (one UNet call), made once per call from the padded form: sample
+    b's subject j at caption token token_index[b, j] where valid[b, j]. index: where they bind
+    (mixture_core.moa.SubjectIndex), token_index (B, n) on the model's device for the subject
+    attention, timesteps (B,). A function of the batch only: a recomputed block sees exactly what
+    the first pass saw."""
 
+    index: object  # mixture_core.moa.SubjectIndex
     token_index: torch.Tensor
-    valid: torch.Tensor
-    embeds: torch.Tensor
     timesteps: torch.Tensor
 
-    def bind(self, context: torch.Tensor, fusion, layer_index: int) -> torch.Tensor:
-        """context (B, S, C) with each valid subject's token replaced by its fused token."""
-        rows, cols = self.valid.nonzero(as_tuple=True)
-        if len(rows) == 0:
-            return context
-        tokens = self.token_index[rows, cols]
-        fused = fusion(context[rows, tokens], self.embeds[rows, cols], self.timesteps[rows], layer_index)
-        out = context.clone()
-        out[rows, tokens] = fused.to(out.dtype)
-        return out
+    @classmethod
+    def padded(cls, token_index: torch.Tensor, valid: torch.Tensor, embeds: torch.Tensor, timesteps: torch.Tensor):
+        """token_index (B, n) long and valid (B, n) bool as built, on the CPU (read there once);
+        embeds (B, n, image_dim) on the model's device, with their gradient."""
+        from mixture_core.moa import SubjectIndex
+
+        index = SubjectIndex.from_padded(token_index, valid, embeds)
+        return cls(index, token_index.to(embeds.device, non_blocking=True), timesteps)
 
 
 @dataclass
@@ -47,8 +46,13 @@ class Record:
 
 
 class TrainingPatch:
-    """MoA on the training UNet through ComfyUI's attention list patches (as the node does).
-    It holds no per-call state: each call brings (Bindings, Record) in transformer_options."""
+    """MoA on the training UNet through ComfyUI's attention list patches, as MoA Subject Inject's
+    patch (nodes/moa_patch) puts it on the sampled model, with the core's pieces that patch calls:
+    MoAModel.bind (the subjects fused into the personalized branch's context), MoALayer.forward
+    (router, mix; its observer gives the router loss R0) and MoALayer.subject_attention (what the
+    localization loss reads). The personalized attention runs the core's kernel (torch's SDPA)
+    rather than the host's. It holds no per-call state: each call brings (Bindings, Record) in
+    transformer_options."""
 
     KEY = "moa_train"
 
@@ -70,8 +74,6 @@ class TrainingPatch:
         return patch
 
     def _mix(self, attn):
-        from mixture_core.moa import linear
-
         def patch(out, extra_options):
             h, context = extra_options.pop(f"moa_train_{attn}")
             block = extra_options.get("block")
@@ -80,22 +82,21 @@ class TrainingPatch:
             )
             if found is None:
                 return out
-            layer, index, layer_id = found
+            layer, layer_index, layer_id = found
             bindings, record = extra_options[self.KEY]
-            if attn == "attn2":
-                context = bindings.bind(context, self.moa.fusion, index)
-            routes = layer.route(h)
-            if layer_id in self.router_ids and not record.closed:
-                record.router.append(routes[..., 0])
-            mixed = out + routes[..., 1:] * (layer.personal(h, context if attn == "attn2" else None) - out)
-            if layer_id in self.localization_ids and bindings.valid.any():
-                q, k = linear(h, layer.to_q), linear(context.to(h.dtype), layer.to_k)
-                q, k = (t.unflatten(-1, (layer.heads, -1)).transpose(1, 2) for t in (q, k))  # (B, heads, T, d)
-                probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1).mean(1)  # (B, T, S)
-                columns = bindings.token_index[:, None, :].expand(-1, probs.shape[1], -1)
-                subject_attention = torch.gather(probs, 2, columns)  # also when recomputing: the same saved tensors
+            context = (
+                self.moa.bind(context, bindings.index, bindings.timesteps, layer_index) if attn == "attn2" else None
+            )
+
+            def observer(prior_weight):  # a recomputation (gradient checkpointing) records nothing
+                if layer_id in self.router_ids and not record.closed:
+                    record.router.append(prior_weight)
+
+            mixed = layer(h, out, context, observer=observer)
+            if layer_id in self.localization_ids and not bindings.index.empty:
+                maps = layer.subject_attention(h, context, bindings.token_index)  # also when recomputing
                 if not record.closed:
-                    record.attention.append(subject_attention)
+                    record.attention.append(maps)
             return mixed
 
         return patch
@@ -159,7 +160,7 @@ class MoATraining(torch.nn.Module):
             encoded = moa_encoder.encode_subjects(self.clip_vision, images, device, args.train_image_encoder_layers > 0)
             for b, e in enumerate(encoded.split(counts)):
                 embeds[b, : len(e)] = e
-        bindings = Bindings(token_index.to(device), valid.to(device), embeds, timesteps.float())
+        bindings = Bindings.padded(token_index, valid, embeds, timesteps.float())
         record = Record()
 
         a = self.base.alphas_cumprod.to(device)[timesteps].float()[:, None, None, None]
@@ -182,7 +183,7 @@ class MoATraining(torch.nn.Module):
         loss = reconstruction + args.router_loss_weight * router
         self.last = {"reconstruction": float(reconstruction.detach()), "router": float(router.detach())}
         if record.attention:
-            localization = moa_losses.localization_loss(record.attention, masks.to(device), bindings.valid)
+            localization = moa_losses.localization_loss(record.attention, masks.to(device), valid.to(device))
             loss = loss + args.localization_loss_weight * localization
             self.last["localization"] = float(localization.detach())
         record.closed = True

@@ -161,7 +161,7 @@ def main(argv=None) -> loop.Result:
     for line in report.lines():
         loop.log.info("MoA data: %s", line)
     with host.host_session():
-        from mixture_core.moa import MoAModel
+        from mixture_core.moa import MoAModel, prior_weights
         from mixture_core.moa_files import save_moa_file, vision_encoder_fingerprint
 
         base = base_model.load_base(args.checkpoint)
@@ -265,24 +265,6 @@ def _blocks(spec: str, moa, flag: str):
         return moa_losses.parse_blocks(spec, moa.layer_ids, flag)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-
-
-def prior_weights(unet: torch.nn.Module) -> dict[str, dict]:
-    """The UNet's own attention weights, as MoAModel.from_prior takes them."""
-    from mixture_core.moa import is_moa_target
-
-    prior = {}
-    for path, m in unet.named_modules():
-        if is_moa_target(path) and hasattr(m, "to_q"):
-            out = m.to_out[0]
-            prior[path] = {
-                "to_q": m.to_q.weight.detach().float().cpu(),
-                "to_k": m.to_k.weight.detach().float().cpu(),
-                "to_v": m.to_v.weight.detach().float().cpu(),
-                "to_out": (out.weight.detach().float().cpu(), out.bias.detach().float().cpu()),
-                "heads": m.heads,
-            }
-    return prior
 
 
 if __name__ == "__main__":

@@ -121,7 +121,8 @@ def train(sd15, inference, token_index=None, valid=None) -> Run:
     attn2 = [i for i in moa.layer_ids if i.endswith("attn2")]
     patch = TrainingPatch(moa, inference["locations"], moa.layer_ids, attn2)
     record = Record()
-    options = {"patches": patch.patches(), TrainingPatch.KEY: (Bindings(token_index, valid, embeds, t.float()), record)}
+    bindings = Bindings.padded(token_index, valid, embeds, t.float())
+    options = {"patches": patch.patches(), TrainingPatch.KEY: (bindings, record)}
     with torch.no_grad():
         out = sd15.model.model.diffusion_model(
             x.clone(), timesteps=t.clone(), context=context.clone(), transformer_options=options
