@@ -111,8 +111,8 @@ class MoATraining(torch.nn.Module):
         self.unet, self.moa, self.image_encoder = base.unet, moa, clip_vision.model
         self.args, self.base, self.clip_vision, self.patch = args, base, clip_vision, patch
         self.encoder = encoding.Encoder(base, args.resolution)
-        self.nodes = importlib.import_module(f"{host.import_pack().__name__}.nodes.moa_nodes")
-        self.vocab, _, self.token_key = self.nodes.sd1_vocabulary(base.clip)
+        moa_host = importlib.import_module(f"{host.import_pack().__name__}.nodes.moa_host")
+        self.vocab, _, self.token_key = moa_host.sd1_vocabulary(base.clip)
         self.last: dict[str, float] = {}
 
     def token_positions(self, caption: str, words: list[str]) -> list[int | None]:

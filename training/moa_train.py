@@ -2,9 +2,10 @@
 layers of the image encoder.
 
 The prior (the checkpoint's UNet, its CLIP, its VAE) stays frozen. Every attention layer mixes
-its prior output with the personalized attention through its router, exactly as MoA Subject
-Inject does at inference (mixture_core.moa.MoALayer), with each subject's image embedding fused
-into its caption word. The image encoder is CLIP ViT-L/14 with its last K layers trained
+its prior output with the personalized attention through its router, with each subject's image
+embedding fused into its caption word: the core's pieces MoA Subject Inject's patch calls at
+inference (mixture_core.moa: MoAModel.bind, MoALayer.forward, MoALayer.subject_attention; the
+training patch is training.moa_forward, tests/training/test_moa_one.py finds both the same). The image encoder is CLIP ViT-L/14 with its last K layers trained
 (``--train-image-encoder-layers``, FastComposer's ``--image_encoder_trainable_layers 2``; the
 paper: "the learned image encoder", Sec. 3.4). The objective (paper Sec. 3.3, training.moa_losses):
 
@@ -172,8 +173,8 @@ def main(argv=None) -> loop.Result:
         clip_vision = comfy.clip_vision.load(args.clip_vision)
         if clip_vision is None:
             raise SystemExit(f"error: {args.clip_vision} is not a CLIP vision model ComfyUI can load")
-        nodes = importlib.import_module(f"{host.import_pack().__name__}.nodes.moa_nodes")
-        nodes.check_clip_vision(clip_vision, 768)
+        moa_host = importlib.import_module(f"{host.import_pack().__name__}.nodes.moa_host")
+        moa_host.check_clip_vision(clip_vision, 768)
         moa_patch = importlib.import_module(f"{host.import_pack().__name__}.nodes.moa_patch")
 
         # The personalized attentions start as the checkpoint's own weights, read before the
