@@ -93,9 +93,11 @@ def inference(sd15, pack, tmp_path_factory):
             layer_class.personal = real_personal
     ((x, t, context, cond_or_uncond, out),) = calls
     positions = [b.token_index for b in patch.settings.bindings]
-    attention = {
-        layer_id: moa.model[layer_id].subject_attention(h, c, positions) for layer_id, (h, c) in personal.items()
-    }
+    with torch.no_grad():
+        attention = {
+            layer_id: moa.model[layer_id].subject_attention(h.clone(), c.clone(), positions)
+            for layer_id, (h, c) in personal.items()
+        }
     return {
         "run": Run(out, routes, attention),
         "inputs": (x, t, context),
