@@ -150,6 +150,8 @@ def differences(trained: Run, inferred: Run, cond_rows: torch.Tensor) -> dict[st
     }
 
 
+# Measured here (float32, CPU): out 2e-6, routes 8e-7, attention 2e-8 apart; the wrong mixings
+# below differ by 1e-2 (a subject one token off) to 0.9 (the router's softmax over the tokens).
 TOLERANCE = {"out": 1e-4, "routes": 1e-5, "attention": 1e-5}
 
 
@@ -157,26 +159,43 @@ def test_training_and_inference_mix_the_same(sd15, inference):
     inferred, cond_rows = inference["run"], inference["cond_rows"]
     assert cond_rows.any() and not cond_rows.all()  # cfg 2: conditional and unconditional rows in one call
     assert len(inferred.routes) == len(inference["moa"].layer_ids) == 32
-    routes = torch.stack([w for _, w in inferred.routes])
+    routes = torch.cat([w.flatten() for _, w in inferred.routes])
     assert routes.min() < 0.9 and routes.std() > 0.01  # the random routers mix, per pixel
     diff = differences(train(sd15, inference), inferred, cond_rows)
     assert all(diff[k] <= TOLERANCE[k] for k in diff), diff
 
 
+def _attention_over_pixels(layer, h, context, token_index):
+    """MoALayer.subject_attention with its softmax over the queries (pixels) instead of the keys."""
+    from mixture_core.moa import linear
+
+    q, k = linear(h.float(), layer.to_q), linear(context.float(), layer.to_k)
+    q, k = (t.unflatten(-1, (layer.heads, -1)).transpose(1, 2) for t in (q, k))
+    probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-2).mean(1)
+    return probs.gather(2, token_index[:, None, :].expand(-1, probs.shape[1], -1))
+
+
 def test_a_training_that_mixes_otherwise_is_caught(sd15, inference, monkeypatch):
     """The comparison above fails for a router softmax over the tokens instead of the two experts,
-    for subjects bound one token off, and for subjects bound in the unconditional row too."""
+    a subject-attention softmax over the pixels instead of the tokens, subjects bound one token
+    off, and subjects bound in the unconditional row too."""
     inferred, cond_rows = inference["run"], inference["cond_rows"]
     layer_class = type(inference["moa"].layers[0])
     with monkeypatch.context() as m:
         m.setattr(layer_class, "route", lambda layer, h: torch.softmax(layer.router(h), dim=1))
         swapped = differences(train(sd15, inference), inferred, cond_rows)
-    assert swapped["routes"] > 100 * TOLERANCE["routes"] and swapped["out"] > 100 * TOLERANCE["out"], swapped
+    assert swapped["routes"] > 10 * TOLERANCE["routes"] and swapped["out"] > 10 * TOLERANCE["out"], swapped
+
+    with monkeypatch.context() as m:
+        m.setattr(layer_class, "subject_attention", _attention_over_pixels)
+        maps = differences(train(sd15, inference), inferred, cond_rows)
+    assert maps["attention"] > 10 * TOLERANCE["attention"], maps
+    assert maps["out"] <= TOLERANCE["out"] and maps["routes"] <= TOLERANCE["routes"], maps  # only the maps differ
 
     token_index = torch.tensor([b.token_index + 1 for b in inference["bindings"]]).expand(len(cond_rows), -1)
     shifted = differences(train(sd15, inference, token_index=token_index), inferred, cond_rows)
-    assert shifted["out"] > 100 * TOLERANCE["out"] and shifted["attention"] > 100 * TOLERANCE["attention"], shifted
+    assert shifted["out"] > 10 * TOLERANCE["out"] and shifted["attention"] > 10 * TOLERANCE["attention"], shifted
 
     everywhere = torch.ones(len(cond_rows), len(inference["bindings"]), dtype=torch.bool)
     unconditional_too = differences(train(sd15, inference, valid=everywhere), inferred, cond_rows)
-    assert unconditional_too["out"] > 100 * TOLERANCE["out"], unconditional_too
+    assert unconditional_too["out"] > 10 * TOLERANCE["out"], unconditional_too
