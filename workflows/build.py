@@ -59,6 +59,11 @@ def write_api(only=None) -> list:
         raise SystemExit(f"error: no workflow named {', '.join(unknown)}")
     for g in graphs:
         (API_DIR / f"{g.file_stem}.json").write_text(json.dumps(g.nodes, indent=2) + "\n")
+    if not only:  # a renamed graph leaves no stale template behind (ComfyUI lists every workflows/*.json)
+        named = {g.file_stem for g in graphs}
+        for stale in [*HERE.glob("*.json"), *HERE.glob("*.jpg"), *API_DIR.glob("*.json")]:
+            if stale.stem not in named:
+                stale.unlink()
     return graphs
 
 
