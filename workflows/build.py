@@ -161,10 +161,11 @@ async ([api, note, name, PACK, models, pack, core]) => {
 
 
 def quiet_editor(port: int) -> None:
-    """Editor settings for clean screenshots: no first-run templates dialog, no minimap."""
+    """Editor settings for clean screenshots: no first-run templates dialog, no minimap, text at any zoom."""
     set_setting(port, "Comfy.TutorialCompleted", True)
     set_setting(port, "Comfy.Minimap.Visible", False)
     set_setting(port, "Comfy.Workflow.ShowMissingModelsWarning", False)  # browser_checks turns it on
+    set_setting(port, "LiteGraph.Canvas.MinFontSizeForLOD", 0)  # node text drawn at any zoom (screenshots)
 
 
 def check_template_listing(graphs, port: int) -> None:

@@ -106,6 +106,14 @@ def test_editor_file_matches_its_api_twin_and_graphs_py(path, node_classes):
     assert len(notes) == 1 and all(f.name in notes[0]["widgets_values"][0] for f in source.files)
 
 
+def test_no_shipped_graph_uses_a_deprecated_node(node_classes):
+    """The host's own DEPRECATED flag (the editor's [DEPR] badge) on no node of any shipped graph;
+    ImageBatch, which the graphs once used, has it."""
+    assert node_classes["ImageBatch"].DEPRECATED
+    used = {n["class_type"] for g in graphs.all_graphs() for n in g.nodes.values()}
+    assert not {kind for kind in used if getattr(node_classes[kind], "DEPRECATED", False)}
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
 def test_every_value_fits_its_node(path, node_classes, model_root):
     """The host's own validation (types, ranges, combo lists) of each API twin, with every
