@@ -91,7 +91,9 @@ def moa_fig6_router_maps() -> Graph:
     recorded = g.add("MoA_RecordRouter", model=patched)[0]
     images = sample(g, recorded, pos, negative(g, clip), latent(g), vae, "MoA (recorded)")
     save(g, images, "image")
-    for layers, title in (("mean", "mean_of_layers"), ("3, 12, 20, 28", "layers_3_12_20_28")):
+    # Four cross-attention layers (down 32x32, down 16x16, up 16x16, up 32x32 at 512 px) of those
+    # FastComposer's attention router reads its maps from (fastcomposer.LOCALIZATION_BLOCKS).
+    for layers, title in (("mean", "mean_of_layers"), ("5, 11, 17, 23", "layers_5_11_17_23")):
         maps = g.add(
             "MoA_RouterMaps",
             model=recorded,
