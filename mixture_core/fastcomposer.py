@@ -39,23 +39,11 @@ from .errors import WeightFileError
 from .moa import AttentionShape, MoAModel, RouterConfig
 from .moa_files import save_moa_file, vision_encoder_fingerprint
 from .safetensors_io import SafetensorsFile
+from .unet_names import SD15
+from .unet_names import attention_layers as unet_attention_layers
 
-# SD1.5's UNet (diffusers UNet2DConditionModel): (diffusers block, SAI block, width) of every
-# spatial transformer; each holds transformer_blocks.0 with attn1 (self) and attn2 (cross).
-TEXT_WIDTH, HEADS = 768, 8
-_TRANSFORMERS = (
-    [
-        (f"down_blocks.{b}.attentions.{i}", f"input_blocks.{3 * b + i + 1}.1", 320 * 2**b)
-        for b in range(3)
-        for i in range(2)
-    ]
-    + [("mid_block.attentions.0", "middle_block.1", 1280)]
-    + [
-        (f"up_blocks.{b}.attentions.{i}", f"output_blocks.{3 * b + i}.1", 320 * 2 ** (3 - b))
-        for b in range(1, 4)
-        for i in range(3)
-    ]
-)
+# SD1.5's attention heads and text width (FastComposer's UNet is SD1.5's).
+TEXT_WIDTH, HEADS = SD15.context_dim, 8
 # FastComposer's localization layers: unet_store_cross_attention_scores(unet, ..., layers=5)
 # keeps the cross-attentions of the 5 middle entries of its UNET_LAYER_NAMES (model.py l. 287-299).
 LOCALIZATION_BLOCKS = ("down_blocks.1", "down_blocks.2", "mid_block", "up_blocks.1", "up_blocks.2")
@@ -68,25 +56,27 @@ UNUSED_PREFIXES = ("unet.", "text_encoder.", "vae.")
 # A buffer older transformers versions saved with the weights; ComfyUI's CLIP vision has none.
 UNUSED_KEYS = ("image_encoder.vision_model.embeddings.position_ids",)
 DEFAULT_ENCODER_FILE = "fastcomposer_image_encoder.safetensors"
+# The router a conversion gets unless told otherwise (the command's option defaults too): the
+# constant router's share, the attention router's quantile, and FastComposer's delayed subject
+# conditioning (10 of 50 steps run the prior alone).
+ROUTER_DEFAULTS = {"share": 0.5, "quantile": 0.98, "prior_steps": 0.2}
 
 
 def attention_layers() -> dict[str, tuple[str, AttentionShape]]:
-    """{SAI layer id: (diffusers module path, shape)} of the 32 attentions."""
-    out = {}
-    for diffusers, sai, width in _TRANSFORMERS:
-        for attn, context in (("attn1", width), ("attn2", TEXT_WIDTH)):
-            out[f"{sai}.transformer_blocks.0.{attn}"] = (
-                f"{diffusers}.transformer_blocks.0.{attn}",
-                AttentionShape(width, context, HEADS, width // HEADS),
-            )
-    return out
+    """{SAI layer id: (diffusers module path, shape)} of SD1.5's 32 attentions, in UNet order
+    (the names from mixture_core.unet_names, the pack's one map of UNet layer names)."""
+    return {
+        layer.sai: (layer.diffusers, AttentionShape(layer.dim, layer.context_dim, HEADS, layer.dim // HEADS))
+        for layer in unet_attention_layers(SD15)
+    }
 
 
 def map_layers() -> tuple[str, ...]:
+    """The cross-attentions of FastComposer's localization blocks: the attention router's maps."""
     return tuple(
-        sai
-        for sai, (diffusers, _) in attention_layers().items()
-        if diffusers.endswith("attn2") and diffusers.startswith(LOCALIZATION_BLOCKS)
+        layer.sai
+        for layer in unet_attention_layers(SD15)
+        if layer.attn == "attn2" and layer.diffusers_block in LOCALIZATION_BLOCKS
     )
 
 
@@ -224,7 +214,7 @@ def convert(
     """(MoAModel, clip_vision state dict) from a FastComposer state dict; progress(done, total),
     if given, is called as the layers are converted (Load MoA Router shows it as a progress bar)."""
     check_keys(state, path)
-    router = router or RouterConfig("attention", quantile=0.98, prior_steps=0.2, map_layers=map_layers())
+    router = router or RouterConfig("attention", **ROUTER_DEFAULTS, map_layers=map_layers())
     layers = attention_layers()
     with torch.device("meta"):
         moa = MoAModel(

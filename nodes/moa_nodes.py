@@ -47,7 +47,8 @@ class LoadMoARouter(io.ComfyNode):
                 io.Combo.Input(
                     "moa_name",
                     options=options,
-                    default=FASTCOMPOSER_FILE if FASTCOMPOSER_FILE in options else None,
+                    # FastComposer's file (the templates' value) unless only other files are there
+                    default=FASTCOMPOSER_FILE if FASTCOMPOSER_FILE in options or not options else options[0],
                     tooltip=f"MoA file (.safetensors) in models/moa, or FastComposer's {FASTCOMPOSER_FILE} "
                     "(huggingface.co/mit-han-lab/fastcomposer) put there as downloaded",
                 )

@@ -27,6 +27,7 @@ import torch
 from mixture_core.errors import WeightFileError
 from mixture_core.fastcomposer import (  # noqa: F401  (attention_layers, check_keys: the layout, for tests and users)
     DEFAULT_ENCODER_FILE,
+    ROUTER_DEFAULTS,
     UNUSED_KEYS,
     attention_layers,
     check_keys,
@@ -60,12 +61,19 @@ def parse_args(argv=None):
         help="attention: per pixel from the subject tokens' cross-attention maps (default); "
         "constant: --share everywhere",
     )
-    p.add_argument("--share", type=float, default=0.5, help="the constant router's personal share (0..1)")
-    p.add_argument("--quantile", type=float, default=0.98, help="the attention router's normalizing quantile")
+    p.add_argument(
+        "--share", type=float, default=ROUTER_DEFAULTS["share"], help="the constant router's personal share (0..1)"
+    )
+    p.add_argument(
+        "--quantile",
+        type=float,
+        default=ROUTER_DEFAULTS["quantile"],
+        help="the attention router's normalizing quantile",
+    )
     p.add_argument(
         "--prior-steps",
         type=float,
-        default=0.2,
+        default=ROUTER_DEFAULTS["prior_steps"],
         help="fraction of sampling run by the prior alone (FastComposer delays the subject: 10 of 50 steps)",
     )
     p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16", help="dtype of the written tensors")
