@@ -74,9 +74,10 @@ def moa_step(patcher, unet, weights, device):
     def loss(noisy, noise, t, context):
         b, size = noisy.shape[0], noisy.shape[-1] * 8
         gen = torch.Generator().manual_seed(b)
+        valid = torch.ones(b, 1, dtype=torch.bool)
         bindings = Bindings.padded(
-            torch.full((b, 1), 2, dtype=torch.long, device=device),
-            torch.ones(b, 1, dtype=torch.bool, device=device),
+            torch.full((b, 1), 2, dtype=torch.long),
+            valid,
             torch.randn(b, 1, moa.fusion.image_dim, generator=gen).to(device),
             t,
         )
@@ -90,7 +91,7 @@ def moa_step(patcher, unet, weights, device):
         total = moa_losses.masked_reconstruction(pred, noise, foreground)
         total = total + 1e-4 * moa_losses.router_loss(record.router, latent_foreground)
         if record.attention:
-            total = total + 1e-4 * moa_losses.localization_loss(record.attention, masks, bindings.valid)
+            total = total + 1e-4 * moa_losses.localization_loss(record.attention, masks, valid.to(device))
         record.closed = True
         return total
 

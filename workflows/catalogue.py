@@ -115,8 +115,8 @@ SUBJECTS = [
     File("input", "subject_3.png", "a photo of subject 3"),
 ]
 POSE = File("input", "pose.png", "an OpenPose skeleton image (e.g. from a pose preprocessor)")
-PHOTO_ONE = File("input", "photo_one_person.png", "a real photo of one person (sides multiples of 8)")
-PHOTO_TWO = File("input", "photo_two_persons.png", "a real photo of two persons (sides multiples of 8)")
+PHOTO_ONE = File("input", "photo_one_person.png", "a real photo of one person (any size)")
+PHOTO_TWO = File("input", "photo_two_persons.png", "a real photo of two persons (any size)")
 KEEP_PERSON = File("input", "keep_person.png", "a crop of the person to keep in the two-person photo")
 
 SEED = 42
