@@ -18,7 +18,6 @@ over the concatenated ranks, the gates, one up-projection.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,24 +27,14 @@ from torch import nn
 
 from .lora_format import LoRAPair
 
+# The layers MoLE experts adapt: one predicate for the whole pack, with the UNet's names.
+from .unet_names import is_mole_target as is_expert_target  # noqa: F401 (importable from here)
+
 GATE_VARIANTS = ("released", "paper")
 MODES = ("both", "local", "global")
 
-# The layers the released MoLE experts adapt (kohya's default LoRA targets inside each
-# spatial transformer): proj_in/proj_out and, per transformer block, the q/k/v/out
-# projections of both attentions and the two feed-forward projections. 192 on SD1.5.
-EXPERT_TARGET = re.compile(
-    r"(^|\.)(proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2))$"
-)
-
-
 # Receives the (local, global) gates of one layer call, for pictures of the gates at work.
 Observer = Callable[[torch.Tensor | None, torch.Tensor | None], None]
-
-
-def is_expert_target(module_path: str) -> bool:
-    """True for a UNet module path (SAI naming) that MoLE experts adapt."""
-    return EXPERT_TARGET.search(module_path) is not None
 
 
 @dataclass

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import comfy.lora
 
-_DIFFUSION_PREFIX = "diffusion_model."
-# Prefixes that peft / diffusers put before the diffusers module path of a UNet layer.
-_DIFFUSERS_PREFIXES = ("unet.base_model.model.", "base_model.model.", "unet.")
+from ..mixture_core.unet_names import DIFFUSION_MODEL, kohya_name, strip_diffusers_prefix
 
 
 def model_family(model_patcher) -> str:
@@ -36,19 +34,16 @@ def layer_resolver(model_patcher):
     key_map = comfy.lora.model_lora_keys_unet(model_patcher.model, {})
 
     def weight_key_to_module(weight_key):
-        if isinstance(weight_key, str) and weight_key.startswith(_DIFFUSION_PREFIX) and weight_key.endswith(".weight"):
-            return weight_key[len(_DIFFUSION_PREFIX) : -len(".weight")]
+        if isinstance(weight_key, str) and weight_key.startswith(DIFFUSION_MODEL) and weight_key.endswith(".weight"):
+            return weight_key[len(DIFFUSION_MODEL) : -len(".weight")]
         return None
 
     def resolve(name: str) -> str | None:
-        for candidate in (name, _DIFFUSION_PREFIX + name):
+        for candidate in (name, DIFFUSION_MODEL + name):
             if candidate in key_map:
                 return weight_key_to_module(key_map[candidate])
-        for prefix in _DIFFUSERS_PREFIXES:
-            if name.startswith(prefix):
-                kohya = "lora_unet_" + name[len(prefix) :].replace(".", "_")
-                return weight_key_to_module(key_map.get(kohya))
-        return None
+        diffusers = strip_diffusers_prefix(name)
+        return None if diffusers is None else weight_key_to_module(key_map.get(kohya_name(diffusers)))
 
     return resolve
 
@@ -57,7 +52,7 @@ def module_widths(model_patcher):
     """A function giving (d_in, d_out, is_conv) of the UNet module at a module path."""
 
     def widths(path: str):
-        module = model_patcher.get_model_object(_DIFFUSION_PREFIX + path)
+        module = model_patcher.get_model_object(DIFFUSION_MODEL + path)
         weight = module.weight
         return weight.shape[1], weight.shape[0], weight.ndim == 4
 
@@ -66,4 +61,4 @@ def module_widths(model_patcher):
 
 def forward_key(path: str) -> str:
     """The object-patch key that replaces the forward of the UNet module at `path`."""
-    return f"{_DIFFUSION_PREFIX}{path}.forward"
+    return f"{DIFFUSION_MODEL}{path}.forward"

@@ -68,11 +68,11 @@ def load_base(path, load_encoders: bool = True) -> Base:
 
 def expert_target_layers(unet: torch.nn.Module) -> dict[str, tuple[int, int, bool]]:
     """{module path: (d_in, d_out, is_conv)} of the layers MoLE experts adapt (192 on SD1.5)."""
-    from mixture_core.mole import is_expert_target
+    from mixture_core.unet_names import is_mole_target
 
     layers = {}
     for path, module in unet.named_modules():
-        if is_expert_target(path) and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+        if is_mole_target(path) and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
             w = module.weight
             layers[path] = (w.shape[1], w.shape[0], w.ndim == 4)
     return layers
@@ -81,26 +81,18 @@ def expert_target_layers(unet: torch.nn.Module) -> dict[str, tuple[int, int, boo
 def kohya_names(base: Base, module_paths) -> dict[str, str]:
     """{module path: kohya LoRA layer name}: diffusers-style for SD1.x (lora_unet_down_blocks_0_
     attentions_0_proj_in, as kohya's SD1.5 LoRAs and the MoLE SD1.5 experts are named), SAI-style
-    for SDXL (lora_unet_input_blocks_4_1_proj_in, as the released MoLE-SDXL files). The
-    diffusers names come from ComfyUI's own comfy.utils.unet_to_diffusers."""
-    import comfy.utils
+    for SDXL (lora_unet_input_blocks_4_1_proj_in, as the released MoLE-SDXL files)."""
+    from mixture_core import unet_names
 
     wanted = set(module_paths)
     if base.family != "sd15":
-        return {p: "lora_unet_" + p.replace(".", "_") for p in wanted}
-    names = {}
-    for diffusers_key, sai_key in comfy.utils.unet_to_diffusers(
-        base.model_patcher.model.model_config.unet_config
-    ).items():
-        module = sai_key[: -len(".weight")] if sai_key.endswith(".weight") else None
-        if module in wanted and diffusers_key.endswith(".weight"):
-            names[module] = "lora_unet_" + diffusers_key[: -len(".weight")].replace(".", "_")
-    missing = sorted(wanted - set(names))
+        return {p: unet_names.kohya_name(p) for p in wanted}
+    layout = unet_names.Layout.from_unet_config(base.model_patcher.model.model_config.unet_config)
+    diffusers = {p: unet_names.sai_to_diffusers(p, layout) for p in wanted}
+    missing = sorted(p for p, name in diffusers.items() if name is None)
     if missing:
-        raise RuntimeError(
-            f"ComfyUI's unet_to_diffusers has no diffusers name for {len(missing)} layers: {missing[:5]}"
-        )
-    return names
+        raise RuntimeError(f"no diffusers name for {len(missing)} UNet layers: {missing[:5]}")
+    return {p: unet_names.kohya_name(name) for p, name in diffusers.items()}
 
 
 def freeze(module: torch.nn.Module) -> None:

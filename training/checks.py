@@ -10,8 +10,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# attn2.to_k of the first transformer block: its input width is the text-embedding width.
-_TO_K = "model.diffusion_model.input_blocks.{}.1.transformer_blocks.0.attn2.to_k.weight"
+from mixture_core import unet_names
+
+
+def _first_cross_attention_to_k(layout: unet_names.Layout) -> str:
+    first = next(a for a in unet_names.attention_layers(layout) if a.attn == "attn2")
+    return f"{unet_names.CHECKPOINT_PREFIX}{first.sai}.to_k.weight"
+
+
+# attn2.to_k of the first cross-attention of SD1.x/SD2.x (input_blocks.1) and of SDXL (its first
+# level has none: input_blocks.4): its input width is the text-embedding width.
+_TO_K = tuple(_first_cross_attention_to_k(layout) for layout in (unet_names.SD15, unet_names.SDXL))
 _FAMILIES = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
 _FAMILY_NAMES = {"sd15": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
 # Keys ComfyUI's model detection reads as "not epsilon prediction" (comfy/supported_models.py).
@@ -54,7 +63,7 @@ def checkpoint_family(path, flag: str = "--checkpoint") -> str:
     """ "sd15", "sd2" or "sdxl" from a single-file checkpoint's header, refusing files that are not
     a single-file Stable Diffusion checkpoint or that predict something other than the noise."""
     shapes, metadata = safetensors_header(path, flag)
-    if not any(k.startswith("model.diffusion_model.") for k in shapes):
+    if not any(k.startswith(unet_names.CHECKPOINT_PREFIX) for k in shapes):
         fail(
             flag,
             path,
@@ -66,8 +75,8 @@ def checkpoint_family(path, flag: str = "--checkpoint") -> str:
     if not_eps or prediction not in ("epsilon", "eps"):
         found = not_eps[0] if not_eps else f"modelspec.prediction_type = {prediction}"
         fail(flag, path, f"is not an epsilon-prediction model ({found}); the scripts train epsilon prediction only")
-    for block in (1, 4):  # SD1.x/SD2.x have attention in input block 1, SDXL from block 4
-        shape = shapes.get(_TO_K.format(block))
+    for key in _TO_K:
+        shape = shapes.get(key)
         if shape is not None and len(shape) == 2:
             family = _FAMILIES.get(shape[1])
             if family is None:
@@ -92,7 +101,7 @@ def lora_file(path, flag: str) -> dict[str, list[int]]:
     """A LoRA file's header: it must hold kohya-style lora_down/lora_up tensors."""
     shapes, _ = safetensors_header(path, flag)
     if not any(".lora_down." in k or ".lora_A." in k for k in shapes):
-        kinds = "a checkpoint" if any(k.startswith("model.diffusion_model.") for k in shapes) else "not a LoRA"
+        kinds = "a checkpoint" if any(k.startswith(unet_names.CHECKPOINT_PREFIX) for k in shapes) else "not a LoRA"
         fail(
             flag,
             path,

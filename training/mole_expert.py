@@ -1,7 +1,7 @@
 """MoLE stage 2: train one close-up low-rank expert (face, hand or any other part).
 
 A UNet-only LoRA, injected with peft into the ComfyUI UNet on the layers MoLE gates
-(mixture_core.mole.is_expert_target: in every spatial transformer proj_in/proj_out, the q/k/v/out
+(mixture_core.unet_names.is_mole_target: in every spatial transformer proj_in/proj_out, the q/k/v/out
 projections of both attentions and the two feed-forward projections; 192 layers on SD1.5),
 trained with the plain noise-prediction loss on close-up images of the part. The result is a
 kohya-format LoRA that ComfyUI's LoraLoader and the pack's Load MoLE Experts both load.
