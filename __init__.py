@@ -8,38 +8,27 @@ do) needs no ComfyUI.
 
 
 def _one_core() -> None:
-    """The core is one set of module objects per process, named ``mixture_core``: training, tests
-    and benchmarks import it by that name (the repository root on their sys.path), and this package's
-    ``mixture_core`` (the nodes' relative imports) is made the very same modules, so an object the
-    training scripts make is an instance of the class the nodes check against. Inside ComfyUI, whose
-    sys.path does not hold this folder, the core is loaded from here under that name."""
-    import importlib
-    import importlib.util
-    import pkgutil
+    """The core is one set of module objects per process: training, tests and benchmarks import it
+    as the top-level package ``mixture_core`` (the repository root on their sys.path); where that
+    package is importable, this package's ``mixture_core`` (the nodes' relative imports) is made the
+    very same modules, so an object the training scripts make is an instance of the class the nodes
+    check against. Inside ComfyUI the root is not on sys.path and the pack's own copy is the only one."""
     import sys
     from pathlib import Path
 
     if "__path__" not in globals():  # imported as a plain module (pytest does so with a rootdir's __init__.py)
         return
+    try:
+        import mixture_core  # imports all of its modules (mixture_core/__init__.py)
+    except ImportError:
+        return
     folder = Path(__file__).resolve().parent / "mixture_core"
-    core = sys.modules.get("mixture_core")
-    if core is None:
-        spec = importlib.util.spec_from_file_location(
-            "mixture_core", folder / "__init__.py", submodule_search_locations=[str(folder)]
-        )
-        core = importlib.util.module_from_spec(spec)
-        sys.modules["mixture_core"] = core
-        try:
-            spec.loader.exec_module(core)
-        except BaseException:
-            del sys.modules["mixture_core"]
-            raise
-    elif Path(core.__file__).resolve().parent != folder:
-        raise ImportError(f"another mixture_core ({core.__file__}) is already imported; this pack's is {folder}")
-    modules = [core] + [importlib.import_module(m.name) for m in pkgutil.walk_packages(core.__path__, "mixture_core.")]
-    for module in modules:
-        sys.modules[f"{__name__}.{module.__name__}"] = module
-    globals()["mixture_core"] = core
+    if Path(mixture_core.__file__).resolve().parent != folder:
+        raise ImportError(f"another mixture_core ({mixture_core.__file__}) is imported; this pack's is {folder}")
+    for name, module in list(sys.modules.items()):
+        if name == "mixture_core" or name.startswith("mixture_core."):
+            sys.modules[f"{__name__}.{name}"] = module
+    globals()["mixture_core"] = mixture_core
 
 
 _one_core()

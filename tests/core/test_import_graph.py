@@ -4,6 +4,8 @@ the source, imports inside functions included (a lazy import that closes a circl
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,3 +78,13 @@ def test_no_import_circle():
 def test_a_circle_is_found():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_core_package_imports_every_module():
+    """`import mixture_core` loads each of its modules (what the pack's __init__.py aliases)."""
+    expected = {module_name(f) for f in (REPO / "mixture_core").rglob("*.py")}
+    script = "import sys, mixture_core; print(*sorted(m for m in sys.modules if m.split('.')[0] == 'mixture_core'))"
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    missing = expected - set(proc.stdout.split())
+    assert not missing, f"add them to mixture_core/__init__.py: {sorted(missing)}"
