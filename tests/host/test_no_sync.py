@@ -9,8 +9,9 @@ patched layer and call (192 MoLE layers, 32 MoA attention layers on SD1.5), far 
 The thin SD1.5 at 64x64 px, two steps: the counts, not the pictures, are under test.
 
 Measured here (two steps, so two UNet calls): MoLE adds 0 in every mode; MoA before its sync-free
-rewrite added 98 (96 boolean-mask gathers and writes in mixture_core/moa.py's subject binding, three
-per cross-attention layer and call, plus one sigma read per call in its calc_cond_batch wrapper).
+rewrite (h4-moa-core) added 98 (96 boolean-mask gathers and writes in mixture_core/moa.py's subject
+binding, three per cross-attention layer and call, plus one sigma read per call in its calc_cond_batch
+wrapper), after it 2 (one per call).
 """
 
 from __future__ import annotations
