@@ -6,9 +6,9 @@ model, beyond a small constant per model call.
 The budget: PER_MODEL_CALL syncs per UNet call (what a wrapper that sees the cond list once per call
 may spend, e.g. reading which rows are conditional); a per-layer sync costs at least one per
 patched layer and call (192 MoLE layers, 32 MoA attention layers on SD1.5), far above it.
-The thin SD1.5 at 64x64 px, two steps: the counts, not the pictures, are under test.
+The thin SD1.5 at 64x64 px, one step: the counts, not the pictures, are under test.
 
-Measured here (two steps, so two UNet calls): MoLE adds 0 in every mode; MoA before its sync-free
+Measured here (two steps, so two UNet calls, at first): MoLE adds 0 in every mode; MoA before its sync-free
 rewrite (h4-moa-core) added 98 (96 boolean-mask gathers and writes in mixture_core/moa.py's subject
 binding, three per cross-attention layer and call, plus one sigma read per call in its calc_cond_batch
 wrapper), after it 2 (one per call).
@@ -29,7 +29,7 @@ from helpers.sync_counter import SyncCounter
 pytestmark = pytest.mark.slow
 
 PER_MODEL_CALL = 2
-STEPS = 2
+STEPS = 1  # a per-layer sync shows 16 to 192 times per call: one call is enough
 PROMPT = "a man and a woman dancing in Paris"
 
 
@@ -50,7 +50,7 @@ def sample_counting(model, positive, negative, cfg: float, batch: int):
     latent = {"samples": torch.zeros(batch, 4, 8, 8)}
     with torch.inference_mode(), SyncCounter() as syncs:
         nodes.common_ksampler(counted, 5, STEPS, cfg, "euler", "normal", positive, negative, latent)
-    assert syncs.ops > 1000 and calls  # the mode saw the sampling
+    assert syncs.ops > 500 and calls  # the mode saw the sampling
     return syncs, len(calls)
 
 
@@ -93,7 +93,8 @@ def mole_model(pack, sd15, tmp_path_factory):
         ).result[0]
 
 
-@pytest.mark.parametrize("mode,cfg,batch", [("both", 2.0, 1), ("local", 1.0, 2), ("global", 3.0, 2), ("both", 1.0, 1)])
+# The (cfg, batch) pairs are the MoA tests' too: the unpatched runs are counted once per pair.
+@pytest.mark.parametrize("mode,cfg,batch", [("both", 2.0, 1), ("local", 1.0, 2), ("global", 2.0, 2)])
 def test_mole_adds_no_sync_per_layer_call(sd15, mole_model, mode, cfg, batch):
     positive, negative = encode_text(sd15.clip, PROMPT), encode_text(sd15.clip, "")
     assert_no_sync_per_layer(sd15, mole_model(mode), positive, negative, cfg, batch)
@@ -115,7 +116,7 @@ def image(seed: int) -> torch.Tensor:
     return torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("subjects,cfg,batch", [(1, 1.0, 1), (1, 2.0, 2), (2, 2.0, 1)])
+@pytest.mark.parametrize("subjects,cfg,batch", [(1, 1.0, 2), (1, 2.0, 2), (2, 2.0, 1)])
 def test_moa_adds_no_sync_per_layer_call(sd15, moa_router, clip_vision_l14, subjects, cfg, batch):
     moa_nodes, moa = moa_router
     images = {f"image_{i + 1}": image(20 + i) for i in range(subjects)}
