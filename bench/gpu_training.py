@@ -5,7 +5,7 @@ training scripts run with --mixed-precision bf16), without and with gradient che
 
 * MoLE stage 3 (training/mole_gates.build_gated_unet): the UNet with the two experts frozen and
   the gates trained, the plain noise-prediction loss;
-* MoA (training/moa_train's TrainingPatch, Bindings, losses): MoA's layers trained on the
+* MoA (training/moa_forward's TrainingPatch, Bindings, losses): MoA's layers trained on the
   frozen UNet, one subject bound per sample, reconstruction + router (+ localization) losses.
   The VAE and image encoder (cacheable, or a fixed cost per sample) are not in the step.
 """
@@ -20,14 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from bench import bench_mole
-
-
-def _moa_training_pieces():
-    try:  # the training forward's own module (training/moa_forward.py), where it has one
-        from training.moa_forward import Bindings, Record, TrainingPatch
-    except ImportError:
-        from training.moa_train import Bindings, Record, TrainingPatch
-    return Bindings, Record, TrainingPatch
 
 
 def prepare(unet, device):
@@ -63,25 +55,26 @@ def moa_step(patcher, unet, weights, device):
     """(trainable module, loss(batch inputs)) of MoA training on `unet`."""
     from hostenv import import_pack
 
-    from mixture_core.moa import MoAModel
+    from mixture_core.moa import MoAModel, prior_weights
+    from mixture_core.unet_names import Layout
     from training import base_model, moa_losses
-    from training.moa_train import prior_weights
+    from training.moa_forward import Bindings, Record, TrainingPatch
 
-    Bindings, Record, TrainingPatch = _moa_training_pieces()
     moa_patch = importlib.import_module(f"{import_pack().__name__}.nodes.moa_patch")
     base_model.cast_frozen(unet, weights)
+    layout = Layout.from_unet_config(patcher.model.model_config.unet_config)  # the smoke run's UNet is not SD1.5's
     moa = MoAModel.from_prior(prior_weights(unet)).float().to(device)
     patch = TrainingPatch(
         moa,
         moa_patch.block_locations(moa_patch.attention_modules(patcher)),
-        moa_losses.router_layers(moa.layer_ids),
-        moa_losses.localization_layers(moa.layer_ids),
+        moa_losses.router_layers(moa.layer_ids, layout=layout),
+        moa_losses.localization_layers(moa.layer_ids, layout=layout),
     )
 
     def loss(noisy, noise, t, context):
         b, size = noisy.shape[0], noisy.shape[-1] * 8
         gen = torch.Generator().manual_seed(b)
-        bindings = Bindings(
+        bindings = Bindings.padded(
             torch.full((b, 1), 2, dtype=torch.long, device=device),
             torch.ones(b, 1, dtype=torch.bool, device=device),
             torch.randn(b, 1, moa.fusion.image_dim, generator=gen).to(device),

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mixture_core.unet_names import diffusers_block
+from mixture_core.unet_names import SD15, Layout, diffusers_block
 
 ROUTER_EXCLUDED_BLOCKS = ("down_blocks.0", "up_blocks.3")
 LOCALIZATION_BLOCKS = ("down_blocks.1", "down_blocks.2", "mid_block", "up_blocks.1", "up_blocks.2")
@@ -36,14 +36,14 @@ def parse_blocks(spec: str, layer_ids: list[str], flag: str) -> tuple[str, ...]:
     return names
 
 
-def router_layers(layer_ids: list[str], excluded_blocks=ROUTER_EXCLUDED_BLOCKS) -> list[str]:
+def router_layers(layer_ids: list[str], excluded_blocks=ROUTER_EXCLUDED_BLOCKS, layout: Layout = SD15) -> list[str]:
     """The layers whose routers the router loss penalises (attn1 and attn2)."""
-    return [i for i in layer_ids if diffusers_block(i) not in excluded_blocks]
+    return [i for i in layer_ids if diffusers_block(i, layout) not in excluded_blocks]
 
 
-def localization_layers(layer_ids: list[str], blocks=LOCALIZATION_BLOCKS) -> list[str]:
+def localization_layers(layer_ids: list[str], blocks=LOCALIZATION_BLOCKS, layout: Layout = SD15) -> list[str]:
     """The cross-attention layers the localization loss reads."""
-    return [i for i in layer_ids if i.endswith(".attn2") and diffusers_block(i) in blocks]
+    return [i for i in layer_ids if i.endswith(".attn2") and diffusers_block(i, layout) in blocks]
 
 
 def _grid(tokens: int, size: tuple[int, int]) -> tuple[int, int]:

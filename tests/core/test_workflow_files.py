@@ -1,9 +1,12 @@
-"""The shipped workflow files' names, which ComfyUI's template browser shows as the cards' titles
-(and descriptions) and sorts by (workflows/graphs.py, FILES): readable, and in the intended order,
-MoLE first, then MoA, each in figure order; each file with its card picture and API twin."""
+"""The shipped workflow files as the editor reads them: their names, which ComfyUI's template
+browser shows as the cards' titles (and descriptions) and sorts by: readable, and in the intended
+order, MoLE first, then MoA, each in figure order; each file with its card picture and API twin;
+the download entries of the files they name, the pack's identification on its nodes, no
+deprecated node, and a quick start of a handful of nodes."""
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -85,3 +88,94 @@ def test_no_other_files_in_the_template_folder():
     assert {p.stem for p in (REPO / "workflows").glob("*.json")} == shipped
     assert {p.stem for p in (REPO / "workflows").glob("*.jpg")} == shipped
     assert {p.stem for p in (REPO / "workflows" / "api").glob("*.json")} == shipped
+
+
+# ---- what the editor reads from each file: download entries and the pack's identification ----
+
+# The values the frontend's missing-models check takes for model files (its extension list).
+MODEL_EXTENSIONS = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".onnx", ".gguf")
+
+
+def _editor_files() -> dict:
+    return {g.name: json.loads((REPO / "workflows" / f"{g.file_stem}.json").read_text()) for g in graphs.all_graphs()}
+
+
+def undownloadable(workflow: dict) -> list[str]:
+    """The model files a workflow's nodes name without a download entry on that node whose name is
+    the widget's value (the frontend's rule for a node's `properties.models`)."""
+    missing = []
+    for node in workflow["nodes"]:
+        values = node.get("widgets_values") or []
+        named = {v for v in (values.values() if isinstance(values, dict) else values) if isinstance(v, str)}
+        entries = {m["name"] for m in node["properties"].get("models", []) if m.get("url")}
+        missing += sorted(v for v in named if v.endswith(MODEL_EXTENSIONS) and v not in entries)
+    return missing
+
+
+def test_every_template_but_the_sd15_mole_ones_names_only_downloadable_files():
+    files = _editor_files()
+    runs_today = [name for name, workflow in files.items() if not undownloadable(workflow)]
+    train_first = {g.name for g in graphs.all_graphs() if "train first" in g.file_stem}
+    assert train_first == {g.name for g in graphs.all_graphs() if g.name.startswith("mole_") and "sdxl" not in g.name}
+    assert set(runs_today) == set(files) - train_first and len(runs_today) >= 11
+    for name in train_first:  # named as training-only in the note too
+        note = next(n for n in files[name]["nodes"] if n["type"] == "MarkdownNote")["widgets_values"][0]
+        assert "Train first" in note and graphs.FACE_EXPERT.name in note
+
+
+def test_the_download_check_fails_on_a_file_without_its_entries():
+    workflow = _editor_files()["moa_fig7_subject_swap"]
+    assert not undownloadable(workflow)
+    for node in workflow["nodes"]:
+        node["properties"].pop("models", None)
+    assert sorted(undownloadable(workflow)) == sorted([graphs.CHECKPOINT.name, graphs.FASTCOMPOSER.name])
+
+
+def test_download_entries_name_their_folder_and_a_resolvable_url():
+    for workflow in _editor_files().values():
+        for node in workflow["nodes"]:
+            for entry in node["properties"].get("models", []):
+                assert entry["url"].startswith("https://huggingface.co/") and "/resolve/main/" in entry["url"]
+                assert entry["url"].endswith("/" + entry["name"]) and entry["directory"] in (
+                    "checkpoints",
+                    "loras",
+                    "mole",
+                    "moa",
+                    "controlnet",
+                )
+
+
+def test_no_moa_graph_loads_the_unpublished_trained_file():
+    for name, workflow in _editor_files().items():
+        text = json.dumps([n.get("widgets_values") for n in workflow["nodes"] if n["type"] != "MarkdownNote"])
+        assert "moa_sd15.safetensors" not in text, name
+        if name.startswith("moa_"):
+            assert not [n for n in workflow["nodes"] if n["type"] == "CLIPVisionLoader"], name
+
+
+def test_pack_nodes_carry_the_pack_identification():
+    """cnr_id (the registry id), aux_id (GitHub owner/repo) and ver, from pyproject.toml, on every node
+    of this pack, as ComfyUI-Manager writes them; core nodes carry comfy-core."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    owner_repo = "/".join(project["urls"]["Repository"].removesuffix(".git").split("/")[-2:])
+    want = {"cnr_id": project["name"], "aux_id": owner_repo, "ver": project["version"]}
+    for name, workflow in _editor_files().items():
+        for node in workflow["nodes"]:
+            ids = {k: node["properties"].get(k) for k in want}
+            if node["type"].startswith(("MoLE_", "MoA_")):
+                assert ids == want, (name, node["type"], ids)
+            elif node["type"] != "MarkdownNote":
+                assert ids["cnr_id"] == "comfy-core" and ids["ver"], (name, node["type"], ids)
+
+
+def test_no_template_uses_the_deprecated_image_batch():
+    for name, workflow in _editor_files().items():
+        assert not [n for n in workflow["nodes"] if n["type"] == "ImageBatch"], name
+
+
+def test_the_quick_start_is_a_handful_of_nodes():
+    quick = _editor_files()["moa_fastcomposer_quickstart"]
+    kinds = [n["type"] for n in quick["nodes"] if n["type"] != "MarkdownNote"]
+    assert len(kinds) <= 10 and kinds.count("LoadImage") == 1 and kinds.count("SaveImage") == 1

@@ -124,7 +124,7 @@ def test_overwritten_files_are_read_again_on_the_next_run(mods, tmp_path):
         assert _signature(prompt, "4") != first["4"]
 
 
-def test_file_lists_offer_only_safetensors(mods, tmp_path):
+def test_file_lists_offer_no_pickles(mods, tmp_path):
     for name in ("ok.safetensors", "pickle.ckpt", "pickle.pt", "pickle.bin"):
         (tmp_path / name).write_bytes(b"")
     with model_folders(loras=tmp_path, mole=tmp_path, moa=tmp_path):
@@ -343,3 +343,41 @@ def test_apply_mole_gating_shows_progress_and_stops_at_cancel(mods, tmp_path):
         comfy.utils.set_progress_bar_global_hook(previous_hook)
     assert len([k for k in patched.object_patches if k.endswith(".forward")]) == len(layers) == 192
     assert not [k for k in model.object_patches if k.endswith(".forward")]  # the given model is never patched
+
+
+# ---- the missing-models dialog, in a real browser ----------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_template_opened_with_no_model_files_lists_its_downloads(tmp_path):
+    """ComfyUI with this pack and no model files, its editor in headless Chromium: opening a MoA
+    graph and an SDXL MoLE graph shows the Missing Models dialog listing each file with its
+    download (a Download button; FastComposer's .bin with the dialog's refusal and its URL), and
+    the same file stripped of its download entries shows no list (workflows/browser_checks.py)."""
+    import socket
+    import sys
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (pip install playwright)")
+    if not Path("/usr/bin/chromium").is_file():
+        pytest.skip("needs Debian's chromium (/usr/bin/chromium)")
+    sys.path.insert(0, str(REPO))
+    from workflows import browser_checks, build, graphs
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    chosen = [g for g in graphs.all_graphs() if g.name in ("moa_fastcomposer_quickstart", "mole_fig7_gates_sdxl")]
+    server = build.start_comfyui(port, tmp_path)
+    try:
+        build.quiet_editor(port)
+        with sync_api.sync_playwright() as p:
+            browser, page = browser_checks.open_editor(p, port)
+            try:
+                browser_checks.check_missing_models(page, chosen)
+            except SystemExit as e:  # the build's checks stop the build with a message
+                pytest.fail(str(e))
+            finally:
+                browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -13,7 +13,6 @@ from pathlib import Path
 import hostenv
 import pytest
 import torch
-from helpers import moa_weights as aw
 from helpers import mole_weights as mw
 from helpers import random_models as rm
 from helpers.fixtures import free_host_memory, load_sd15_full_unet, model_folders
@@ -32,45 +31,34 @@ GRAPH_OF = {stem: name for name, stem in graphs.FILES.items()}  # file -> graph 
 IDS = [GRAPH_OF.get(p.stem, p.stem) for p in WORKFLOWS]
 
 
-def make_model_root(
-    root: Path, sd15, checkpoint: Path, controlnet: Path, moa_tag: str, fastcomposer: bool = False
-) -> Path:
-    """Every file the workflows name, with random weights of the right layouts for `sd15`'s model
-    (the MoA file cached under `moa_tag`), under the names the workflows use; and an
-    extra_model_paths.yaml for them. FastComposer's converted files need the full SD1.5."""
+def make_model_root(root: Path, sd15, checkpoint: Path, controlnet: Path, fastcomposer: bool = False) -> Path:
+    """Every file the workflows name, with random weights of the right layouts for `sd15`'s model,
+    under the names the workflows use; and an extra_model_paths.yaml for them. FastComposer's
+    pytorch_model.bin (what the MoA graphs load) is written in its own layout, which is SD1.5's
+    own layers: only for the full SD1.5."""
     from PIL import Image
 
     for folder in (*MODEL_FOLDERS, "input"):
         (root / folder).mkdir()
 
     def place(entry, source):
-        (root / entry[0] / entry[1]).symlink_to(source)
+        (root / entry.folder / entry.name).symlink_to(source)
 
     place(graphs.CHECKPOINT, checkpoint)
-    place(graphs.CLIP_VISION, rm.clip_vision_vit_l14())
     place(graphs.OPENPOSE, controlnet)
-    place(graphs.MOA, aw.cached_moa_file(sd15.model, seed=11, model_tag=moa_tag))
-    # FastComposer's files as the converter writes them (a random state dict in its layout).
-    from helpers import fastcomposer_weights as fw
+    if fastcomposer:
+        from helpers import fastcomposer_weights as fw
 
-    from training import convert_fastcomposer as cf
-
-    if fastcomposer:  # the converter's tables are SD1.5's own layers and widths
-        moa, vision = cf.convert(fw.fastcomposer_state_dict(sd15.model, rm.clip_vision_vit_l14())[0])
-        cf.write(
-            moa,
-            vision,
-            root / graphs.FC_MOA[0] / graphs.FC_MOA[1],
-            root / graphs.FC_CLIP_VISION[0] / graphs.FC_CLIP_VISION[1],
-        )
+        state = fw.fastcomposer_state_dict(sd15.model, rm.clip_vision_vit_l14())[0]
+        torch.save(state, root / graphs.FASTCOMPOSER.folder / graphs.FASTCOMPOSER.name)
     layers, kohya = mw.target_layers(sd15.model), mw.kohya_names(sd15.model, "diffusers")
     for entry, seed in ((graphs.FACE_EXPERT, 41), (graphs.HAND_EXPERT, 42), (graphs.STYLE_LORA, 43)):
-        mw.write_lora(root / entry[0] / entry[1], layers, kohya, seed=seed)
-    mw.write_pack_gates(root / graphs.GATES[0] / graphs.GATES[1], layers)
+        mw.write_lora(root / entry.folder / entry.name, layers, kohya, seed=seed)
+    mw.write_pack_gates(root / graphs.GATES.folder / graphs.GATES.name, layers)
     images = graphs.SUBJECTS + [graphs.POSE, graphs.PHOTO_ONE, graphs.PHOTO_TWO, graphs.KEEP_PERSON]
-    for i, (_, name) in enumerate(images):
+    for i, entry in enumerate(images):
         pixels = torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(i)).mul(255).byte().numpy()
-        Image.fromarray(pixels).save(root / "input" / name)
+        Image.fromarray(pixels).save(root / "input" / entry.name)
     yaml = root / "extra_model_paths.yaml"
     yaml.write_text(
         "workflow_tests:\n  base_path: " + str(root) + "\n" + "".join(f"  {f}: {f}\n" for f in MODEL_FOLDERS)
@@ -80,11 +68,11 @@ def make_model_root(
 
 @pytest.fixture(scope="module")
 def model_root(sd15, tmp_path_factory):
-    """The files for the full random SD1.5 (FastComposer's converted files included). Its UNet is
-    freed once they are written: the runner process loads the checkpoint itself."""
+    """The files for the full random SD1.5 (FastComposer's weights included). Its UNet is freed
+    once they are written: the runner process loads the checkpoint itself."""
     root = tmp_path_factory.mktemp("workflow_models")
     full = load_sd15_full_unet(sd15.clip, sd15.vae, fp16_weights=True)
-    make_model_root(root, full, rm.sd15_checkpoint(), rm.sd15_controlnet(), f"sd15{rm.SD15_VERSION}", fastcomposer=True)
+    make_model_root(root, full, rm.sd15_checkpoint(), rm.sd15_controlnet(), fastcomposer=True)
     del full
     free_host_memory()
     return root
@@ -92,11 +80,10 @@ def model_root(sd15, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def small_model_root(sd15_small, tmp_path_factory):
-    """The same names for the shallow SD1.5-family checkpoint (no FastComposer files: the
-    converter is made for SD1.5's own layers)."""
+    """The same names for the shallow SD1.5-family checkpoint (no FastComposer file: its layout is
+    SD1.5's own layers), for the MoLE graphs."""
     root = tmp_path_factory.mktemp("workflow_models_small")
-    tag = f"sd15small{rm.SD15_SMALL_VERSION}"
-    return make_model_root(root, sd15_small, rm.sd15_small_checkpoint(), rm.sd15_small_controlnet(), tag)
+    return make_model_root(root, sd15_small, rm.sd15_small_checkpoint(), rm.sd15_small_controlnet())
 
 
 def test_every_figure_has_a_workflow_and_an_api_twin():
@@ -116,7 +103,15 @@ def test_editor_file_matches_its_api_twin_and_graphs_py(path, node_classes):
     source = {g.file_stem: g for g in graphs.all_graphs()}[path.stem]
     assert strip(source.nodes) == strip(api)  # the twin is what graphs.py says
     notes = [n for n in ui["nodes"] if n["type"] == "MarkdownNote"]
-    assert len(notes) == 1 and all(name in notes[0]["widgets_values"][0] for _, name in source.files)
+    assert len(notes) == 1 and all(f.name in notes[0]["widgets_values"][0] for f in source.files)
+
+
+def test_no_shipped_graph_uses_a_deprecated_node(node_classes):
+    """The host's own DEPRECATED flag (the editor's [DEPR] badge) on no node of any shipped graph;
+    ImageBatch, which the graphs once used, has it."""
+    assert node_classes["ImageBatch"].DEPRECATED
+    used = {n["class_type"] for g in graphs.all_graphs() for n in g.nodes.values()}
+    assert not {kind for kind in used if getattr(node_classes[kind], "DEPRECATED", False)}
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
@@ -153,12 +148,8 @@ def runner(*args, timeout=1200):
     )
 
 
-# Run on the random SD1.5 itself: the FastComposer quickstart (its converted file holds SD1.5's
-# own layers) and the Fig. 6 router maps (they draw layer 20 of SD1.5's 32 MoA layers).
-FULL_SD15_ONLY = [
-    REPO / "workflows" / f"{graphs.FILES[name]}.json"
-    for name in ("moa_fastcomposer_quickstart", "moa_fig6_router_maps")
-]
+# Run on the random SD1.5 itself: the MoA graphs (FastComposer's weights hold SD1.5's own layers).
+FULL_SD15_ONLY = [REPO / "workflows" / f"{g.file_stem}.json" for g in graphs.all_graphs() if g.name.startswith("moa_")]
 
 
 def start_headless(workflows, root: Path, out: Path):
@@ -188,9 +179,9 @@ def finish_headless(process, out: Path, timeout=1200) -> dict:
 
 @pytest.mark.slow
 def test_all_workflows_run_headless(model_root, small_model_root, tmp_path):
-    """Every shipped SD1.5 workflow (editor files) runs end to end: FULL_SD15_ONLY on the random
-    SD1.5, the others in a second runner process on the shallow SD1.5-family model (they do not
-    depend on the UNet's depth, and each UNet call costs ~20x less)."""
+    """Every shipped SD1.5 workflow (editor files) runs end to end: the MoA graphs on the random
+    SD1.5, the MoLE graphs in a second runner process on the shallow SD1.5-family model (they do
+    not depend on the UNet's depth, and each UNet call costs ~20x less)."""
     assert all(p in WORKFLOWS for p in FULL_SD15_ONLY)
     others = [p for p in WORKFLOWS if p not in FULL_SD15_ONLY]
     # The two runners at once: one waits on reading the full SD1.5 while the other computes.
@@ -216,5 +207,5 @@ def test_runner_names_missing_files_before_running(tmp_path):
     assert done.returncode != 0
     message = done.stderr
     assert "nothing was run" in message
-    for folder, name in [graphs.MOA, graphs.CLIP_VISION, graphs.SUBJECTS[0]]:
-        assert f"{name} in {folder}/" in message, message[-3000:]
+    for entry in [graphs.CHECKPOINT, graphs.FASTCOMPOSER, graphs.SUBJECTS[0]]:
+        assert f"{entry.name} in {entry.folder}/" in message, message[-3000:]
