@@ -91,6 +91,12 @@ def import_pack():
     """Import this repository as the package ComfyUI would load from custom_nodes/."""
     if PACK_MODULE in sys.modules:
         return sys.modules[PACK_MODULE]
+    for module in list(sys.modules.values()):  # loaded as a package by ComfyUI from custom_nodes/: the same modules
+        if (
+            hasattr(module, "__path__")
+            and Path(getattr(module, "__file__", None) or "/").resolve() == REPO / "__init__.py"
+        ):
+            return module
     import_host()
     spec = importlib.util.spec_from_file_location(
         PACK_MODULE, REPO / "__init__.py", submodule_search_locations=[str(REPO)]

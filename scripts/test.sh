@@ -15,6 +15,18 @@ cd "$(dirname "$0")/.."
 python3 -m pip install -q -r requirements-dev.txt 2>&1 | grep -vi "running pip as the 'root'\|is ignored" || true
 # Without their dependencies: their pins (torch<2.3, timm==0.6.13) would replace the host's packages.
 python3 -m pip install -q --no-deps facenet-pytorch==2.6.0 image-reward==1.5 2>&1 | grep -vi "running pip as the 'root'\|is ignored" || true
+# One line naming what the suite ran against (a failure elsewhere is first compared on these).
+python3 - <<'VERSIONS' || true
+import importlib.metadata as md, runpy, torch
+from comfyui_host import find_host
+host, _ = find_host()
+comfy = runpy.run_path(str(host / "comfyui_version.py"))["__version__"] if host else "none"
+try:
+    frontend = md.version("comfyui-frontend-package")
+except md.PackageNotFoundError:
+    frontend = "none"
+print(f"versions: torch {torch.__version__}, ComfyUI {comfy} ({host}), frontend {frontend}")
+VERSIONS
 args=(-p no:benchmark -n "${TEST_WORKERS:-2}" --dist loadgroup --no-loadscope-reorder)
 for arg in "$@"; do
     if [[ "$arg" == "--fast" ]]; then

@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 
 from .optim import lion_class
-from .sampling import read_prompts
 
 CAPTION_DATA = 'image folder: images with same-name .txt captions, or a metadata.jsonl ({"file_name", "text"})'
 
@@ -187,6 +186,23 @@ def check_args(args) -> None:
         raise SystemExit("error: --log-with tensorboard needs the tensorboard package: pip install tensorboard")
 
 
+# The one table of the dtype names the scripts take (--save-dtype; --mixed-precision's storage dtype).
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 def weight_dtype(args) -> torch.dtype:
     """The storage dtype of frozen weights for --mixed-precision."""
-    return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+    return DTYPES["fp32" if args.mixed_precision == "no" else args.mixed_precision]
+
+
+def read_prompts(path) -> list[str]:
+    """The prompts of --sample-prompts: one per line (blank lines and lines starting with # skipped)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"error: --sample-prompts {path}: not found")
+    prompts = [
+        line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip() and not line.startswith("#")
+    ]
+    if not prompts:
+        raise SystemExit(f"error: --sample-prompts {path}: holds no prompt (one per line)")
+    return prompts

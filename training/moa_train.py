@@ -124,7 +124,7 @@ def parse_args(argv=None):
     )
     g.add_argument("--max-timestep", type=int, default=800, help="timesteps are drawn from 0..this (of 0..999)")
     g.add_argument(
-        "--save-dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="dtype of the written files' tensors"
+        "--save-dtype", choices=tuple(cli.DTYPES), default="fp16", help="dtype of the written files' tensors"
     )
     args = p.parse_args(argv)
     cli.check_args(args)
@@ -232,7 +232,7 @@ def main(argv=None) -> loop.Result:
             )
 
         def write_output(path, step):
-            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.save_dtype]
+            dtype = cli.DTYPES[args.save_dtype]
             extra = {
                 "moa.trained_steps": str(step),
                 "moa.source_checkpoint": Path(args.checkpoint).name,

@@ -29,7 +29,6 @@ from training import accelerate_setup, base_model, checks, cli, datasets, grad_c
 # The MoLE paper's expert settings (rank 256; alpha 64 for the face, 128 for the hand).
 PART_DEFAULTS = {"face": {"rank": 256, "alpha": 64.0}, "hand": {"rank": 256, "alpha": 128.0}}
 ADAPTER = "default"
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 
 
@@ -49,7 +48,7 @@ def parse_args(argv=None):
         default=None,
         help="LoRA alpha; the expert adds (alpha/rank) up@down x (default 64 for face, 128 for hand, else rank/2)",
     )
-    g.add_argument("--save-dtype", choices=tuple(SAVE_DTYPES), default="fp16")
+    g.add_argument("--save-dtype", choices=tuple(cli.DTYPES), default="fp16")
     g.add_argument(
         "--init-from",
         default=None,
@@ -223,7 +222,7 @@ def main(argv=None) -> loop.Result:
         base_model.cast_frozen(base.unet, cli.weight_dtype(args))
         if args.gradient_checkpointing:
             grad_checkpoint.enable_gradient_checkpointing(base.unet)
-        save_dtype = SAVE_DTYPES[args.save_dtype]
+        save_dtype = cli.DTYPES[args.save_dtype]
         unet = base.unet
 
         def write_output(path, step):

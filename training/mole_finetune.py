@@ -29,8 +29,6 @@ import torch
 
 from training import accelerate_setup, base_model, checks, cli, datasets, encoding, grad_checkpoint, host, loop, losses
 
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
 
 def parse_args(argv=None):
     p = cli.base_parser(
@@ -47,7 +45,7 @@ def parse_args(argv=None):
     )
     g.add_argument(
         "--save-dtype",
-        choices=tuple(SAVE_DTYPES),
+        choices=tuple(cli.DTYPES),
         default="fp16",
         help="dtype of the UNet tensors written (default fp16)",
     )
@@ -224,7 +222,7 @@ def main(argv=None) -> loop.Result:
         base_model.cast_frozen(unet, cli.weight_dtype(args))
         if args.gradient_checkpointing:
             grad_checkpoint.enable_gradient_checkpointing(unet)
-        save_dtype = SAVE_DTYPES[args.save_dtype]
+        save_dtype = cli.DTYPES[args.save_dtype]
 
         def write_output(path, step):
             write_checkpoint(

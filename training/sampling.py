@@ -13,20 +13,9 @@ from pathlib import Path
 
 import torch
 
+from .cli import read_prompts, weight_dtype
+
 log = logging.getLogger("mole.training")
-
-
-def read_prompts(path) -> list[str]:
-    """One prompt per line (blank lines and lines starting with # skipped)."""
-    p = Path(path)
-    if not p.is_file():
-        raise SystemExit(f"error: --sample-prompts {path}: not found")
-    prompts = [
-        line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip() and not line.startswith("#")
-    ]
-    if not prompts:
-        raise SystemExit(f"error: --sample-prompts {path}: holds no prompt (one per line)")
-    return prompts
 
 
 class PromptSampler:
@@ -47,8 +36,6 @@ class PromptSampler:
 
     @torch.no_grad()
     def sample(self, step: int, autocast) -> list[Path]:
-        from .cli import weight_dtype
-
         r = self.args.resolution
         self.folder.mkdir(parents=True, exist_ok=True)
         latent = torch.zeros(1, 4, r // 8, r // 8)

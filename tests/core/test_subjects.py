@@ -145,6 +145,9 @@ def test_options_check(kw, part):
 def test_options_check_passes_and_knows_what_it_cannot():
     subjects, weights = SubjectOptions("man, woman", "1, 0.5", text="A  MAN and a woman").check()
     assert [s.word for s in subjects] == ["man", "woman"] and weights == [1.0, 0.5]
-    SubjectOptions("man", morph=0.5).check()  # morph_image not known yet: no verdict
+    # morph_image not known yet (the schema check before the graph runs): no verdict on it, the rest checked.
+    subjects, weights = SubjectOptions("man", morph=0.5).check()
+    assert [s.word for s in subjects] == ["man"] and weights == [1.0]
+    assert SubjectOptions("man", morph=0.5).check(morph_image_connected=True)[1] == [1.0]
     with pytest.raises(ValueError, match="no morph_image is connected"):
         SubjectOptions("man", morph=0.5).check(morph_image_connected=False)

@@ -353,11 +353,18 @@ def test_each_subject_photo_is_encoded_once_per_clip_vision(moa_nodes, sd15, moa
     assert cache.encoded == start + 4
 
 
-def test_two_subjects(moa_two, negative, base_latent, moa_one_latent):
+def test_two_subjects(moa_nodes, sd15, moa, clip_l14, moa_two, negative, base_latent, moa_one_latent):
+    """Each image binds to its own word: the same pairing listed in the other order samples the
+    same latent, the images swapped between the words another one."""
     model, positive = moa_two
     out = sample(model, positive, negative)
     assert torch.isfinite(out).all()
     assert not torch.allclose(out, base_latent, atol=1e-3) and not torch.allclose(out, moa_one_latent, atol=1e-4)
+    images = [image(2), image(1)]
+    reordered = inject(moa_nodes, sd15, moa, clip_l14, images, words="woman, man", subject_weights="0.8, 1.0")
+    torch.testing.assert_close(sample(*reordered, negative), out, rtol=1e-4, atol=1e-5)
+    swapped = inject(moa_nodes, sd15, moa, clip_l14, images, words="man, woman", subject_weights="1.0, 0.8")
+    assert not torch.allclose(sample(*swapped, negative), out, atol=1e-4)
 
 
 def test_strength_zero_is_the_unpatched_model(moa_nodes, sd15, moa, clip_l14, negative, base_latent, base_state):
@@ -388,7 +395,7 @@ def test_cfg1_batch2_non_square(moa_one, negative):
         assert all(a.shape[0] == 2 and not torch.allclose(a, b, atol=1e-4) for a, b in zip(prior[attn], mixed[attn]))
 
 
-def test_with_controlnet(moa_one, negative):
+def test_with_controlnet(moa_one, negative, moa_one_latent):
     import comfy.controlnet
 
     import nodes
@@ -399,8 +406,29 @@ def test_with_controlnet(moa_one, negative):
         pos_cn, neg_cn = nodes.ControlNetApplyAdvanced().apply_controlnet(
             positive, negative, control, image(5), 0.8, 0.0, 1.0
         )
-    out = sample(model, pos_cn, neg_cn)
+    seen, watched = watch_mixing(model)
+    out = sample(watched, pos_cn, neg_cn)
     assert torch.isfinite(out).all()
+    assert not torch.allclose(out, moa_one_latent, atol=1e-4)  # the ControlNet acts under MoA
+    assert_mixes(seen)  # and MoA still mixes with the ControlNet's residuals
+
+
+def watch_mixing(model):
+    """({attn: outputs before MoA's output patch, after it}, a clone of `model` recording them)."""
+    seen = {"attn1": ([], []), "attn2": ([], [])}
+    watched = model.clone()
+    patches = watched.model_options["transformer_options"]["patches"]
+    for attn, (before, after) in seen.items():
+        patches[f"{attn}_output_patch"].insert(0, spy(before))
+        patches[f"{attn}_output_patch"].append(spy(after))
+    return seen, watched
+
+
+def assert_mixes(seen, layers=16):
+    """One step, cfg 2: every self- and cross-attention's output changed by MoA's mixing."""
+    for attn, (before, after) in seen.items():
+        assert len(before) == len(after) == layers, attn
+        assert all(not torch.allclose(a, b, atol=1e-4) for a, b in zip(before, after)), attn
 
 
 @pytest.fixture(scope="module")
@@ -418,7 +446,7 @@ def lora_dir(sd15, tmp_path_factory):
         yield root
 
 
-def test_with_mole(moa_one, negative, lora_dir):
+def test_with_mole(moa_one, negative, lora_dir, moa_one_latent):
     mole_nodes = importlib.import_module(f"{hostenv.PACK_MODULE}.nodes.mole_nodes")
     experts = mole_nodes.LoadMoLEExperts.execute(
         "moa_face.safetensors", "face", 1.0, "moa_hand.safetensors", "hand", 1.0
@@ -429,8 +457,11 @@ def test_with_mole(moa_one, negative, lora_dir):
         len(both.get_additional_models_with_key("moa")) == 1 and len(both.get_additional_models_with_key("mole")) == 1
     )
     assert len([k for k in both.object_patches if k.endswith(".forward")]) == 192
-    out = sample(both, positive, negative)
+    seen, watched = watch_mixing(both)
+    out = sample(watched, positive, negative)
     assert torch.isfinite(out).all()
+    assert not torch.allclose(out, moa_one_latent, atol=1e-4)  # MoLE acts under MoA
+    assert_mixes(seen)  # and MoA still mixes on top of MoLE's layers
 
 
 def test_with_lora_loader_and_another_packs_attn2_replace(moa_nodes, sd15, moa, clip_l14, negative, lora_dir):

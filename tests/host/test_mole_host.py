@@ -72,7 +72,8 @@ def sample(sd15, model, cfg=2.0, width=64, height=64, batch=1, steps=1, seed=7):
     positive = encode(sd15, "a photo of a woman waving, detailed hands")
     negative = encode(sd15, "")
     latent = {"samples": torch.zeros(batch, 4, height // 8, width // 8)}
-    (out,) = nodes.common_ksampler(model, seed, steps, cfg, "euler", "normal", positive, negative, latent)
+    with torch.inference_mode():  # as ComfyUI's executor runs every node
+        (out,) = nodes.common_ksampler(model, seed, steps, cfg, "euler", "normal", positive, negative, latent)
     return out["samples"]
 
 
@@ -263,21 +264,29 @@ def test_composes_with_lora_loader_and_other_patches(nodes_mod, sd15, sd15_files
 
 @pytest.mark.slow
 def test_lowvram_load_gives_the_same_result(nodes_mod, sd15, sd15_files):
-    """Partial loading (weights cast per layer, LoRA patches applied on the fly) with MoLE."""
+    """Partial loading (weights cast per layer, LoRA patches applied on the fly) with MoLE. The
+    model runs as ComfyUI's executor runs it, under torch.inference_mode(): outside it, the base
+    UNet's weights require grad (ComfyUI leaves them as loaded) and an inference-mode context
+    cannot be saved for their backward; earlier tests that patched and unpatched those weights
+    (set back as requires_grad=False parameters) used to hide that."""
     import comfy.model_management as mm
 
     patched = apply(nodes_mod, sd15.model, experts(nodes_mod))
+    mole_weights = patched.get_additional_models_with_key("mole")[0].model
+    assert not any(p.requires_grad for p in mole_weights.parameters())  # as ComfyUI's own patched weights
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor([1.0])
     context = encode(sd15, "a hand")[0][0]
     mm.unload_all_models()
     mm.load_models_gpu([patched] + patched.get_nested_additional_models(), force_full_load=True)
-    full = patched.model.apply_model(x, sigma, c_crossattn=context)
+    with torch.inference_mode():
+        full = patched.model.apply_model(x, sigma, c_crossattn=context)
     mm.unload_all_models()
     patched.patch_model(device_to=patched.load_device, lowvram_model_memory=64 * 1024 * 1024)
     try:
         assert patched.model.model_lowvram
-        low = patched.model.apply_model(x, sigma, c_crossattn=context)
+        with torch.inference_mode():
+            low = patched.model.apply_model(x, sigma, c_crossattn=context)
     finally:
         patched.unpatch_model(device_to=patched.offload_device)
     torch.testing.assert_close(low, full, rtol=1e-4, atol=1e-4)
@@ -311,7 +320,8 @@ def test_composes_with_controlnet(nodes_mod, sd15, sd15_files, sd15_controlnet_p
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
 
     def run(model):
-        return nodes.common_ksampler(model, 7, 1, 2.0, "euler", "normal", positive, negative, latent)[0]["samples"]
+        with torch.inference_mode():
+            return nodes.common_ksampler(model, 7, 1, 2.0, "euler", "normal", positive, negative, latent)[0]["samples"]
 
     with_mole = run(apply(nodes_mod, sd15.model, experts(nodes_mod)))
     assert torch.isfinite(with_mole).all()
@@ -339,9 +349,10 @@ def test_sdxl_layout_with_sai_named_experts_and_released_gates(nodes_mod, pack, 
     assert len([k for k in patched.object_patches if k.endswith(".forward")]) == 722
     visualize = importlib.import_module(f"{hostenv.PACK_MODULE}.nodes.visualize_nodes")
     recorded = visualize.MoLERecordGates.execute(patched).result[0]  # reports each layer that gates
-    out = nodes.common_ksampler(
-        recorded, 3, 1, 1.0, "euler", "normal", sdxl.positive, sdxl.negative, sdxl.latent(64, 64)
-    )[0]["samples"]
+    with torch.inference_mode():
+        out = nodes.common_ksampler(
+            recorded, 3, 1, 1.0, "euler", "normal", sdxl.positive, sdxl.negative, sdxl.latent(64, 64)
+        )[0]["samples"]
     assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
     assert len(recorded.get_attachment(visualize.GATES_KEY).layers_seen) == 722  # every patch fires
 

@@ -93,7 +93,15 @@ def test_imagereward_up_to_what_this_environment_allows(tmp_path, monkeypatch):
             metrics.imagereward_module()
         return
     module = metrics.imagereward_module()
-    assert module.ImageReward.__init__  # the model class, imported without the package's training code
+    # The model class from the installed package's own file, without its __init__ (which imports
+    # the training code, ReFL.py, and with it diffusers).
+    import sys
+    from pathlib import Path
+
+    assert issubclass(module.ImageReward, torch.nn.Module) and issubclass(module.MLP, torch.nn.Module)
+    package = Path(importlib.util.find_spec("ImageReward").origin).parent
+    assert Path(module.__file__).resolve() == (package / "ImageReward.py").resolve()
+    assert "ImageReward.ReFL" not in sys.modules
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import huggingface_hub.constants
 

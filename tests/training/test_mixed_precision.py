@@ -27,17 +27,36 @@ def finite_run(output: Path, steps: int) -> dict:
 
 
 def test_bf16_stage1(tmp_path, small_checkpoint):
-    """Stage 1 in bf16; stages 2 and 3 run bf16 in their warm-start tests (test_mole_expert.py,
-    test_mole_gates.py: with gradient checkpointing and a sample image for stage 2)."""
+    """Stage 1 in bf16: the frozen UNet weights are stored in bf16 and the trainable ones in fp32
+    while training, the trainable ones moved and the frozen ones did not. Stages 2 and 3 run bf16
+    in their warm-start tests (test_mole_expert.py, test_mole_gates.py: with gradient
+    checkpointing and a sample image for stage 2)."""
     stage1 = tmp_path / "stage1.safetensors"
-    run_training(
+    result = run_training(
         "mole_finetune",
         "--trainable",
         r"^out\.",
+        "--save-dtype",
+        "fp32",
         *BF16,
         *tiny_args(small_checkpoint, make_dataset(tmp_path / "d"), stage1, 1),
     )
-    finite_run(stage1, 1)
+    tensors = finite_run(stage1, 1)
+    trainable = {id(p) for p in result.stage.trainable.values()}
+    stored = {name: p.dtype for name, p in result.stage.model.named_parameters() if p.is_floating_point()}
+    trained_names = {name for name, p in result.stage.model.named_parameters() if id(p) in trainable}
+    assert trained_names and all(name.startswith("out.") for name in trained_names), sorted(trained_names)
+    assert {stored[n] for n in trained_names} == {torch.float32}
+    assert {dtype for n, dtype in stored.items() if n not in trained_names} == {torch.bfloat16}
+
+    before, _ = load_safetensors(small_checkpoint)
+    unet = "model.diffusion_model."
+    moved = [k for k in before if k.startswith(unet + "out.") and not torch.equal(tensors[k], before[k].float())]
+    assert moved, "no trainable weight moved in a bf16 step"
+    frozen = [k for k in before if k.startswith(unet + "input_blocks.") and k.endswith(".weight")]
+    assert frozen
+    for k in frozen:  # written from their bf16 storage: the checkpoint's values to bf16 precision
+        torch.testing.assert_close(tensors[k], before[k].to(torch.bfloat16).float(), rtol=0, atol=0)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 autocast is available with CUDA")
