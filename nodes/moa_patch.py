@@ -24,8 +24,7 @@ own options; ``calc_cond_batch`` lists the conditioning entries this patch marke
 host values and index tensors. So the patch object keeps no per-run or per-call state (only
 which warnings it gave), clones and concurrent samplers are independent, and a layer call
 reads nothing on the host: the one sync per model call is the sigma read in the
-``diffusion_model`` wrapper (plus, with the attention router, the quantile of the maps once
-per step).
+``diffusion_model`` wrapper.
 
 Routers (the MoA file's): a learned router mixes per pixel from h; a constant one with a fixed
 share; the training-free attention router (mixture_core.moa_router) with the subject tokens'
