@@ -23,7 +23,6 @@ import argparse
 import importlib
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import hostenv  # noqa: E402
 
-from bench.bench_mole import build_unet, flops, peak_cuda_memory  # noqa: E402  (the same random SD1.5 UNet)
+from bench.bench_mole import Elapsed, build_unet, flops, peak_cuda_memory  # noqa: E402  (the same random SD1.5 UNet)
 
 
 def moa_models(patcher, subjects: int, seed: int = 0):
@@ -86,14 +85,9 @@ def step_fn(patcher, size, batch, device, dtype):
         moa_patch = importlib.import_module(f"{hostenv.import_pack().__name__}.nodes.moa_patch").find_moa_patch(patcher)
         if moa_patch is not None:  # the cond chunk carries the subjects, as the sampler's wrapper would say
             options[moa_patch.rows_key] = frozenset({(0, "cond")})
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.inference_mode():
+        with Elapsed(device) as timer, torch.inference_mode():
             patcher.model.diffusion_model(x, t, context=context, transformer_options=options)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return timer.seconds
 
     return run
 

@@ -24,7 +24,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import hostenv  # noqa: E402
 
 
-def build_unet(device, dtype):
+class Elapsed:
+    """Seconds the block took: on a CUDA device between two CUDA events (the GPU's own clock;
+    the block is not synchronised inside), elsewhere by the host's clock."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.end.record()
+            self.end.synchronize()
+            self.seconds = self.start.elapsed_time(self.end) / 1000
+        else:
+            self.seconds = time.perf_counter() - self.t0
+
+
+def build_unet(device, dtype, unet_config: dict | None = None):
+    """A random SD1.5 UNet (or, given unet_config, another SD1.5-family layout) in a ModelPatcher."""
     hostenv.import_host()
     import comfy.model_patcher
     import comfy.supported_models
@@ -47,6 +72,7 @@ def build_unet(device, dtype):
         disable_self_attentions=None,
         use_checkpoint=False,
     )
+    config |= unet_config or {}
     model_config = comfy.supported_models.SD15(config)
     model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({})
@@ -63,15 +89,14 @@ def build_unet(device, dtype):
     return comfy.model_patcher.ModelPatcher(model, device, device)
 
 
-def mole_model(patcher, rank, strength):
+def random_experts(patcher, rank):
+    """Two random rank-`rank` experts ("face", "hand") on every MoLE target layer of the model,
+    keyed by module path (mixture_core.mole_files.Expert)."""
     from helpers import mole_weights as mw
 
     from mixture_core.lora_format import LoRAPair
-    from mixture_core.mole import wrap_forward
-    from mixture_core.mole_files import Expert, GateFile, build_mole_layers
+    from mixture_core.mole_files import Expert
 
-    pack = hostenv.import_pack()
-    patching = importlib.import_module(f"{pack.__name__}.nodes.patching")
     layers = mw.target_layers(patcher)
     gen = torch.Generator().manual_seed(1)
 
@@ -87,9 +112,20 @@ def mole_model(patcher, rank, strength):
         }
         return Expert(name, None, 1.0, pairs)
 
-    gate = GateFile(None, "released", ["face", "hand"], mw.random_gates(layers, 2, "released"))
+    return [expert("face"), expert("hand")]
+
+
+def mole_model(patcher, rank, strength):
+    from helpers import mole_weights as mw
+
+    from mixture_core.mole import wrap_forward
+    from mixture_core.mole_files import GateFile, build_mole_layers
+
+    pack = hostenv.import_pack()
+    patching = importlib.import_module(f"{pack.__name__}.nodes.patching")
+    gate = GateFile(None, "released", ["face", "hand"], mw.random_gates(mw.target_layers(patcher), 2, "released"))
     built = build_mole_layers(
-        [expert("face"), expert("hand")], gate, lambda name: name, strength=strength, dtype=patcher.model_dtype()
+        random_experts(patcher, rank), gate, lambda name: name, strength=strength, dtype=patcher.model_dtype()
     )
     patched = patcher.clone()
     for path, layer in built.items():
@@ -102,21 +138,19 @@ def mole_model(patcher, rank, strength):
 def step_fn(patcher, size, batch, device, dtype):
     import comfy.model_management as mm
 
+    config = patcher.model.model_config.unet_config
     x = torch.randn(batch, 4, size // 8, size // 8, device=device, dtype=dtype)
     t = torch.full((batch,), 500.0, device=device)
-    context = torch.randn(batch, 77, 768, device=device, dtype=dtype)
+    context = torch.randn(batch, 77, config.get("context_dim", 768), device=device, dtype=dtype)
+    adm = config.get("adm_in_channels")  # SDXL: the pooled text and size embedding
+    y = torch.randn(batch, adm, device=device, dtype=dtype) if adm else None
 
     def run():
         """Seconds of one UNet forward (loading/patching the model is not timed)."""
         mm.load_models_gpu([patcher] + patcher.get_nested_additional_models(), force_full_load=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.inference_mode():
-            patcher.model.diffusion_model(x, t, context=context, transformer_options={})
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+        with Elapsed(device) as timer, torch.inference_mode():
+            patcher.model.diffusion_model(x, t, context=context, y=y, transformer_options={})
+        return timer.seconds
 
     return run
 

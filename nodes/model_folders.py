@@ -8,16 +8,18 @@ import folder_paths
 
 from ..mixture_core.safetensors_io import load_safetensors
 
-PACK_FOLDERS = ("mole", "moa")
+# The extensions each folder lists: models/moa also takes FastComposer's published pytorch_model.bin
+# (read with torch.load(weights_only=True), only in FastComposer's layout: nodes/moa_loading.py).
+PACK_FOLDERS = {"mole": (".safetensors",), "moa": (".safetensors", ".bin")}
 
 
 def register_model_folders() -> None:
     """Add models/<name> as the default path of each pack folder. Paths an
     extra_model_paths.yaml gave the same folder name before the pack loaded are kept."""
-    for name in PACK_FOLDERS:
+    for name, wanted in PACK_FOLDERS.items():
         folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name), is_default=True)
         _, extensions = folder_paths.folder_names_and_paths[name]
-        extensions.add(".safetensors")
+        extensions.update(wanted)
 
 
 # At import: node schemas list these folders as soon as ComfyUI loads the pack.

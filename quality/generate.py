@@ -13,6 +13,12 @@ Every (prompt, seed) is one graph holding all the methods, so they share the see
 encoding and the loaded checkpoint. Images go to RUN/images/<method>/<id>_s<seed>.png and one
 line per image to RUN/manifest.jsonl. Running the same command again renders only what is
 missing (RUN/run.json keeps the settings; a run with other settings is refused).
+
+Over several GPUs, one process each, the same command under Accelerate's launcher
+(quality/processes.py: each process renders its share into the one run folder, resumably; one
+manifest at the end, for one `score` and one `report`):
+
+    accelerate launch --multi_gpu --num_processes 4 -m quality generate PROMPTS.jsonl --out RUN ...
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import moa_protocol
+from . import moa_protocol, processes
 from . import prompts as prompt_sets
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,13 +164,7 @@ def build_graph(item: dict, seed: int, methods: list[str], settings: dict, refer
     return g.nodes, saves
 
 
-def _read_manifest(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _check_settings(out: Path, settings: dict, prompts_path: Path):
+def _check_settings(out: Path, settings: dict, prompts_path: Path, write: bool = True):
     saved = out / "run.json"
     record = {"prompts": str(Path(prompts_path).resolve()), **settings}
     if saved.is_file():
@@ -177,12 +177,16 @@ def _check_settings(out: Path, settings: dict, prompts_path: Path):
             )
         record["seeds"] = list(dict.fromkeys(before.get("seeds", []) + record["seeds"]))  # more seeds: allowed
     out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(record, indent=1) + "\n")
+    if write:  # one writer (the main process), through a rename: no process reads half a file
+        tmp = saved.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        tmp.replace(saved)
 
 
-def _stage_references(items: list[dict], settings: dict, inputs: Path) -> dict[str, str]:
+def _stage_references(items: list[dict], settings: dict, inputs: Path, copy: bool = True) -> dict[str, str]:
     """Each subject's reference image copied into the run's input folder (ComfyUI's LoadImage
-    lists only the top of its input folder): {subject: file name there}."""
+    lists only the top of its input folder): {subject: file name there}. copy=False: the names
+    only (another process copies)."""
     inputs.mkdir(parents=True, exist_ok=True)
     names = {}
     for item in items:
@@ -200,36 +204,56 @@ def _stage_references(items: list[dict], settings: dict, inputs: Path) -> dict[s
             else moa_protocol.reference_image(settings["moa"]["reference_dir"], subject)
         )
         names[subject] = f"subject_{subject}{source.suffix.lower()}"
-        shutil.copyfile(source, inputs / names[subject])
+        if copy:
+            shutil.copyfile(source, inputs / names[subject])
     return names
 
 
 def generate(
     prompts_path: Path, out: Path, settings: dict, extra_model_paths: list[str] = (), limit: int | None = None
 ):
-    """Render what is missing; returns the manifest rows (all of them, old and new)."""
+    """Render what is missing (this process's share of it, when launched as several processes:
+    quality/processes.py); returns the manifest rows (all of them, old and new)."""
+    procs = processes.processes()
     items = prompt_sets.read_jsonl(prompts_path)[:limit]
     out = Path(out)
-    _check_settings(out, settings, prompts_path)
-    manifest_path = out / "manifest.jsonl"
-    manifest = _read_manifest(manifest_path)
+    _check_settings(out, settings, prompts_path, write=procs.main)
+    manifest = processes.read_all(out)
     done = {(r["id"], r["seed"], r["method"]) for r in manifest if (out / r["image"]).is_file()}
+    pairs = [(item, seed) for item in items for seed in settings["seeds"]]
     todo = []
-    for item in items:
-        for seed in settings["seeds"]:
-            missing = [m for m in settings["methods"] if (item["id"], seed, m) not in done]
-            if missing:
-                todo.append((item, seed, missing))
-    total = len(items) * len(settings["seeds"])
-    print(f"{total - len(todo)} of {total} (prompt, seed) pairs already rendered; {len(todo)} to go")
-    if not todo:
-        return manifest
+    for item, seed in processes.share(pairs, procs):
+        missing = [m for m in settings["methods"] if (item["id"], seed, m) not in done]
+        if missing:
+            todo.append((item, seed, missing))
+    share = len(processes.share(pairs, procs))
+    print(f"{procs.label()}{share - len(todo)} of {share} (prompt, seed) pairs already rendered; {len(todo)} to go")
 
-    references = _stage_references(items, settings, out / "inputs") if "moa" in settings["methods"] else {}
+    references = {}
+    if "moa" in settings["methods"] and (todo or procs.count > 1):
+        references = _stage_references(items, settings, out / "inputs", copy=procs.main)
+        procs.wait()  # the images are in place before any process loads one
+    if todo:
+        manifest += _render(todo, out, settings, references, extra_model_paths, procs)
+    procs.wait()
+    if procs.main:
+        where = {item["id"]: i for i, item in enumerate(items)}
+        seeds = {s: i for i, s in enumerate(settings["seeds"])}
+        methods = {m: i for i, m in enumerate(settings["methods"])}
+        # The order one process renders in (prompt, seed, method).
+        manifest = processes.merge(
+            out, lambda r: (where.get(r["id"], len(where)), seeds.get(r["seed"], 0), methods.get(r["method"], 0))
+        )
+        shutil.rmtree(out / "_render", ignore_errors=True)
+    return manifest
+
+
+def _render(todo, out: Path, settings: dict, references: dict, extra_model_paths, procs) -> list[dict]:
+    """Render (item, seed, methods) graphs in this process; returns the new manifest rows."""
     sys.path.insert(0, str(REPO))
     from workflows import run as runner
 
-    render_dir = out / "_render"
+    render_dir = processes.render_dir(out, procs)
     runner.start_host(list(extra_model_paths), str(out / "inputs") if references else None, str(render_dir))
     graphs = [
         (item, seed, *build_graph(item, seed, methods, settings, references.get(item.get("subject"))))
@@ -240,10 +264,18 @@ def generate(
 
     from tqdm import tqdm
 
+    manifest_path = processes.manifest_path(out, procs)
+    rows = []
     started = time.monotonic()
     with (
         manifest_path.open("a") as log,
-        tqdm(total=len(graphs), unit="prompt", desc="rendering", dynamic_ncols=True) as bar,
+        tqdm(
+            total=len(graphs),
+            unit="prompt",
+            desc=f"rendering{f' [{procs.index}]' if procs.count > 1 else ''}",
+            position=procs.index,
+            dynamic_ncols=True,
+        ) as bar,
     ):
         for item, seed, prompt, saves in graphs:
             images = runner.execute(executor, prompt, f"{item['id']} seed {seed}")
@@ -264,15 +296,15 @@ def generate(
                     if item["subject"] in references:
                         row["reference"] = f"inputs/{references[item['subject']]}"
                 log.write(json.dumps(row, ensure_ascii=False) + "\n")
-                manifest.append(row)
+                rows.append(row)
             log.flush()  # a stopped run resumes after the last finished prompt
             bar.update(1)
     shutil.rmtree(render_dir, ignore_errors=True)
     print(
-        f"{len(graphs)} prompt(s) x {len(settings['methods'])} method(s) in {time.monotonic() - started:.1f} s; "
-        f"manifest: {manifest_path}"
+        f"{procs.label()}{len(graphs)} prompt(s) x {len(settings['methods'])} method(s) in "
+        f"{time.monotonic() - started:.1f} s; manifest: {out / processes.MANIFEST}"
     )
-    return manifest
+    return rows
 
 
 def add_arguments(parser: argparse.ArgumentParser):

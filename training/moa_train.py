@@ -291,7 +291,7 @@ class MoATraining(torch.nn.Module):
         self.unet, self.moa, self.image_encoder = base.unet, moa, clip_vision.model
         self.args, self.base, self.clip_vision, self.patch = args, base, clip_vision, patch
         self.encoder = encoding.Encoder(base, args.resolution)
-        self.nodes = importlib.import_module(f"{host.import_pack().__name__}.nodes.moa_nodes")
+        self.nodes = importlib.import_module(f"{host.import_pack().__name__}.nodes.moa_host")
         self.vocab, _, self.token_key = self.nodes.sd1_vocabulary(base.clip)
         self.last: dict[str, float] = {}
 
@@ -433,7 +433,7 @@ def main(argv=None) -> loop.Result:
         clip_vision = comfy.clip_vision.load(args.clip_vision)
         if clip_vision is None:
             raise SystemExit(f"error: {args.clip_vision} is not a CLIP vision model ComfyUI can load")
-        nodes = importlib.import_module(f"{host.import_pack().__name__}.nodes.moa_nodes")
+        nodes = importlib.import_module(f"{host.import_pack().__name__}.nodes.moa_host")
         nodes.check_clip_vision(clip_vision, 768)
         moa_patch = importlib.import_module(f"{host.import_pack().__name__}.nodes.moa_patch")
 

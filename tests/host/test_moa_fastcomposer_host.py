@@ -291,3 +291,223 @@ def test_router_maps_draw_the_attention_router(moa_nodes, sd15, fc_files):
     recording = recorded.get_attachment(visualize.ROUTER_KEY)
     last = [m for (step, _), m in recording.maps.items() if step == len(recording.sigmas) - 1]
     assert len(last) == 32 and min(float(m.min()) for m in last) < 1.0
+
+
+# ---- FastComposer's pytorch_model.bin in models/moa, no command -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def loading(pack):
+    return importlib.import_module(f"{hostenv.PACK_MODULE}.nodes.moa_loading")
+
+
+@pytest.fixture(scope="module")
+def bin_models(fastcomposer, tmp_path_factory):
+    """models/moa as a user fills it: FastComposer's pytorch_model.bin as downloaded (a link to the
+    random one), a .bin of another layout and a pickle of another kind (.ckpt)."""
+    import os
+    import shutil
+
+    root = tmp_path_factory.mktemp("bin_models") / "moa"
+    root.mkdir()
+    try:
+        os.link(fastcomposer[0] / "pytorch_model.bin", root / "pytorch_model.bin")
+    except OSError:
+        shutil.copy2(fastcomposer[0] / "pytorch_model.bin", root / "pytorch_model.bin")
+    torch.save({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2)}, root / "other.bin")
+    torch.save({"state_dict": {}}, root / "old.ckpt")
+    return root
+
+
+def _umask():
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_pytorch_model_bin_runs_with_no_terminal_step(moa_nodes, loading, sd15, fc_files, bin_models):
+    """Load MoA Router lists and reads pytorch_model.bin (first, and the default), converting with a
+    progress bar into a cache beside it (files 0644 under umask 022, listed nowhere); its MOA_WEIGHTS
+    hold the command's weights and FastComposer's encoder, and a graph with clip_vision unwired
+    samples exactly as the command's files with Load CLIP Vision do."""
+    import os
+    import stat
+
+    import comfy.utils
+
+    from mixture_core.moa_files import vision_encoder_fingerprint
+
+    delayed, _, clip_vision = fc_files  # the command's files: the same conversion and default router
+    calls = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, *_, **__: calls.append((value, total)))
+    try:
+        with model_folders(moa=bin_models):
+            schema = moa_nodes.LoadMoARouter.GET_SCHEMA()
+            combo = schema.inputs[0]
+            assert combo.options[0] == combo.default == "pytorch_model.bin" and "other.bin" in combo.options
+            assert "old.ckpt" not in combo.options
+            with torch.inference_mode():
+                loaded = moa_nodes.LoadMoARouter.execute("pytorch_model.bin").result[0]
+            assert moa_nodes.moa_choices() == combo.options  # the cache is not offered
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert len(calls) == 34 and calls[-1] == (34, 34), calls  # 32 layers, the fusion, the image encoder
+
+    assert loaded.path == str(bin_models / "pytorch_model.bin")
+    ours, theirs = loaded.model.state_dict(), delayed.model.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert loaded.model.router_config == delayed.model.router_config
+    expected = delayed.model.metadata["moa.image_encoder_fingerprint"]
+    assert vision_encoder_fingerprint(loaded.clip_vision.model.state_dict(), [22, 23]) == expected
+
+    moa_file, encoder_file = loading.cache_paths(loaded.path)
+    assert os.path.dirname(moa_file) == str(bin_models / ".moa-cache")
+    assert sorted(os.listdir(bin_models / ".moa-cache")) == sorted(map(os.path.basename, (moa_file, encoder_file)))
+    for path in (moa_file, encoder_file):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~_umask(), path
+
+    negative = encode(sd15.clip, "")
+    model, positive = inject(moa_nodes, sd15, loaded, None, image(1))  # clip_vision unwired
+    reference, reference_positive = inject(moa_nodes, sd15, delayed, clip_vision, image(1))
+    got = sample(model, positive, negative, steps=3)
+    assert torch.equal(got, sample(reference, reference_positive, negative, steps=3))
+    assert not torch.equal(got, sample(sd15.model, encode(sd15.clip, "a man"), negative, steps=3))
+
+
+def test_the_graph_runs_through_the_executor_with_clip_vision_unwired(pack, sd15, bin_models):
+    """The API prompt of a MoA graph on pytorch_model.bin, validated and run by ComfyUI's executor,
+    with no CLIP vision loader in it."""
+    import asyncio
+
+    import execution
+    from test_moa_host import _SessionModels
+
+    import nodes
+    from workflows.run import _Server
+
+    extension = asyncio.run(pack.comfy_entrypoint())
+    for node in asyncio.run(extension.get_node_list()):
+        nodes.NODE_CLASS_MAPPINGS.setdefault(node.GET_SCHEMA().node_id, node)
+    _SessionModels.OUTPUT = (sd15.model, sd15.clip, None, sd15.vae)
+    nodes.NODE_CLASS_MAPPINGS["MoLEMoATests_SessionModels"] = _SessionModels
+    inject_inputs = dict(
+        model=["1", 0],
+        moa=["2", 0],
+        clip=["1", 1],
+        text="a man dancing",
+        subject_words="man",
+        image_1=["3", 0],
+        subject_weights="1.0",
+        strength=1.0,
+        start_percent=0.0,
+        end_percent=1.0,
+    )
+    prompt = {
+        "1": {"class_type": "MoLEMoATests_SessionModels", "inputs": {}},
+        "2": {"class_type": "MoA_LoadRouter", "inputs": {"moa_name": "pytorch_model.bin"}},
+        "3": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0x808080}},
+        "4": {"class_type": "MoA_SubjectInject", "inputs": inject_inputs},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "7": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["4", 0],
+                "seed": 1,
+                "steps": 2,
+                "cfg": 2.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "positive": ["4", 1],
+                "negative": ["5", 0],
+                "latent_image": ["6", 0],
+                "denoise": 1.0,
+            },
+        },
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 3]}},
+        "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
+    }
+    try:
+        with model_folders(moa=bin_models):
+            valid, error, _, node_errors = asyncio.run(execution.validate_prompt("bin", prompt, None))
+            assert valid, (error, node_errors)
+            executor = execution.PromptExecutor(_Server(), cache_args={"lru": 0, "ram": 0})
+            executor.execute(prompt, "bin", {}, ["9"])
+            assert executor.success, executor.status_messages[-1]
+            assert executor.caches.outputs.get("2").outputs[0][0].clip_vision is not None
+    finally:
+        del nodes.NODE_CLASS_MAPPINGS["MoLEMoATests_SessionModels"]
+        _SessionModels.OUTPUT = None
+
+
+def test_the_next_load_reads_the_cache_until_the_file_changes(moa_nodes, loading, bin_models, monkeypatch):
+    """A second load (as after a restart: a new call, nothing held) never enters the conversion;
+    a replaced file (another modification time) is converted again and its old cache removed."""
+    import os
+
+    path = str(bin_models / "pytorch_model.bin")
+    real = loading.convert_fastcomposer
+    with model_folders(moa=bin_models):
+        first = loading.load_router("pytorch_model.bin")  # converts if the test above did not run
+
+        def entered(p):
+            raise AssertionError(f"converted again: {p}")
+
+        monkeypatch.setattr(loading, "convert_fastcomposer", entered)
+        again = loading.load_router("pytorch_model.bin")
+        ours, theirs = again.model.state_dict(), first.model.state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+        assert again.model.metadata == first.model.metadata and again.clip_vision is not None
+        old = loading.cache_paths(path)
+
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        converted = []
+        monkeypatch.setattr(loading, "convert_fastcomposer", lambda p: converted.append(p) or real(p))
+        loading.load_router("pytorch_model.bin")
+    assert converted == [path]
+    new = loading.cache_paths(path)
+    assert new != old and sorted(os.listdir(bin_models / ".moa-cache")) == sorted(map(os.path.basename, new))
+
+
+def test_a_bin_of_another_layout_is_refused_and_other_pickles_are_not_listed(moa_nodes, bin_models, tmp_path):
+    import datetime
+
+    with model_folders(moa=bin_models):
+        assert "old.ckpt" not in moa_nodes.moa_choices()
+        with pytest.raises(
+            ValueError,
+            match=r"^other.bin: is not FastComposer's published pytorch_model.bin \(is not FastComposer's SD1.5 "
+            r"state dict: \d+ key\(s\) are missing\)\. Load MoA Router reads MoA .safetensors files and "
+            r"FastComposer's pytorch_model.bin from https://huggingface.co/mit-han-lab/fastcomposer",
+        ):
+            moa_nodes.LoadMoARouter.execute("other.bin")
+    payload = tmp_path / "moa"
+    payload.mkdir()
+    torch.save({"postfuse_module.x": datetime.timedelta(days=1)}, payload / "pytorch_model.bin")
+    with model_folders(moa=payload), pytest.raises(ValueError, match="pytorch_model.bin: needs more than tensors"):
+        moa_nodes.LoadMoARouter.execute("pytorch_model.bin")
+    assert not (payload / ".moa-cache").exists()
+
+
+def test_which_image_encoder_runs(moa_nodes, sd15, fc_files, bin_models):
+    """Unwired with a file that brings no encoder: a message saying what to wire. Wired with another
+    encoder than the one a .bin brings: a message saying to disconnect it."""
+    import comfy.clip_vision
+
+    delayed, _, _ = fc_files
+    with pytest.raises(
+        ValueError,
+        match="clip_vision: the MoA file fastcomposer.safetensors brings no image encoder; wire Load CLIP Vision "
+        r"with the CLIP ViT-L/14 the file was trained with \(fastcomposer_image_encoder.safetensors\)",
+    ):
+        inject(moa_nodes, sd15, delayed, None, image(1))
+    with model_folders(moa=bin_models), torch.inference_mode():
+        loaded = moa_nodes.LoadMoARouter.execute("pytorch_model.bin").result[0]
+    openai = comfy.clip_vision.load(str(rm.clip_vision_vit_l14()))
+    with torch.no_grad():
+        openai.model.vision_model.encoder.layers[23].mlp.fc2.bias.add_(0.01)
+    with pytest.raises(ValueError, match="pytorch_model.bin brings its own image encoder.* Disconnect clip_vision"):
+        inject(moa_nodes, sd15, loaded, openai, image(1))

@@ -8,9 +8,11 @@ weights) and reported."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import hostenv
 import numpy as np
@@ -52,15 +54,15 @@ def setup(sd15_small, tmp_path_factory):
     return root
 
 
-def generate(root, *extra):
+def generate(root, *extra, out="run", launcher=(sys.executable,)):
     command = [
-        sys.executable,
+        *launcher,
         "-m",
         "quality",
         "generate",
         root / "prompts.jsonl",
         "--out",
-        root / "run",
+        root / out,
         "--checkpoint",
         "sd15.safetensors",
         "--method",
@@ -91,7 +93,14 @@ def generate(root, *extra):
         root / "extra_model_paths.yaml",
         *extra,
     ]
-    return subprocess.run(list(map(str, command)), cwd=hostenv.REPO, capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        list(map(str, command)),
+        cwd=hostenv.REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},  # the same threads: the same float sums in every process
+    )
 
 
 def test_generate_resume_score_report(setup):
@@ -146,3 +155,76 @@ def test_generate_resume_score_report(setup):
     for method in ("base", "mole", "moa"):
         assert f"| {method} |" in md
     assert "| Mixture-of-Attention | 0.555 | 0.202 |" in md
+
+
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+# `accelerate launch --cpu --num_processes 2` starts one process without an MPI launcher; --multi_gpu
+# goes through torchrun, and without CUDA the processes run on the CPU (gloo).
+LAUNCH_TWO = [
+    str(ACCELERATE) if ACCELERATE.exists() else "accelerate",
+    "launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+    "--main_process_port",
+    "0",
+]
+
+
+@pytest.mark.skipif(
+    shutil.which("accelerate") is None and not ACCELERATE.exists(), reason="accelerate's launcher is not installed"
+)
+def test_two_processes_render_what_one_does(setup):
+    """`accelerate launch` with two CPU processes: each renders its share of 2 prompts x 2 seeds
+    (base, MoLE and MoA: the main process stages MoA's reference image for both), and together
+    they leave the same files, pixels and manifest as one process; a rerun after an image was
+    lost renders it again in the process whose share it is."""
+    from PIL import Image
+
+    root = setup
+    args = ("--seeds", "7", "8", "--steps", "1")
+    one = generate(root, *args, out="one")
+    assert one.returncode == 0, one.stderr[-4000:]
+    two = generate(root, *args, out="two", launcher=LAUNCH_TWO)
+    assert two.returncode == 0, two.stderr[-4000:]
+    for index in (0, 1):  # pairs 0, 2 and 1, 3: two each
+        assert f"process {index} of 2: 0 of 2 (prompt, seed) pairs already rendered; 2 to go" in two.stdout
+
+    def run_files(run):
+        return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
+
+    def pixels(path):
+        return np.asarray(Image.open(path))
+
+    def same_as_one():
+        files = run_files(root / "two")
+        assert files == run_files(root / "one")  # no process manifests, no render folders left
+        assert (root / "two" / "manifest.jsonl").read_text() == (root / "one" / "manifest.jsonl").read_text()
+        images = [f for f in files if f.endswith(".png")]
+        assert len(images) == 12 and "inputs/subject_000001.jpg" in files
+        for f in images:
+            assert np.array_equal(pixels(root / "two" / f), pixels(root / "one" / f)), f
+
+    same_as_one()
+    manifest = [json.loads(line) for line in (root / "one" / "manifest.jsonl").read_text().splitlines()]
+    assert [(r["id"][-4:], r["seed"], r["method"]) for r in manifest[:6]] == [
+        ("0000", 7, "base"),
+        ("0000", 7, "mole"),
+        ("0000", 7, "moa"),
+        ("0000", 8, "base"),
+        ("0000", 8, "mole"),
+        ("0000", 8, "moa"),
+    ]
+
+    (root / "two" / manifest[3]["image"]).unlink()  # pair 1 (seed 8 of the first prompt): process 1's
+    again = generate(root, *args, out="two", launcher=LAUNCH_TWO)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "process 0 of 2: 2 of 2 (prompt, seed) pairs already rendered; 0 to go" in again.stdout
+    assert "process 1 of 2: 1 of 2 (prompt, seed) pairs already rendered; 1 to go" in again.stdout
+    same_as_one()
