@@ -113,7 +113,7 @@ def plan_call(
     images = torch.arange(batch, device=device) % per_chunk
     rows: tuple[int, ...] = ()
     if marked is None or not chunk_ids:
-        if marked is None:
+        if marked is None and bindings:
             warn(
                 "unmarked",
                 "the model was called outside a sampler (no conditioning uuids): subjects "
