@@ -69,11 +69,11 @@ def build(resolution: int, work: Path):
 
 
 def batch_of(data_folder, resolution: int, size: int, start: int, subjects: int):
-    from training import moa_data
+    from training import moa_data, moa_samples
 
-    draws = moa_data.Draws(condition_drop=0, subject_drop=0, max_subjects=subjects)
-    dataset = moa_data.MoADataset(moa_data.scan_moa_dataset(data_folder), resolution, draws)
-    return moa_data.collate_list([dataset[((start + i) % len(dataset), start + i)] for i in range(size)])
+    draws = moa_samples.Draws(condition_drop=0, subject_drop=0, max_subjects=subjects)
+    dataset = moa_samples.MoADataset(moa_data.scan_moa_dataset(data_folder), resolution, draws)
+    return moa_samples.collate_list([dataset[((start + i) % len(dataset), start + i)] for i in range(size)])
 
 
 def step(model, batch, per_sample: bool) -> None:

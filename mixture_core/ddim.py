@@ -300,3 +300,101 @@ def _null_text_step(
         for p, b in zip(params, best[2]):
             p.copy_(b)
     return best[1]
+
+
+# ----------------------------------------------------------------------------- over a k-diffusion denoiser
+
+# ComfyUI's samplers (k-diffusion) carry x_sigma = x0 + sigma * eps and call a denoiser
+# (x_sigma, sigma per row) -> x0; DDIM carries x_t = sqrt(a) x0 + sqrt(1 - a) eps with
+# a = 1 / (1 + sigma^2), so x_sigma = x_t * sqrt(1 + sigma^2). These run DDIM on such a denoiser.
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (step i, x_sigma after step i, the denoised x0 of its last model call): previews, progress.
+SigmaCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+def to_sigma_space(x_t: torch.Tensor, sigma: float) -> torch.Tensor:
+    return x_t * math.sqrt(1.0 + sigma * sigma)
+
+
+def from_sigma_space(x_sigma: torch.Tensor, sigma: float) -> torch.Tensor:
+    return x_sigma / math.sqrt(1.0 + sigma * sigma)
+
+
+def sampling_sigmas(table_sigmas: torch.Tensor, timesteps: Sequence[int], invert: bool) -> torch.Tensor:
+    """The sigmas a DDIM pass over ``timesteps`` visits: descending to 0, or (invert) ascending from 0."""
+    levels = torch.tensor([float(table_sigmas[t]) for t in timesteps] + [0.0])
+    return levels.flip(0) if invert else levels
+
+
+class _DenoiserEps:
+    """DDIM's eps(x_t, t) over a denoiser; keeps the last denoised x0 (for previews)."""
+
+    def __init__(self, denoise: Denoiser, table_sigmas: torch.Tensor, batch: int):
+        self.denoise, self.table_sigmas, self.batch, self.denoised = denoise, table_sigmas, batch, None
+
+    def __call__(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
+        sigma = float(self.table_sigmas[t])
+        x_sigma = to_sigma_space(x_t, sigma)
+        denoised = self.denoise(x_sigma, x_t.new_full([self.batch], sigma))
+        self.denoised = denoised.detach()
+        return (x_sigma - denoised) / sigma  # not detached: null-text inversion differentiates it
+
+
+def _sigma_callback(callback: SigmaCallback | None, sigmas: torch.Tensor, eps: _DenoiserEps) -> Callback | None:
+    if callback is None:
+        return None
+    return lambda i, n, x_t: callback(i, to_sigma_space(x_t, float(sigmas[i + 1])), eps.denoised)
+
+
+def ddim_on_denoiser(
+    denoise: Denoiser,
+    x_sigma: torch.Tensor,
+    sigmas: torch.Tensor,
+    table_sigmas: torch.Tensor,
+    timesteps: Sequence[int],
+    *,
+    invert: bool = False,
+    refine_iters: int = 0,
+    trajectory: list | None = None,
+    callback: SigmaCallback | None = None,
+) -> torch.Tensor:
+    """``ddim_sample`` (or, with ``invert``, ``ddim_invert``) from x_sigma at sigmas[0] to
+    sigmas[-1] (see ``sampling_sigmas``) in sigma space; ``table_sigmas``: the model's sigma per
+    training timestep; ``trajectory`` (x_t space): see ``ddim_invert``."""
+    eps = _DenoiserEps(denoise, table_sigmas, x_sigma.shape[0])
+    run, extra = (
+        (ddim_invert, {"refine_iters": refine_iters, "trajectory": trajectory}) if invert else (ddim_sample, {})
+    )
+    x_t = from_sigma_space(x_sigma, float(sigmas[0]))
+    alphas = alphas_cumprod_from_sigmas(table_sigmas.double())
+    x_t = run(x_t, eps, alphas, len(timesteps), _sigma_callback(callback, sigmas, eps), timesteps=timesteps, **extra)
+    return to_sigma_space(x_t, float(sigmas[-1]))
+
+
+def null_text_on_denoisers(
+    cond: Denoiser,
+    uncond: Callable[[Sequence[torch.Tensor]], Denoiser],
+    pivots: Sequence[torch.Tensor],
+    nulls: Sequence[torch.Tensor],
+    sigmas: torch.Tensor,
+    table_sigmas: torch.Tensor,
+    timesteps: Sequence[int],
+    cfg: float,
+    callback: SigmaCallback | None = None,
+    **settings,
+) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+    """``null_text_inversion`` over denoisers: ``cond`` denoises with the positive prompt,
+    ``uncond(embeddings)`` is the negative prompt's denoiser with those embeddings. Returns (the
+    reconstruction as x_sigma at sigmas[-1], the embeddings per step)."""
+    batch = pivots[0].shape[0]
+    cond_eps = _DenoiserEps(cond, table_sigmas, batch)
+
+    def uncond_eps(x_t, t, embeddings):
+        return _DenoiserEps(uncond(embeddings), table_sigmas, batch)(x_t, t)
+
+    alphas = alphas_cumprod_from_sigmas(table_sigmas.double())
+    step_done = _sigma_callback(callback, sigmas, cond_eps)
+    x_t, per_step = null_text_inversion(
+        pivots, cond_eps, uncond_eps, nulls, alphas, cfg, step_done, timesteps=timesteps, **settings
+    )
+    return to_sigma_space(x_t, float(sigmas[-1])), per_step

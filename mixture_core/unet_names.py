@@ -92,7 +92,7 @@ class Layout:
     num_res_blocks: tuple[int, ...]  # resnets per level, down path (the up path has one more)
     transformer_depth: tuple[int, ...]  # transformer blocks of each down resnet, in order
     transformer_depth_output: tuple[int, ...]  # of each up block, in ComfyUI's order (read from the end)
-    transformer_depth_middle: int
+    transformer_depth_middle: int  # -1: no spatial transformer in the middle block
     context_dim: int
     label_embedding: bool = False  # SDXL's size/crop embedding ("add_embedding" in diffusers)
 
@@ -108,7 +108,7 @@ class Layout:
             num_res_blocks=res,
             transformer_depth=tuple(config["transformer_depth"]),
             transformer_depth_output=tuple(config["transformer_depth_output"]),
-            transformer_depth_middle=int(config.get("transformer_depth_middle") or 0),
+            transformer_depth_middle=int(config.get("transformer_depth_middle", -1)),
             context_dim=int(config.get("context_dim") or 0),
             label_embedding=config.get("adm_in_channels") is not None or config.get("num_classes") is not None,
         )
@@ -190,13 +190,11 @@ def _units(layout: Layout) -> tuple[dict[str, tuple[str, str]], tuple[SpatialTra
             n += 1
     mid_width = layout.model_channels * layout.channel_mult[-1]
     units["middle_block.0"] = ("mid_block.resnets.0", "resnet")
-    if layout.transformer_depth_middle:
+    if layout.transformer_depth_middle >= 0:  # -1: a middle block of one resnet (openaimodel.py)
         transformer(
             "middle_block.1", "mid_block.attentions.0", ("middle", 0), mid_width, layout.transformer_depth_middle
         )
         units["middle_block.2"] = ("mid_block.resnets.1", "resnet")
-    else:
-        units["middle_block.1"] = ("mid_block.resnets.1", "resnet")
     depths = list(layout.transformer_depth_output)
     n = 0
     levels = len(layout.channel_mult)

@@ -12,8 +12,21 @@ import torch
 from .optim import lion_class
 from .sampling import read_prompts
 
+CAPTION_DATA = 'image folder: images with same-name .txt captions, or a metadata.jsonl ({"file_name", "text"})'
 
-def base_parser(description: str, epilog: str = "") -> argparse.ArgumentParser:
+
+def base_parser(
+    description: str,
+    epilog: str = "",
+    *,
+    data_help: str = CAPTION_DATA,
+    caption_pipeline: bool = True,
+    diffusion_loss: bool = True,
+    samples: bool = True,
+) -> argparse.ArgumentParser:
+    """The shared options. A script with its own data, loss or model leaves out what it would
+    ignore: caption_pipeline --crop, --flip, --no-cache, --cache-dir (training.datasets);
+    diffusion_loss --min-snr-gamma (training.losses); samples --sample-* (the plain UNet sampled)."""
     p = argparse.ArgumentParser(
         description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -23,35 +36,34 @@ def base_parser(description: str, epilog: str = "") -> argparse.ArgumentParser:
         required=True,
         help="single-file SD checkpoint (.safetensors), the file ComfyUI's Load Checkpoint loads",
     )
-    g.add_argument(
-        "--data",
-        required=True,
-        help='image folder: images with same-name .txt captions, or a metadata.jsonl ({"file_name", "text"})',
-    )
+    g.add_argument("--data", required=True, help=data_help)
     g.add_argument(
         "--resolution",
         type=int,
         default=512,
         help="square training size in pixels, a multiple of 64 (default 512; 1024 for SDXL)",
     )
-    g.add_argument(
-        "--crop",
-        choices=("center", "random"),
-        default="center",
-        help="square crop after resizing the shorter side (default center)",
-    )
-    g.add_argument("--flip", action="store_true", help="random horizontal flips")
-    g.add_argument(
-        "--no-cache",
-        dest="cache",
-        action="store_false",
-        help="encode images and captions at every step instead of once into the on-disk cache (random crops/flips are never cached)",
-    )
-    g.add_argument(
-        "--cache-dir",
-        default=None,
-        help="folder of the latent and text-embedding cache, one file per image, kept across runs and resumes (default <work dir>/cache)",
-    )
+    if caption_pipeline:
+        g.add_argument(
+            "--crop",
+            choices=("center", "random"),
+            default="center",
+            help="square crop after resizing the shorter side (default center)",
+        )
+        g.add_argument("--flip", action="store_true", help="random horizontal flips")
+        g.add_argument(
+            "--no-cache",
+            dest="cache",
+            action="store_false",
+            help="encode images and captions at every step instead of once into the on-disk cache (random crops/flips are never cached)",
+        )
+        g.add_argument(
+            "--cache-dir",
+            default=None,
+            help="folder of the latent and text-embedding cache, one file per image, kept across runs and resumes (default <work dir>/cache)",
+        )
+    else:
+        p.set_defaults(cache=False)
     g.add_argument(
         "--num-workers", type=int, default=0, help="DataLoader worker processes for image decoding (uncached runs)"
     )
@@ -83,12 +95,13 @@ def base_parser(description: str, epilog: str = "") -> argparse.ArgumentParser:
     )
     g.add_argument("--lr-warmup-steps", type=int, default=0)
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
-    g.add_argument(
-        "--min-snr-gamma",
-        type=float,
-        default=None,
-        help="Min-SNR loss weighting, min(SNR, gamma)/SNR (the MoLE paper uses 5)",
-    )
+    if diffusion_loss:
+        g.add_argument(
+            "--min-snr-gamma",
+            type=float,
+            default=None,
+            help="Min-SNR loss weighting, min(SNR, gamma)/SNR (the MoLE paper uses 5)",
+        )
     g.add_argument(
         "--fixed-noise",
         action="store_true",
@@ -121,16 +134,19 @@ def base_parser(description: str, epilog: str = "") -> argparse.ArgumentParser:
         "--resume", default=None, help="checkpoint folder to resume from, or 'latest' (newest in the work dir)"
     )
     g.add_argument("--log-every", type=int, default=1, help="log line every N steps")
-    g.add_argument(
-        "--sample-every",
-        type=int,
-        default=0,
-        help="write sample images every N steps (and at the last), <work dir>/samples",
-    )
-    g.add_argument("--sample-prompts", default=None, help="text file of the sample prompts, one per line")
-    g.add_argument("--sample-steps", type=int, default=20, help="sampling steps (euler) of the sample images")
-    g.add_argument("--sample-cfg", type=float, default=7.0)
-    g.add_argument("--sample-seed", type=int, default=0)
+    if samples:
+        g.add_argument(
+            "--sample-every",
+            type=int,
+            default=0,
+            help="write sample images every N steps (and at the last), <work dir>/samples",
+        )
+        g.add_argument("--sample-prompts", default=None, help="text file of the sample prompts, one per line")
+        g.add_argument("--sample-steps", type=int, default=20, help="sampling steps (euler) of the sample images")
+        g.add_argument("--sample-cfg", type=float, default=7.0)
+        g.add_argument("--sample-seed", type=int, default=0)
+    else:
+        p.set_defaults(sample_every=0, sample_prompts=None)
     g.add_argument(
         "--log-with",
         choices=("none", "tensorboard"),

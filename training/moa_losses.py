@@ -2,7 +2,8 @@
 silent): the layers each loss covers and the three losses, on batched tensors.
 
 Layer sets are named by diffusers UNet blocks, the names FastComposer's code and the paper's
-"block" use; ``diffusers_block`` maps the pack's layer ids (SAI naming) onto them.
+"block" use; ``mixture_core.unet_names.diffusers_block`` maps the pack's layer ids (SAI naming)
+onto them.
 
 * Router loss (paper Sec. 3.3.1): "we exclude the first and last block of the U-Net (i.e. first
   two and last three attention layers)": all MoA layers but down_blocks.0 (input_blocks.1/.2) and
@@ -14,26 +15,13 @@ Layer sets are named by diffusers UNet blocks, the names FastComposer's code and
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn.functional as F
 
+from mixture_core.unet_names import diffusers_block
+
 ROUTER_EXCLUDED_BLOCKS = ("down_blocks.0", "up_blocks.3")
 LOCALIZATION_BLOCKS = ("down_blocks.1", "down_blocks.2", "mid_block", "up_blocks.1", "up_blocks.2")
-_SAI = re.compile(r"^(?:(?P<kind>input|output)_blocks\.(?P<i>\d+)|middle_block)\.")
-
-
-def diffusers_block(layer_id: str) -> str:
-    """'input_blocks.4.1.transformer_blocks.0.attn2' -> 'down_blocks.1'. The SAI UNet has one
-    conv in, then 3 blocks per down level, and 3 blocks per up level."""
-    m = _SAI.match(layer_id)
-    if m is None:
-        raise ValueError(f"{layer_id!r} is not a UNet attention layer id (input_blocks/middle_block/output_blocks)")
-    if m["kind"] is None:
-        return "mid_block"
-    i = int(m["i"])
-    return f"down_blocks.{(i - 1) // 3}" if m["kind"] == "input" else f"up_blocks.{i // 3}"
 
 
 def parse_blocks(spec: str, layer_ids: list[str], flag: str) -> tuple[str, ...]:

@@ -95,7 +95,7 @@ from .config import (
 )
 from .fusion import FastComposerFusion, FastComposerMLP, MultimodalFusion, SpacetimeEncoding, timestep_sinusoid
 from .layer import MoALayer
-from .model import MoAModel
+from .model import MoAModel, prior_weights
 from .ops import MLP, cast_like, layer_norm, linear, scaled_dot_product_attention
 
 __all__ = [
@@ -132,6 +132,7 @@ __all__ = [
     "layer_norm",
     "linear",
     "morph_embeddings",
+    "prior_weights",
     "scaled_dot_product_attention",
     "timelapse_tokens",
     "timestep_sinusoid",

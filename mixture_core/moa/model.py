@@ -16,6 +16,7 @@ from .config import (
     TEXT_DIM,
     AttentionShape,
     RouterConfig,
+    is_moa_target,
 )
 from .fusion import FastComposerFusion, MultimodalFusion, SpacetimeEncoding
 from .layer import MoALayer
@@ -84,7 +85,8 @@ class MoAModel(nn.Module):
     @classmethod
     def from_prior(cls, prior: dict[str, dict], **hyper) -> MoAModel:
         """A model whose personalized attentions start as copies of the prior's, for training.
-        prior: {layer_id: {"to_q": W, "to_k": W, "to_v": W, "to_out": (W, b), "heads": int}}."""
+        prior: {layer_id: {"to_q": W, "to_k": W, "to_v": W, "to_out": (W, b), "heads": int}}, as
+        prior_weights(unet) reads them."""
         shapes = {}
         for layer_id, p in prior.items():
             try:
@@ -109,3 +111,20 @@ class MoAModel(nn.Module):
                         )
                     params[name].copy_(value)
         return model
+
+
+def prior_weights(unet: nn.Module) -> dict[str, dict]:
+    """A UNet's own attention weights (every MoA target module, keyed by its path in SAI naming)
+    in the form MoAModel.from_prior takes, float32 on the CPU."""
+    prior = {}
+    for path, m in unet.named_modules():
+        if is_moa_target(path) and hasattr(m, "to_q"):
+            out = m.to_out[0]
+            prior[path] = {
+                "to_q": m.to_q.weight.detach().float().cpu(),
+                "to_k": m.to_k.weight.detach().float().cpu(),
+                "to_v": m.to_v.weight.detach().float().cpu(),
+                "to_out": (out.weight.detach().float().cpu(), out.bias.detach().float().cpu()),
+                "heads": m.heads,
+            }
+    return prior

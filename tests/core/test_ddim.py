@@ -14,13 +14,18 @@ import torch
 from mixture_core.ddim import (
     alphas_cumprod_from_sigmas,
     ddim_invert,
+    ddim_on_denoiser,
     ddim_sample,
     ddim_step,
     ddim_timesteps,
+    from_sigma_space,
     null_text_inversion,
+    null_text_on_denoisers,
+    sampling_sigmas,
     scaled_linear_alphas_cumprod,
     sigmas_from_alphas_cumprod,
     timestep_from_sigma,
+    to_sigma_space,
 )
 
 ALPHAS = scaled_linear_alphas_cumprod()
@@ -331,3 +336,81 @@ def test_null_text_step_keeps_its_best_iterate():
         levels = [float(ALPHAS[s]) for s in ddim_timesteps(1000, steps)] + [1.0]
         x = ddim_step(x, guided(3.0, lambda _t: per_step[i])(x, t), levels[i], levels[i + 1])
         assert math.isclose(float(torch.nn.functional.mse_loss(x, pivots[i + 1])), min(losses[i]), rel_tol=1e-6)
+
+
+# ----------------------------------------------------------------------------- over a k-diffusion denoiser
+
+
+def as_denoiser(eps_of_t, table):
+    """The denoiser (x_sigma, sigma per row) -> x0 ComfyUI's samplers call, over an eps(x_t, t)."""
+
+    def denoise(x_sigma, sigma):
+        s = float(sigma[0])
+        t = timestep_from_sigma(s, table)
+        return x_sigma - s * eps_of_t(from_sigma_space(x_sigma, s), t)
+
+    return denoise
+
+
+def test_ddim_on_a_denoiser_is_ddim_in_sigma_space():
+    """The same numbers as DDIM in x_t space, rescaled at both ends; the callback gets x_sigma at
+    the sigma the step reached and the denoised x0 of the step's model call."""
+    x0, eps_star, _ = gaussian_problem()
+    table = sigmas_from_alphas_cumprod(ALPHAS)
+    ts = ddim_timesteps(1000, 10)
+    up, down = sampling_sigmas(table, ts, invert=True), sampling_sigmas(table, ts, invert=False)
+    assert up[0] == 0 and down[-1] == 0 and torch.equal(up, down.flip(0)) and torch.all(down[:-1] > down[1:])
+    seen = []
+    callback = lambda i, x, denoised: seen.append((i, x, denoised))  # noqa: E731
+    pivots = []
+    noise = ddim_on_denoiser(
+        as_denoiser(eps_star, table),
+        x0,
+        up,
+        table,
+        ts,
+        invert=True,
+        refine_iters=2,
+        trajectory=pivots,
+        callback=callback,
+    )
+    x_T = ddim_invert(x0, eps_star, ALPHAS, 10, refine_iters=2)
+    assert rel_err(noise, to_sigma_space(x_T, float(up[-1]))) < 1e-12 and len(pivots) == 11
+    assert [i for i, _, _ in seen] == list(range(10))
+    i, x, denoised = seen[4]
+    assert rel_err(from_sigma_space(x, float(up[i + 1])), pivots[-1 - (i + 1)]) < 1e-12
+    back = ddim_on_denoiser(as_denoiser(eps_star, table), noise, down, table, ts)
+    assert rel_err(back, ddim_sample(x_T, eps_star, ALPHAS, 10)) < 1e-12
+    assert (
+        math.isclose(float(to_sigma_space(torch.ones(1, dtype=torch.float64), 2.0)), 5**0.5)
+        and float(from_sigma_space(torch.ones(1), 0)) == 1
+    )
+
+
+def test_null_text_on_denoisers_differentiates_through_the_denoiser():
+    """The negative prompt's denoiser carries the gradient to the embeddings: the optimization
+    lowers every step's loss and gives the same result as null_text_inversion in x_t space."""
+    x0, cond, uncond, _, _ = conditional_gaussian_problem()
+    table = sigmas_from_alphas_cumprod(ALPHAS)
+    ts = ddim_timesteps(1000, 4)
+    pivots = []
+    ddim_invert(x0, cond, ALPHAS, 4, refine_iters=3, trajectory=pivots)
+    losses, ref_losses = [], []
+    recon, per_step = null_text_on_denoisers(
+        as_denoiser(cond, table),
+        lambda e: as_denoiser(lambda x, t: uncond(x, t, e), table),
+        pivots,
+        NULL0,
+        sampling_sigmas(table, ts, invert=False),
+        table,
+        ts,
+        3.0,
+        inner_iters=5,
+        lr=0.1,
+        losses=losses,
+    )
+    ref, ref_steps = null_text_inversion(
+        pivots, cond, uncond, NULL0, ALPHAS, 3.0, inner_iters=5, lr=0.1, losses=ref_losses
+    )
+    assert all(min(step) < 0.99 * step[0] for step in losses) and losses[0][-1] < 0.5 * losses[0][0], losses
+    assert rel_err(recon, ref) < 1e-9 and rel_err(per_step[-1][0], ref_steps[-1][0]) < 1e-9

@@ -1,7 +1,6 @@
 """Random MoA files in the pack's exact format (mixture_core.moa_files), made from a real
 ComfyUI model's attention weights.
 
-    prior_weights(model_patcher)         {layer id: {"to_q", "to_k", "to_v", "to_out": (W, b), "heads"}}
     random_moa(model_patcher, seed)      MoAModel.from_prior(...) with the personalized attentions,
                                          routers and fusion perturbed so that MoA visibly acts
     write_moa_file(path, model_patcher)  random_moa saved with save_moa_file (fp16 by default)
@@ -21,25 +20,8 @@ from pathlib import Path
 
 import torch
 
-from mixture_core.moa import AttentionShape, MoAModel, is_moa_target
+from mixture_core.moa import AttentionShape, MoAModel, prior_weights
 from mixture_core.moa_files import save_moa_file
-
-
-def prior_weights(model_patcher) -> dict[str, dict]:
-    """The model's own attention weights in the form MoAModel.from_prior takes, on the CPU."""
-    unet = model_patcher.model.diffusion_model
-    prior = {}
-    for path, m in unet.named_modules():
-        if is_moa_target(path) and hasattr(m, "to_q"):
-            out = m.to_out[0]
-            prior[path] = {
-                "to_q": m.to_q.weight.detach().float().cpu(),
-                "to_k": m.to_k.weight.detach().float().cpu(),
-                "to_v": m.to_v.weight.detach().float().cpu(),
-                "to_out": (out.weight.detach().float().cpu(), out.bias.detach().float().cpu()),
-                "heads": m.heads,
-            }
-    return prior
 
 
 @torch.no_grad()
@@ -72,7 +54,7 @@ def _seeded(seed: int, build):
 
 def random_moa(model_patcher, seed: int = 0, personal_noise: float = 0.5, layers=None) -> MoAModel:
     """A MoA model for `model_patcher` (all its attention layers, or `layers`), perturbed."""
-    prior = prior_weights(model_patcher)
+    prior = prior_weights(model_patcher.model.diffusion_model)
     if layers is not None:
         prior = {k: v for k, v in prior.items() if k in set(layers)}
     moa = _seeded(seed, lambda: MoAModel.from_prior(prior))

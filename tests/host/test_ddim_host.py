@@ -26,6 +26,11 @@ def ddim_nodes(pack):
 
 
 @pytest.fixture(scope="module")
+def ddim_sampling(pack):
+    return importlib.import_module(f"{hostenv.PACK_MODULE}.nodes.ddim_sampling")
+
+
+@pytest.fixture(scope="module")
 def photo_latent(sd15):
     """A smooth 64x64 'photo' through the real VAE encoder."""
     y, x = torch.meshgrid(torch.linspace(0, 1, 64), torch.linspace(0, 1, 64), indexing="ij")
@@ -67,16 +72,18 @@ def analytic_model(sd15, photo_latent):
     return model
 
 
-def test_inversion_and_regeneration_are_exact_mirrors_through_comfyui(ddim_nodes, sd15, photo_latent, prompt):
+def test_inversion_and_regeneration_are_exact_mirrors_through_comfyui(ddim_sampling, sd15, photo_latent, prompt):
     """With the exact predictor, invert -> regenerate returns the photo latent to 1e-3; a schedule
     off by one step (regenerating with steps+1) or a wrong latent scaling breaks that bound."""
     model = analytic_model(sd15, photo_latent)
     steps = 10
-    inverted = ddim_nodes.run_ddim(model, photo_latent, prompt, prompt, steps, 1.0, invert=True, refine_iters=6)
-    back = ddim_nodes.run_ddim(model, {"samples": inverted}, prompt, prompt, steps, 1.0, invert=False)
+    inverted = ddim_sampling.run_ddim(model, photo_latent, prompt, prompt, steps, 1.0, invert=True, refine_iters=6)
+    back = ddim_sampling.run_ddim(model, {"samples": inverted}, prompt, prompt, steps, 1.0, invert=False)
     error = relative_error(back, photo_latent["samples"])
-    shifted = ddim_nodes.run_ddim(model, {"samples": inverted}, prompt, prompt, steps + 1, 1.0, invert=False)
-    wrong_scale = ddim_nodes.run_ddim(model, {"samples": inverted * 0.18215}, prompt, prompt, steps, 1.0, invert=False)
+    shifted = ddim_sampling.run_ddim(model, {"samples": inverted}, prompt, prompt, steps + 1, 1.0, invert=False)
+    wrong_scale = ddim_sampling.run_ddim(
+        model, {"samples": inverted * 0.18215}, prompt, prompt, steps, 1.0, invert=False
+    )
     errors = (
         error,
         relative_error(shifted, photo_latent["samples"]),
@@ -90,17 +97,17 @@ def test_inversion_and_regeneration_are_exact_mirrors_through_comfyui(ddim_nodes
     assert errors[1] > 10 * errors[0] and errors[2] > 10 * errors[0], errors
 
 
-def test_random_sd15_inversion_converges_with_refinement(ddim_nodes, sd15, photo_latent, prompt):
+def test_random_sd15_inversion_converges_with_refinement(ddim_sampling, sd15, photo_latent, prompt):
     """The random UNet's noise prediction is no score of any data, so its inversion is inexact;
     refining each inversion step must still bring regeneration much closer to the photo."""
     steps = 3
     errors = {}
     for refine in (0, 3):
-        inverted = ddim_nodes.run_ddim(
+        inverted = ddim_sampling.run_ddim(
             sd15.model, photo_latent, prompt, prompt, steps, 1.0, invert=True, refine_iters=refine
         )
         assert torch.isfinite(inverted).all()
-        back = ddim_nodes.run_ddim(sd15.model, {"samples": inverted}, prompt, prompt, steps, 1.0, invert=False)
+        back = ddim_sampling.run_ddim(sd15.model, {"samples": inverted}, prompt, prompt, steps, 1.0, invert=False)
         errors[refine] = relative_error(back, photo_latent["samples"])
     print(
         f"random SD1.5, {steps} steps: invert->regenerate relative error {errors[0]:.3f} plain, {errors[3]:.3f} with 3 refinements"
@@ -139,16 +146,32 @@ def test_ddim_invert_node_progress_and_interrupt(ddim_nodes, sd15, photo_latent,
         comfy.utils.set_progress_bar_global_hook(previous)
 
 
-def test_non_epsilon_models_and_bad_sizes_are_refused(ddim_nodes, sd15, photo_latent, prompt):
+def test_non_epsilon_models_and_empty_batches_are_refused(ddim_nodes, sd15, photo_latent, prompt):
     from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
 
     v_model = ModelSamplingDiscrete().patch(sd15.model, "v_prediction", False)[0]
     with pytest.raises(ValueError, match="epsilon-prediction"):
         ddim_nodes.DDIMInvert.execute(v_model, prompt, photo_latent, 2, 1.0, 0)
-    with pytest.raises(ValueError, match="multiples of 8"):
+    with pytest.raises(ValueError, match="image batch is empty"):
         ddim_nodes.MoADDIMSwap.execute(
-            sd15.model, sd15.model, prompt, prompt, sd15.vae, torch.rand(1, 60, 64, 3), 2, 1.0, 1.0
+            sd15.model, sd15.model, prompt, prompt, sd15.vae, torch.rand(0, 64, 64, 3), 2, 1.0, 1.0
         )
+
+
+def test_swap_of_a_photo_of_any_size(ddim_nodes, sd15, prompt):
+    """A 75 x 50 photo (neither side a multiple of 8, not square): the result has the photo's size
+    and is the swap of the photo padded with its own edge pixels to 80 x 56 (2 | 3 columns, 3 | 3
+    rows), cut back to the photo's place: no pixel scaled, none lost, aligned with the photo."""
+    y, x = torch.meshgrid(torch.linspace(0, 1, 50), torch.linspace(0, 1, 75), indexing="ij")
+    photo = torch.stack([x, y, 0.5 + 0.5 * torch.sin(9 * x) * torch.cos(7 * y)], dim=-1)[None]
+    args = (prompt, prompt, sd15.vae)
+    with torch.inference_mode():
+        image, latent = ddim_nodes.MoADDIMSwap.execute(sd15.model, sd15.model, *args, photo, 2, 1.0, 1.0).result
+        padded = torch.nn.functional.pad(photo.movedim(-1, 1), (2, 3, 3, 3), mode="replicate").movedim(1, -1)
+        whole, _ = ddim_nodes.MoADDIMSwap.execute(sd15.model, sd15.model, *args, padded, 2, 1.0, 1.0).result
+    assert image.shape == photo.shape and latent["samples"].shape == (1, 4, 7, 10)
+    assert torch.equal(image, whole[:, 3:53, 2:77])
+    assert torch.isfinite(image).all()
 
 
 # ----------------------------------------------------------------------------- null-text inversion
@@ -207,25 +230,25 @@ def test_null_text_swap_holds_the_photo_at_cfg_3(ddim_nodes, sd15, prompt, photo
     assert not any(getattr(m, "weight_function", None) for m in sd15.model.model.diffusion_model.modules())
 
 
-def test_null_text_embeddings_apply_at_their_own_steps(ddim_nodes, sd15, prompt, photo_and_empty):
+def test_null_text_embeddings_apply_at_their_own_steps(ddim_sampling, sd15, prompt, photo_and_empty):
     """Regenerating with the per-step embeddings reproduces the optimization's own reconstruction;
     with the embeddings of the other step, or at cfg 1 (no negative), it does not."""
     image, empty = photo_and_empty
     latent = {"samples": sd15.vae.encode(image)}
     with torch.inference_mode():
         pivots = []
-        noise = ddim_nodes.run_ddim(
+        noise = ddim_sampling.run_ddim(
             sd15.model, latent, prompt, empty, 2, 1.0, invert=True, refine_iters=2, trajectory=pivots
         )
         losses = []
-        recon, by_t = ddim_nodes.run_null_text(
+        recon, by_t = ddim_sampling.run_null_text(
             sd15.model, {"samples": noise}, pivots, prompt, empty, 2, 3.0, inner_iters=4, lr=0.05, losses=losses
         )
-        replay = ddim_nodes.run_ddim(
+        replay = ddim_sampling.run_ddim(
             sd15.model, {"samples": noise}, prompt, empty, 2, 3.0, invert=False, negative_per_step=by_t
         )
         t_hi, t_lo = sorted(by_t, reverse=True)
-        swapped = ddim_nodes.run_ddim(
+        swapped = ddim_sampling.run_ddim(
             sd15.model,
             {"samples": noise},
             prompt,

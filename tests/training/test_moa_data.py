@@ -1,7 +1,7 @@
 """MoA training data and objective without the host: FastComposer's FFHQ-wild layout and its
 subject choices, subject images as FastComposer makes them, the layer sets on SD1.5's 32 MoA
-layers, the losses on tensors with known answers, and padded batch bindings equal to the
-per-sample bindings MoA Subject Inject makes."""
+layers, the losses on tensors with known answers, and the training patch under gradient
+checkpointing (the padded bindings themselves are the core's: tests/core/test_moa_batched.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from moa_helpers import CAPTION, make_moa_dataset, segment, write_fastcomposer_i
 
 from training import moa_losses
 from training.data import DataError
-from training.moa_data import Draws, MoADataset, ScanReport, make_subject_image, scan_moa_dataset
+from training.moa_data import ScanReport, scan_moa_dataset
+from training.moa_samples import Draws, MoADataset, make_subject_image
 
 NO_DRAWS = Draws(subject_drop=0, condition_drop=0, augment=False)
 
@@ -245,27 +246,7 @@ def test_masked_reconstruction_is_fastcomposers():
     assert float(expected) < float(((pred - target)[:, :, :4] ** 2).mean())
 
 
-# ---- batched bindings ------------------------------------------------------------------------
-
-
-def test_padded_bindings_equal_per_sample_bindings():
-    """One call binding different subjects and counts per sample gives each row exactly what
-    mixture_core.moa.bind_subjects gives that sample alone (as MoA Subject Inject binds)."""
-    from mixture_core.moa import MultimodalFusion, SubjectBinding, bind_subjects
-    from training.moa_train import Bindings
-
-    torch.manual_seed(0)
-    fusion = MultimodalFusion(text_dim=16, image_dim=8, hidden_dim=32, spacetime_dim=8, n_layers=4)
-    torch.nn.init.normal_(fusion.mlp.fc2.weight)  # not the identity of a fresh fusion
-    context, embeds = torch.randn(3, 10, 16), torch.randn(3, 2, 8)
-    token_index = torch.tensor([[2, 5], [7, 0], [0, 0]])
-    valid = torch.tensor([[True, True], [True, False], [False, False]])
-    timesteps = torch.tensor([10.0, 500.0, 900.0])
-    batched = Bindings(token_index, valid, embeds, timesteps).bind(context, fusion, 3)
-    for b in range(3):
-        alone = [SubjectBinding(int(token_index[b, j]), embeds[b, j]) for j in range(2) if valid[b, j]]
-        expected = bind_subjects(context[b : b + 1], alone, fusion, timesteps[b], 3) if alone else context[b : b + 1]
-        assert torch.allclose(batched[b : b + 1], expected, atol=1e-6)
+# ---- the training patch ----------------------------------------------------------------------
 
 
 def test_training_patch_recomputes_the_same_graph_under_checkpointing():
@@ -275,7 +256,7 @@ def test_training_patch_recomputes_the_same_graph_under_checkpointing():
     from torch.utils.checkpoint import checkpoint
 
     from mixture_core.moa import AttentionShape, MoAModel
-    from training.moa_train import Bindings, Record, TrainingPatch
+    from training.moa_forward import Bindings, Record, TrainingPatch
 
     torch.manual_seed(0)
     layer_id = "middle_block.1.transformer_blocks.0.attn2"
@@ -283,7 +264,7 @@ def test_training_patch_recomputes_the_same_graph_under_checkpointing():
     torch.nn.init.normal_(moa.fusion.mlp.fc2.weight)
     patches = TrainingPatch(moa, {(("middle", 0), 0, "attn2"): layer_id}, [layer_id], [layer_id]).patches()
     h, context = torch.randn(2, 4, 16, requires_grad=True), torch.randn(2, 77, 768)
-    bindings = Bindings(
+    bindings = Bindings.padded(
         torch.tensor([[3], [0]]), torch.tensor([[True], [False]]), torch.randn(2, 1, 768), torch.tensor([10.0, 20.0])
     )
 

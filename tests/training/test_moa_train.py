@@ -174,14 +174,14 @@ def test_moa_patch_survives_gradient_checkpoint_recomputation(micro_run):
     result, _ = micro_run
     model = result.stage.model
     model = getattr(model, "module", model)
-    from training import moa_data
+    from training import moa_data, moa_samples
 
     samples = moa_data.scan_moa_dataset(model.args.data)
-    bound = moa_data.MoADataset(
-        samples, 64, moa_data.Draws(max_subjects=1, subject_drop=0, condition_drop=0, augment=False)
+    bound = moa_samples.MoADataset(
+        samples, 64, moa_samples.Draws(max_subjects=1, subject_drop=0, condition_drop=0, augment=False)
     )
-    unbound = moa_data.MoADataset(samples, 64, moa_data.Draws(condition_drop=1, augment=False))
-    batch = moa_data.collate_list([bound[(0, 0)], unbound[(0, 1)]])  # one subject and none: padded
+    unbound = moa_samples.MoADataset(samples, 64, moa_samples.Draws(condition_drop=1, augment=False))
+    batch = moa_samples.collate_list([bound[(0, 0)], unbound[(0, 1)]])  # one subject and none: padded
     params = [p for p in model.parameters() if p.requires_grad]
 
     def grads():
@@ -216,6 +216,53 @@ def test_moa_patch_survives_gradient_checkpoint_recomputation(micro_run):
     assert sum(g is not None for g in plain) > 0
     for a, b in zip(plain, again):
         assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-6, rtol=1e-4))
+
+
+def test_bf16_training_stores_and_moves_what_it_should(tmp_path, checkpoint, monkeypatch):
+    """--mixed-precision bf16 (the docstring's example) on the CPU: the frozen UNet and the frozen
+    encoder layers are stored in bf16 and stay as given; every trainable tensor (MoA weights, the
+    encoder's last layers) is fp32 and moved by the optimizer, not by weight decay alone."""
+    from safetensors import safe_open
+
+    from training import loop
+
+    initial, train = {}, loop.train
+
+    def snapshot(args, accelerator, base, stage, samples):
+        initial.update({k: v.detach().clone() for k, v in stage.trainable.items()})
+        return train(args, accelerator, base, stage, samples)
+
+    monkeypatch.setattr(loop, "train", snapshot)
+    out = tmp_path / "moa" / "bf16.safetensors"
+    data = make_moa_dataset(tmp_path / "data", n=1, words=("man",))
+    flags = ["--mixed-precision", "bf16", "--lr", "1e-3", "--fixed-noise", "--cond-drop", "0", "--subject-drop", "0"]
+    flags += ["--no-subject-augmentation", "--router-loss-weight", "1", "--localization-loss-weight", "1"]
+    result = moa_train.main(moa_args(checkpoint, data, out, 2, *flags))
+    model = result.stage.model
+    model = getattr(model, "module", model)
+
+    assert all(torch.isfinite(torch.tensor(result.losses))), result.losses
+    with safe_open(str(checkpoint), framework="pt") as f:
+        unet = model.unet.state_dict()
+        for key in [k for k in f.keys() if k.startswith("model.diffusion_model.")][::7]:
+            stored = unet[key[len("model.diffusion_model.") :]]
+            assert stored.dtype == torch.bfloat16 and torch.equal(stored, f.get_tensor(key).to(torch.bfloat16)), key
+    trained_encoder = ("vision_model.encoder.layers.22.", "vision_model.encoder.layers.23.")
+    for name, p in model.image_encoder.named_parameters():
+        assert p.requires_grad == name.startswith(trained_encoder), name
+    assert set(initial) == set(result.stage.trainable) and len(initial) > 100
+    groups = {}
+    for name, p in result.stage.trainable.items():
+        assert p.dtype == torch.float32, name
+        group = name.split(".")[0] + "." + name.rsplit(".", 2)[-2]  # moa.to_q, moa.fc2, image_encoder.q_proj ...
+        groups[group] = max(groups.get(group, 0.0), float((p.detach() - initial[name]).abs().max()))
+    assert {"moa.to_q", "moa.to_k", "moa.to_v", "moa.to_out", "moa.fc1", "moa.fc2", "image_encoder.q_proj"} <= set(
+        groups
+    )
+    still = {g: d for g, d in groups.items() if d < 1e-4}  # weight decay alone moves ~1e-8 here
+    assert not still, still
+    with safe_open(str(out), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}  # --save-dtype's default
 
 
 # ---- early errors ---------------------------------------------------------------------------
@@ -259,3 +306,29 @@ def test_wrong_inputs_stop_before_any_model_loads(tmp_path, checkpoint, monkeypa
     (data / "image_ids_train.txt").write_text("0070000\n0070001\n")
     with pytest.raises(SystemExit, match=r"0070001.jpg: is missing"):
         moa_train.main(args)
+
+
+# ---- the command line ----------------------------------------------------------------------
+
+CAPTION_PIPELINE = ("--crop", "--flip", "--no-cache", "--cache-dir", "--min-snr-gamma", "--sample-every")
+
+
+def _help(script: str, capsys) -> str:
+    import importlib
+
+    with pytest.raises(SystemExit):
+        importlib.import_module(f"training.{script}").parse_args(["--help"])
+    return capsys.readouterr().out
+
+
+def test_moa_train_offers_only_the_options_it_uses(capsys):
+    """moa_train reads its own data (no caption cache, crops or flips), its own loss (no Min-SNR)
+    and samples nothing; the MoLE scripts keep those options."""
+    moa = _help("moa_train", capsys)
+    assert not [flag for flag in CAPTION_PIPELINE if flag in moa], moa
+    assert "MoA data folder" in moa and "captions" not in moa
+    assert "--clip-vision" in moa and "--num-workers" in moa and "--fixed-noise" in moa
+    for script in ("mole_finetune", "mole_expert", "mole_gates"):
+        mole = _help(script, capsys)
+        assert all(flag in mole for flag in CAPTION_PIPELINE), script
+        assert ".txt captions" in mole, script
