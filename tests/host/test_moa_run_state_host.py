@@ -35,13 +35,13 @@ def moa_nodes(pack):
 @pytest.fixture(scope="module")
 def files(sd15, tmp_path_factory):
     """models/moa with a learned-router file and an attention-router file (prior_steps 0)."""
-    from mixture_core.moa import MoAModel, RouterConfig
+    from mixture_core.moa import MoAModel, RouterConfig, prior_weights
     from mixture_core.moa_files import save_moa_file
 
     root = tmp_path_factory.mktemp("moa_run_state") / "moa"
     root.mkdir()
     (root / "learned.safetensors").symlink_to(aw.cached_moa_file(sd15.model, seed=11))
-    prior = aw.prior_weights(sd15.model)
+    prior = prior_weights(sd15.model.model.diffusion_model)
     router = RouterConfig(kind="attention", map_layers=tuple(k for k in prior if k.endswith("attn2")))
     moa = aw._seeded(21, lambda: MoAModel.from_prior(prior, router=router))
     gen = torch.Generator().manual_seed(22)
