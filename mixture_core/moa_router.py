@@ -46,13 +46,14 @@ def resize_share(share: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 
 class SubjectMaps:
-    """The subject maps of a sampling run: the current step's, accumulated layer by layer, and
-    the personal share derived from the previous step's.
+    """The subject maps of one sampling run (made per run: the host adapter creates one in a
+    sampling wrapper): the current step's, accumulated layer by layer, and the personal share
+    derived from the previous step's.
 
-    Steps are told apart by their sigma (the cond and uncond calls of one step share it); a
-    sigma above the current one starts a new run and forgets everything. Maps are kept per
-    image of the batch (the row's position inside its cond/uncond chunk), so an image's
-    conditional and unconditional rows get the same share."""
+    Steps are told apart by their sigma, a host float (the cond and uncond calls of one step
+    share it). Maps are kept per image of the batch (the row's position inside its cond/uncond
+    chunk), so an image's conditional and unconditional rows get the same share. Nothing here
+    reads a device tensor on the host: the image indices come with their count."""
 
     def __init__(self, quantile: float):
         self.quantile = quantile
@@ -69,11 +70,8 @@ class SubjectMaps:
         """Called with each model call's sigma: a new sigma ends the step being recorded."""
         if self.sigma is not None and math.isclose(sigma, self.sigma, rel_tol=1e-6, abs_tol=1e-9):
             return
-        if self.sigma is None or sigma > self.sigma:
-            self.reset()
-        else:
-            self._share = None if self._sum is None else personal_share(self._sum / self._count, self.quantile)
-            self._resized = {}
+        self._share = None if self._sum is None else personal_share(self._sum / self._count, self.quantile)
+        self._resized = {}
         self.sigma, self._sum, self._count = float(sigma), None, 0
 
     def add(self, maps: torch.Tensor, images: torch.Tensor, n_images: int, latent: tuple[int, int]) -> None:
@@ -87,11 +85,12 @@ class SubjectMaps:
         self._sum.index_add_(0, images.to(maps.device), maps)
         self._count += 1
 
-    def share(self, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor | None:
-        """(B, h*w, 1) personal share of the rows showing `images` (B,) at a layer of this grid,
-        from the previous step; None before there is one (or for another batch layout)."""
+    def share(self, images: torch.Tensor, grid: tuple[int, int], n_images: int) -> torch.Tensor | None:
+        """(B, h*w, 1) personal share of the rows showing `images` (B,), indices below n_images,
+        at a layer of this grid, from the previous step; None before there is one (or for
+        another batch layout)."""
         share = self._share
-        if share is None or int(images.max()) >= share.shape[0]:
+        if share is None or n_images > share.shape[0]:
             return None
         key = tuple(grid)
         if key not in self._resized:

@@ -106,15 +106,15 @@ def test_subject_maps_serve_the_previous_step():
     maps = SubjectMaps(0.98)
     images = torch.tensor([0])
     maps.step(14.6)
-    assert maps.share(images, (4, 4)) is None  # no previous step yet
+    assert maps.share(images, (4, 4), 1) is None  # no previous step yet
     planted = torch.zeros(1, 1, 4, 4)
     planted[..., :2, :2] = 1.0
     maps.add(planted, images, 1, (8, 8))
     maps.add(planted * 3, images, 1, (8, 8))
     maps.step(14.6)  # the uncond call of the same step: nothing changes
-    assert maps.share(images, (4, 4)) is None
+    assert maps.share(images, (4, 4), 1) is None
     maps.step(7.0)
-    share = maps.share(torch.tensor([0, 0]), (4, 4))  # cond and uncond rows of image 0
+    share = maps.share(torch.tensor([0, 0]), (4, 4), 1)  # cond and uncond rows of image 0
     assert share.shape == (2, 16, 1) and torch.equal(share[0], share[1])
     grid = share[0, :, 0].reshape(4, 4)
     # Bilinear upsampling to the latent spreads the map by less than a map pixel; beyond, exactly 0.
@@ -123,11 +123,11 @@ def test_subject_maps_serve_the_previous_step():
         and torch.equal(grid[3:], torch.zeros(1, 4))
         and torch.equal(grid[:, 3:], torch.zeros(4, 1))
     )
-    assert maps.share(torch.tensor([1]), (4, 4)) is None  # another batch layout: no share
+    assert maps.share(torch.tensor([1]), (4, 4), 2) is None  # another batch layout: no share
     maps.step(3.0)  # nothing recorded at sigma 7: no share at sigma 3
-    assert maps.share(images, (4, 4)) is None
-    maps.step(14.6)  # a higher sigma: a new sampling run
-    assert maps.sigma == 14.6 and maps.share(images, (4, 4)) is None
+    assert maps.share(images, (4, 4), 1) is None
+    maps.step(14.6)  # any new sigma ends the step (a new run gets new SubjectMaps)
+    assert maps.sigma == 14.6 and maps.share(images, (4, 4), 1) is None
 
 
 def planted_layer(inside: torch.Tensor, token: int, dim=16, context_dim=12, heads=2, logit=200.0):
@@ -166,7 +166,7 @@ def test_attention_router_follows_a_planted_map_and_is_the_prior_elsewhere():
     maps.step(10.0)
     maps.add(probs.transpose(1, 2).unflatten(-1, (8, 8)), images, 1, (8, 8))
     maps.step(5.0)
-    share = maps.share(images, (8, 8))
+    share = maps.share(images, (8, 8), 1)
     torch.testing.assert_close(share[0, :, 0], inside.flatten().float(), rtol=0, atol=1e-2)
 
     prior = torch.randn(1, 64, 16)
