@@ -91,13 +91,14 @@ def import_pack():
     """Import this repository as the package ComfyUI would load from custom_nodes/."""
     if PACK_MODULE in sys.modules:
         return sys.modules[PACK_MODULE]
-    for module in list(sys.modules.values()):  # loaded as a package by ComfyUI from custom_nodes/: the same modules
-        if (
-            hasattr(module, "__path__")
-            and Path(getattr(module, "__file__", None) or "/").resolve() == REPO / "__init__.py"
-        ):
-            return module
     import_host()
+    # Loaded by ComfyUI from custom_nodes/ already: the same modules. Only ComfyUI's own record
+    # counts: pytest also imports the repository's __init__.py as a package named after the folder.
+    loaded_dirs = getattr(sys.modules.get("nodes"), "LOADED_MODULE_DIRS", {})
+    for folder in loaded_dirs.values():
+        module = sys.modules.get(folder.replace(".", "_x_"))  # the name nodes.load_custom_node gives a folder
+        if module is not None and Path(folder).resolve() == REPO:
+            return module
     spec = importlib.util.spec_from_file_location(
         PACK_MODULE, REPO / "__init__.py", submodule_search_locations=[str(REPO)]
     )
