@@ -13,14 +13,15 @@ from pathlib import Path
 from mixture_core import unet_names
 
 
-def _first_cross_attention_to_k(layout: unet_names.Layout) -> str:
+def first_cross_attention_to_k(layout: unet_names.Layout) -> str:
+    """The checkpoint key of the first cross-attention's to_k: its input width is the text width."""
     first = next(a for a in unet_names.attention_layers(layout) if a.attn == "attn2")
     return f"{unet_names.CHECKPOINT_PREFIX}{first.sai}.to_k.weight"
 
 
 # attn2.to_k of the first cross-attention of SD1.x/SD2.x (input_blocks.1) and of SDXL (its first
 # level has none: input_blocks.4): its input width is the text-embedding width.
-_TO_K = tuple(_first_cross_attention_to_k(layout) for layout in (unet_names.SD15, unet_names.SDXL))
+_TO_K = tuple(first_cross_attention_to_k(layout) for layout in (unet_names.SD15, unet_names.SDXL))
 _FAMILIES = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
 _FAMILY_NAMES = {"sd15": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
 # Keys ComfyUI's model detection reads as "not epsilon prediction" (comfy/supported_models.py).

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SD15_ATTN2_KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+from mixture_core import unet_names
+from training.checks import first_cross_attention_to_k
+
+SD15_ATTN2_KEY = first_cross_attention_to_k(unet_names.SD15)
 VIT_L14_KEYS = {  # transformers CLIPVisionModelWithProjection layout, as Load CLIP Vision reads it
     "vision_model.embeddings.patch_embedding.weight": (1024, 3, 14, 14),
     "vision_model.embeddings.position_embedding.weight": (257, 1024),

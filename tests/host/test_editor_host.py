@@ -221,16 +221,12 @@ def _sdxl_graphs():
     return graphs, [g for g in graphs.all_graphs() if g.name in graphs.SDXL_WORKFLOWS]
 
 
-def test_sdxl_workflows_validate_with_their_files(pack_nodes, tmp_path):
+def test_sdxl_workflows_validate_with_their_files(node_classes, tmp_path):
     """The host's own validation (types, ranges, combo lists) of each SDXL API graph, with every
-    file it names present (the MoLE files in the SDXL layout, SAI-named as the release is)."""
+    file it names present (the MoLE files in the SDXL layout, SAI-named as the release is). With
+    ComfyUI's extra nodes loaded (BatchImagesNode), as the server has them."""
     import comfy.supported_models
     import execution
-
-    import nodes
-
-    for node in pack_nodes:
-        nodes.NODE_CLASS_MAPPINGS.setdefault(node.GET_SCHEMA().node_id, node)
     graphs, sdxl = _sdxl_graphs()
     assert {g.name for g in sdxl} == {
         "mole_fig8_9_comparison_sdxl",
