@@ -227,6 +227,7 @@ def test_sdxl_workflows_validate_with_their_files(node_classes, tmp_path):
     ComfyUI's extra nodes loaded (BatchImagesNode), as the server has them."""
     import comfy.supported_models
     import execution
+
     graphs, sdxl = _sdxl_graphs()
     assert {g.name for g in sdxl} == {
         "mole_fig8_9_comparison_sdxl",
