@@ -382,7 +382,7 @@ def test_the_graph_runs_through_the_executor_with_clip_vision_unwired(pack, sd15
     import asyncio
 
     import execution
-    from test_moa_host import _SessionModels
+    from test_moa_host import _SessionModels, moa_prompt
 
     import nodes
     from workflows.run import _Server
@@ -392,43 +392,7 @@ def test_the_graph_runs_through_the_executor_with_clip_vision_unwired(pack, sd15
         nodes.NODE_CLASS_MAPPINGS.setdefault(node.GET_SCHEMA().node_id, node)
     _SessionModels.OUTPUT = (sd15.model, sd15.clip, None, sd15.vae)
     nodes.NODE_CLASS_MAPPINGS["MoLEMoATests_SessionModels"] = _SessionModels
-    inject_inputs = dict(
-        model=["1", 0],
-        moa=["2", 0],
-        clip=["1", 1],
-        text="a man dancing",
-        subject_words="man",
-        image_1=["3", 0],
-        subject_weights="1.0",
-        strength=1.0,
-        start_percent=0.0,
-        end_percent=1.0,
-    )
-    prompt = {
-        "1": {"class_type": "MoLEMoATests_SessionModels", "inputs": {}},
-        "2": {"class_type": "MoA_LoadRouter", "inputs": {"moa_name": "pytorch_model.bin"}},
-        "3": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0x808080}},
-        "4": {"class_type": "MoA_SubjectInject", "inputs": inject_inputs},
-        "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
-        "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "7": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["4", 0],
-                "seed": 1,
-                "steps": 2,
-                "cfg": 2.0,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "positive": ["4", 1],
-                "negative": ["5", 0],
-                "latent_image": ["6", 0],
-                "denoise": 1.0,
-            },
-        },
-        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 3]}},
-        "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
-    }
+    prompt = moa_prompt(seed=1, steps=2, moa_name="pytorch_model.bin", clip_vision=False)
     try:
         with model_folders(moa=bin_models):
             valid, error, _, node_errors = asyncio.run(execution.validate_prompt("bin", prompt, None))

@@ -681,13 +681,14 @@ def executor(pack, sd15, clip_l14, moa_dir):
     _SessionModels.OUTPUT = None
 
 
-def moa_prompt(text="a man dancing", seed=0, **inject):
-    """An API-format prompt: MoA Subject Inject -> KSampler (64x64, 1 step, cfg 2) -> preview."""
+def moa_prompt(text="a man dancing", seed=0, steps=1, moa_name="moa_sd15.safetensors", clip_vision=True, **inject):
+    """An API-format prompt: MoA Subject Inject -> KSampler (64x64, cfg 2) -> preview, on the session
+    models (node "1"). clip_vision=False leaves Subject Inject's encoder input unwired."""
     inputs = dict(
         model=["1", 0],
         moa=["2", 0],
         clip=["1", 1],
-        clip_vision=["1", 2],
+        **({"clip_vision": ["1", 2]} if clip_vision else {}),
         text=text,
         subject_words="man",
         image_1=["3", 0],
@@ -699,7 +700,7 @@ def moa_prompt(text="a man dancing", seed=0, **inject):
     inputs.update(inject)
     return {
         "1": {"class_type": "MoLEMoATests_SessionModels", "inputs": {}},
-        "2": {"class_type": "MoA_LoadRouter", "inputs": {"moa_name": "moa_sd15.safetensors"}},
+        "2": {"class_type": "MoA_LoadRouter", "inputs": {"moa_name": moa_name}},
         "3": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0x808080}},
         "4": {"class_type": "MoA_SubjectInject", "inputs": inputs},
         "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
@@ -709,7 +710,7 @@ def moa_prompt(text="a man dancing", seed=0, **inject):
             "inputs": {
                 "model": ["4", 0],
                 "seed": seed,
-                "steps": 1,
+                "steps": steps,
                 "cfg": 2.0,
                 "sampler_name": "euler",
                 "scheduler": "normal",
