@@ -19,6 +19,7 @@ SHARED_ON_ONE_WORKER = ("sd15_full", "sdxl", "trained_experts")
 LONG_GROUPS = (
     "tests/host/test_workflows_host.py",
     "tests/training/test_resume_and_launch.py",
+    "tests/host/test_quality_host.py",  # two accelerate launches of its own (~85 s)
     "sd15_full",
     "trained_experts",
     "sdxl",
