@@ -41,6 +41,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import comfy.ldm.modules.attention as host_attention
 import comfy.patcher_extension
 import torch
 
@@ -325,8 +326,6 @@ class _OutputPatch(_PatchBase):
                 return out
         elif router.kind == "constant":
             share = router.share
-        import comfy.ldm.modules.attention as host_attention
-
         precision = extra_options.get("attn_precision")
 
         def attention(q, k, v, heads):

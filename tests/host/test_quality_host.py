@@ -12,11 +12,11 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import hostenv
 import numpy as np
 import pytest
+from helpers import launch
 from helpers import moa_weights as aw
 from helpers import mole_weights as mw
 from helpers import quality_metrics as qm
@@ -152,29 +152,7 @@ def test_generate_resume_score_report(setup):
     assert "| Mixture-of-Attention | 0.555 | 0.202 |" in md
 
 
-ACCELERATE = Path(sys.executable).with_name("accelerate")
-# `accelerate launch --cpu --num_processes 2` starts one process without an MPI launcher; --multi_gpu
-# goes through torchrun, and without CUDA the processes run on the CPU (gloo).
-LAUNCH_TWO = [
-    str(ACCELERATE) if ACCELERATE.exists() else "accelerate",
-    "launch",
-    "--multi_gpu",
-    "--num_processes",
-    "2",
-    "--num_machines",
-    "1",
-    "--mixed_precision",
-    "no",
-    "--dynamo_backend",
-    "no",
-    "--main_process_port",
-    "0",
-]
-
-
-@pytest.mark.skipif(
-    shutil.which("accelerate") is None and not ACCELERATE.exists(), reason="accelerate's launcher is not installed"
-)
+@pytest.mark.skipif(not launch.AVAILABLE, reason="accelerate's launcher is not installed")
 def test_two_processes_render_what_one_does(setup):
     """`accelerate launch` with two CPU processes: each renders its share of 2 prompts x 2 seeds
     (base and MoA: the main process stages MoA's reference image for both), and together
@@ -187,7 +165,7 @@ def test_two_processes_render_what_one_does(setup):
     methods = ("base", "moa")  # MoLE renders as base does here: nothing of its own to share out
     one = generate(root, *args, out="one", methods=methods)
     assert one.returncode == 0, one.stderr[-4000:]
-    two = generate(root, *args, out="two", launcher=LAUNCH_TWO, methods=methods)
+    two = generate(root, *args, out="two", launcher=launch.LAUNCH_TWO, methods=methods)
     assert two.returncode == 0, two.stderr[-4000:]
     for index in (0, 1):  # pairs 0, 2 and 1, 3: two each
         assert f"process {index} of 2: 0 of 2 (prompt, seed) pairs already rendered; 2 to go" in two.stdout
@@ -217,7 +195,7 @@ def test_two_processes_render_what_one_does(setup):
     ]
 
     (root / "two" / manifest[2]["image"]).unlink()  # pair 1 (seed 8 of the first prompt): process 1's
-    again = generate(root, *args, out="two", launcher=LAUNCH_TWO, methods=methods)
+    again = generate(root, *args, out="two", launcher=launch.LAUNCH_TWO, methods=methods)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "process 0 of 2: 2 of 2 (prompt, seed) pairs already rendered; 0 to go" in again.stdout
     assert "process 1 of 2: 1 of 2 (prompt, seed) pairs already rendered; 1 to go" in again.stdout

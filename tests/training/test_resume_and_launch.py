@@ -4,12 +4,11 @@ SD1.5-family checkpoint (`small_checkpoint`): what is checked is that runs agree
 
 from __future__ import annotations
 
-import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import launch
 from training_helpers import make_dataset, read_log, run_script, run_training, tiny_args
 
 from mixture_core.lora_format import parse_lora_state_dict
@@ -172,10 +171,7 @@ def test_resume_gives_exactly_the_uninterrupted_run(tmp_path, small_checkpoint):
     assert losses_extended == losses_whole
 
 
-@pytest.mark.skipif(
-    shutil.which("accelerate") is None and not Path(sys.executable).with_name("accelerate").exists(),
-    reason="accelerate's launcher is not installed",
-)
+@pytest.mark.skipif(not launch.AVAILABLE, reason="accelerate's launcher is not installed")
 def test_accelerate_launch_two_processes(tmp_path, small_checkpoint, references):
     """Two CPU processes (DDP over gloo) with batch 1 each: one output file and one checkpoint per
     step, written by the main process, equal to one process with batch 2 on the same samples (up to
@@ -185,23 +181,7 @@ def test_accelerate_launch_two_processes(tmp_path, small_checkpoint, references)
     is configured (accelerate's simple launcher); `--multi_gpu` uses torchrun, and the scripts
     ask Accelerate for the CPU when there is no CUDA, which makes it a MULTI_CPU (gloo) run."""
     reference = references("sgd")
-    launcher = [
-        str(Path(sys.executable).with_name("accelerate"))
-        if Path(sys.executable).with_name("accelerate").exists()
-        else "accelerate",
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",
-    ]
+    launcher = launch.LAUNCH_TWO
     ddp = tmp_path / "ddp" / "hand.safetensors"
     proc = run_script(
         "mole_expert", *SGD, *tiny_args(small_checkpoint, reference["data"], ddp, 2, save_every=1), launcher=launcher
